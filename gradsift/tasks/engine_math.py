@@ -1,0 +1,92 @@
+"""Batched per-sample gradient statistics from activations x and output gradients g.
+
+All functions take x [B, T, d_in] and g [B, T, d_out] (pad positions already zeroed) and return
+float32 per-sample results. See gradsift/tasks/engine.py for the math and sources.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Materialised per-sample gradients are built in chunks of at most this many elements.
+MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+def gram(a: Tensor) -> Tensor:
+    """a a^T per sample, [B, T, T], accumulated in float32 (inputs upcast only on the CPU path)."""
+    return torch.bmm(a, a.transpose(1, 2)).float()
+
+
+def ghost_sq_norm(gram_x: Tensor, g: Tensor) -> Tensor:
+    """||sum_t g_t x_t^T||_F^2 = sum_{t,t'} (x_t.x_t')(g_t.g_t') (Li et al. 2022), [B]."""
+    return (gram_x * gram(g)).sum(dim=(1, 2))
+
+
+def bias_sq_norm(g: Tensor) -> Tensor:
+    """||sum_t g_t||^2, [B]."""
+    return g.float().sum(dim=1).pow(2).sum(dim=1)
+
+
+def materialise(x: Tensor, g: Tensor, b0: int, b1: int) -> Tensor:
+    """Per-sample weight gradients G_i = g_i^T x_i for samples b0:b1, float32 [b, d_out, d_in]."""
+    return torch.bmm(g[b0:b1].transpose(1, 2), x[b0:b1]).float()
+
+
+def chunks(batch: int, per_sample: int) -> list[tuple[int, int]]:
+    step = max(1, MAX_CHUNK_ELEMENTS // max(per_sample, 1))
+    return [(i, min(batch, i + step)) for i in range(0, batch, step)]
+
+
+def embedding_sq_norm(ids: Tensor, e: Tensor) -> Tensor:
+    """||sum_t onehot(id_t) e_t^T||^2 = sum_{t,t'} [id_t == id_t'] (e_t.e_t'), [B]."""
+    same = (ids[:, :, None] == ids[:, None, :]).float()
+    return (same * gram(e)).sum(dim=(1, 2))
+
+
+def embedding_materialise(ids: Tensor, e: Tensor, rows: int) -> Tensor:
+    """Per-sample embedding-table gradients [B, rows, d] (float32)."""
+    b, _, d = e.shape
+    out = torch.zeros(b, rows, d, dtype=torch.float32, device=e.device)
+    return out.scatter_add_(1, ids[:, :, None].expand(-1, -1, d), e.float())
+
+
+def tied_cross(head_gather: Tensor, head_x: Tensor, e: Tensor) -> Tensor:
+    """<G_emb, G_head> = sum_{s,t} g_s[id_t] (h_s.e_t) per sample, [B].
+
+    head_gather[b, s, t] = g_s[id_t] (the LM-head output gradient gathered at the embedding ids),
+    head_x = h [B, S, d], e = embedding output gradient [B, T, d].
+    """
+    he = torch.bmm(head_x, e.transpose(1, 2)).float()
+    return (head_gather.float() * he).sum(dim=(1, 2))
+
+
+def rms_xhat(x: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm's normalised input, cast back to the input dtype like the module does."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def layer_norm_xhat(x: Tensor, shape: tuple[int, ...], eps: float) -> Tensor:
+    return F.layer_norm(x, shape, eps=eps)
+
+
+def nuclear(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Nuclear norm and sigma_1 / nuclear of G_i = g_i^T x_i, float32, [B] each.
+
+    G = g^T x has rank <= T. With g^T = Q1 R1 and x^T = Q2 R2 (reduced QR), G = Q1 (R1 R2^T) Q2^T, so
+    the singular values of G are those of the small T x T matrix R1 R2^T; used when T < min(d_in, d_out),
+    otherwise G is materialised (chunked).
+    """
+    b, t, d_in = x.shape
+    d_out = g.shape[-1]
+    if t < min(d_in, d_out):
+        r1 = torch.linalg.qr(g.float().transpose(1, 2), mode="r")[1]
+        r2 = torch.linalg.qr(x.float().transpose(1, 2), mode="r")[1]
+        s = torch.linalg.svdvals(r1 @ r2.transpose(1, 2))
+    else:
+        s = torch.cat([torch.linalg.svdvals(materialise(x, g, i, j)) for i, j in chunks(b, d_in * d_out)])
+    nuc = s.sum(dim=1)
+    ratio = s[:, 0] / nuc.clamp_min(torch.finfo(torch.float32).tiny)
+    return nuc, ratio
