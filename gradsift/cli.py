@@ -1,0 +1,212 @@
+"""The gradsift command line: few, stable commands. Run `gradsift COMMAND --help` for each."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gradsift.env import configure_environment, state_dir
+
+configure_environment()  # before prefect or ray is imported anywhere
+
+app = typer.Typer(
+    help="Per-sample gradient signals for LM training data: scores in Parquet, SQL in DuckDB, curated data out.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="Store folder (Parquet tables + catalog.duckdb).")]
+RayOpt = Annotated[
+    str | None, typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster (default: local Ray).")
+]
+
+EXAMPLE_QUERIES = [
+    "SELECT count(*) FROM scores",
+    "SELECT domain, count(*) AS n, round(avg(loss), 3) AS loss, round(avg(grad_norm), 3) AS grad_norm "
+    "FROM scores JOIN samples USING (dataset, sample_id) GROUP BY domain ORDER BY domain",
+    "SELECT reason, count(*) FROM quarantine GROUP BY reason ORDER BY 2 DESC",
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _summary(result: dict, store: Path) -> None:
+    ingest, score = result.get("ingest", {}), result.get("score", {})
+    table = Table("what", "value", title=f"gradsift run {result['run_id']}: {result['status']}", show_header=False)
+    if ingest:
+        table.add_row("rows ingested", str(ingest["samples"]))
+        table.add_row("rows quarantined", str(ingest["quarantined"]))
+    if score:
+        table.add_row(
+            "rows scored", f"{score['rows']} ({score['shards_scored']} shards, {score['shards_resumed']} resumed)"
+        )
+    for key, value in result.get("extra_summary", {}).items():
+        table.add_row(key, str(value))
+    table.add_row("catalog", str(Path(result["store"]) / "catalog.duckdb"))
+    console.print(table)
+    console.print("Try:")
+    for sql in EXAMPLE_QUERIES:
+        console.print(f'  gradsift query --store {store} "{sql}"', soft_wrap=True, highlight=False)
+
+
+def _build_config(data: dict):
+    from gradsift.schemas.config import NightlyConfig
+
+    try:
+        return NightlyConfig.model_validate(data)
+    except ValueError as err:
+        _fail(str(err))
+
+
+@app.command()
+def demo(
+    store: StoreOpt = Path("store"),
+    rows: Annotated[int, typer.Option(help="Rows per demo domain.")] = 900,
+) -> None:
+    """Run the nightly curation flow on generated demo data with a tiny model (local Ray, no Prefect server)."""
+    from gradsift.tasks.demo_data import write_demo_data
+
+    info = write_demo_data(state_dir() / "demo-data", n_per_domain=rows)
+    paths = info["paths"]
+    sources = [
+        {"path": paths["math"], "dataset": "math"},
+        {"path": paths["reviews"], "dataset": "reviews"},
+        {"path": paths["code"], "dataset": "code", "prompt": "instruction", "response": "output"},
+    ]
+    console.print(f"demo data: {len(sources)} files in {state_dir() / 'demo-data'} ({info['defects']} planted defects)")
+    config = _build_config(
+        {"store": str(store), "ingest": {"sources": sources}, "score": {"engine": {"micro_batch_size": 32}}}
+    )
+    _run_flow("nightly", config)
+
+
+@app.command()
+def nightly(
+    config: Annotated[Path, typer.Option("--config", help="TOML file of a NightlyConfig.")],
+    store: Annotated[Path | None, typer.Option("--store", help="Override the config's store.")] = None,
+    ray_address: RayOpt = None,
+) -> None:
+    """Run the nightly curation flow once, now, from a config file."""
+    from gradsift.schemas.config import NightlyConfig
+
+    try:
+        cfg = NightlyConfig.from_toml(config)
+    except (OSError, ValueError) as err:
+        _fail(f"{config}: {err}")
+    updates = {"store": str(store)} if store else {}
+    if ray_address:
+        updates["ray"] = cfg.ray.model_copy(update={"address": ray_address})
+    _run_flow("nightly", cfg.model_copy(update=updates))
+
+
+@app.command()
+def score(
+    data: Annotated[list[Path], typer.Argument(help="Input files (.jsonl .json .csv .tsv .parquet).")],
+    model: Annotated[str, typer.Option(help="'tiny' or a local Hugging Face model folder.")] = "tiny",
+    store: StoreOpt = Path("store"),
+    prompt_field: Annotated[str, typer.Option(help="Prompt field name.")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="Response field name.")] = "response",
+    text_field: Annotated[str, typer.Option(help="Text field name (no prompt/response).")] = "text",
+    label_field: Annotated[str, typer.Option(help="Label field name.")] = "label",
+    num_labels: Annotated[int | None, typer.Option(help="Classifier: number of classes.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Quarantine samples longer than this.")] = 512,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
+    feature_dim: Annotated[int, typer.Option(help="Projected gradient feature dimension (0: none).")] = 8192,
+    num_actors: Annotated[int, typer.Option(help="Ray scoring actors.")] = 2,
+    ray_address: RayOpt = None,
+) -> None:
+    """Ingest DATA files and score every sample: loss, grad norm, layer stats, projected features."""
+    fields = {"prompt": prompt_field, "response": response_field, "text": text_field, "label": label_field}
+    config = _build_config(
+        {
+            "store": str(store),
+            "model": {"name_or_path": model, "num_labels": num_labels, "max_tokens": max_tokens},
+            "ingest": {"sources": [{"path": str(p), **fields} for p in data], "shard_size": shard_size},
+            "score": {"engine": {"feature_dim": feature_dim}},
+            "ray": {"num_actors": num_actors, **({"address": ray_address} if ray_address else {})},
+        }
+    )
+    _run_flow("score", config)
+
+
+def _run_flow(kind: str, config) -> None:
+    from gradsift.tasks.ingest import IngestError
+
+    if kind == "score":
+        from gradsift.flows.score import score_flow as flow_fn
+    else:
+        from gradsift.flows.nightly import nightly_flow as flow_fn
+    try:
+        result = flow_fn(config)
+    except IngestError as err:
+        _fail(str(err))
+    _summary(result, Path(config.store))
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="A read-only SQL statement over the catalog's tables.")],
+    store: StoreOpt = Path("store"),
+    format: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+) -> None:
+    """Run read-only SQL over the tables (runs, samples, quarantine, scores, layer_stats, features, ...)."""
+    import duckdb
+
+    from gradsift.storage.catalog import ReadOnlyQueryError
+    from gradsift.storage.catalog import query as run_query
+    from gradsift.storage.store import Store
+
+    if format not in {"table", "csv", "json", "parquet"}:
+        _fail(f"unknown --format {format!r}: use table, csv, json or parquet")
+    try:
+        result = run_query(Store(store), sql)
+    except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error) as err:
+        _fail(str(err))
+    if format == "parquet":
+        if output is None:
+            _fail("--format parquet needs --output FILE")
+        import pyarrow.parquet as pq
+
+        pq.write_table(result, output)
+        console.print(f"wrote {result.num_rows} rows to {output}")
+        return
+    if format in {"csv", "json"}:
+        import pyarrow.csv as pcsv
+
+        if format == "csv":
+            sink = output.open("wb") if output else sys.stdout.buffer
+            pcsv.write_csv(result, sink)
+        else:
+            text = "\n".join(json.dumps(r, default=str) for r in result.to_pylist()) + "\n"
+            output.write_text(text) if output else sys.stdout.write(text)
+        return
+    table = Table(*result.column_names)
+    for row in result.slice(0, limit).to_pylist():
+        table.add_row(*[_cell(v) for v in row.values()])
+    console.print(table)
+    if result.num_rows > limit:
+        console.print(f"({result.num_rows} rows, {limit} shown; --limit to see more)")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return f"[{len(value)} values]"
+    return "" if value is None else str(value)
+
+
+if __name__ == "__main__":
+    app()

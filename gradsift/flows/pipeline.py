@@ -1,0 +1,66 @@
+"""The run pipeline every flow shares: start the run, run stages, commit, refresh the catalog."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from gradsift.flows.runs import RunRecorder, run_id_for
+from gradsift.flows.stages import ingest_stage, score_stage
+from gradsift.schemas.config import RunConfig
+from gradsift.storage.store import Store
+
+# An extra stage: (config, store, run_id, results so far) -> its own result dict.
+Stage = Callable[[RunConfig, Store, str, dict], dict]
+
+
+def run_pipeline(flow: str, config: RunConfig, extra_stages: dict[str, Stage] | None = None) -> dict:
+    """ingest -> score -> extra stages, in one run written to staging and committed whole."""
+    logger = get_run_logger()
+    store = Store(config.store).ensure()
+    run_id = run_id_for(flow, config, config.ingest.sources)
+    recorder = RunRecorder(store, run_id, flow, config, config.model.name_or_path, config.model.checkpoint)
+    prior = recorder.previous()
+    if prior and prior["status"] == "completed":
+        logger.info("run %s already completed with these inputs and config: nothing to do", run_id)
+        return {
+            "run_id": run_id,
+            "status": "already completed",
+            "store": str(store.root),
+            "rows": prior["rows_written"],
+        }
+    recorder.start()
+    results: dict = {"run_id": run_id, "store": str(store.root)}
+    try:
+        results["ingest"] = ingest_stage(config, recorder.staging)
+        results["score"] = score_stage(config, store, run_id, results["ingest"])
+        for name, stage in (extra_stages or {}).items():
+            results[name] = stage(config, store, run_id, results)
+        rows = recorder.complete(results["score"].get("parameter_set"))
+    except BaseException as err:
+        recorder.fail(err)
+        raise
+    results["rows"] = rows
+    results["status"] = "completed"
+    _publish(results)
+    return results
+
+
+def _publish(results: dict) -> None:
+    ingest, score = results["ingest"], results["score"]
+    counts = [
+        {"stage": "ingest", "rows": ingest["samples"], "quarantined": ingest["quarantined"], "seconds": None},
+        {"stage": "score", "rows": score["rows"], "quarantined": 0, "seconds": score["seconds"]},
+    ]
+    create_table_artifact(counts, key="stage-counts", description=f"rows per stage, run {results['run_id']}")
+    create_markdown_artifact(
+        f"# gradsift run `{results['run_id']}`\n\n"
+        f"- samples ingested: {ingest['samples']}, quarantined: {ingest['quarantined']}\n"
+        f"- shards scored: {score['shards_scored']} (resumed: {score['shards_resumed']})\n"
+        f"- store: `{results['store']}`\n\n"
+        "```sql\nSELECT domain, count(*), avg(loss), avg(grad_norm) FROM scores JOIN samples USING (dataset, sample_id)"
+        f" WHERE run_id = '{results['run_id']}' GROUP BY domain;\n```\n",
+        key="run-report",
+    )

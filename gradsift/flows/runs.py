@@ -1,0 +1,86 @@
+"""Run bookkeeping shared by every flow: run ids, the runs table, commit and catalog refresh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel
+
+import gradsift
+from gradsift.schemas.config import DataSource
+from gradsift.storage.catalog import build_catalog
+from gradsift.storage.store import RunStaging, Store, utc_now
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    root = Path(gradsift.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{gradsift.__version__}+{sha}" if sha else gradsift.__version__
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_id_for(flow: str, config: BaseModel, sources: list[DataSource]) -> str:
+    """Deterministic run id: the same command on the same inputs resumes the same run.
+
+    Where the work runs (Ray address, actors) and where it is stored do not change the id.
+    """
+    payload = config.model_dump(mode="json", exclude={"ray", "store"})
+    payload["inputs"] = [file_digest(s.path) for s in sources]
+    payload["code"] = gradsift.__version__
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{flow}-{digest}"
+
+
+class RunRecorder:
+    """Writes a run's row as it starts, fails or completes; commits its staging folder."""
+
+    def __init__(self, store: Store, run_id: str, flow: str, config: BaseModel, model: str, checkpoint: str):
+        self.store = store.ensure()
+        self.staging: RunStaging = store.staging(run_id)
+        self.row = {
+            "run_id": run_id,
+            "flow": flow,
+            "config": config.model_dump_json(),
+            "model": model,
+            "checkpoint": checkpoint,
+            "code_version": code_version(),
+        }
+
+    @property
+    def run_id(self) -> str:
+        return self.row["run_id"]
+
+    def previous(self) -> dict | None:
+        return self.store.read_run(self.run_id)
+
+    def start(self) -> None:
+        prior = self.previous()
+        self.row["started_at"] = prior["started_at"] if prior else utc_now()
+        self.row["note"] = "resumed" if prior and prior["status"] != "completed" else None
+        self.store.write_run({**self.row, "status": "running"})
+
+    def fail(self, err: BaseException) -> None:
+        self.store.write_run({**self.row, "status": "failed", "finished_at": utc_now(), "note": repr(err)[:2000]})
+
+    def complete(self, parameter_set: dict | None) -> int:
+        rows = self.staging.commit()
+        self.row["parameter_set"] = json.dumps(parameter_set) if parameter_set else None
+        self.store.write_run({**self.row, "status": "completed", "finished_at": utc_now(), "rows_written": rows})
+        build_catalog(self.store)
+        return rows

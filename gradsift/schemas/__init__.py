@@ -1,0 +1,1 @@
+"""One place for every table's Arrow schema and every config model."""

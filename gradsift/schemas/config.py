@@ -1,0 +1,117 @@
+"""Typed configuration of every flow. Field descriptions feed the CLI's --help and the README."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gradsift.schemas.engine import EngineConfig
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(_Config):
+    """One input file and how its fields map onto samples."""
+
+    path: str = Field(description="A .jsonl, .json (list of records), .csv, .tsv or .parquet file.")
+    dataset: str | None = Field(None, description="Dataset name in the tables; default: the file's stem.")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; auto picks by extension."
+    )
+    prompt: str | None = Field("prompt", description="Field holding the prompt (loss then covers the response only).")
+    response: str | None = Field("response", description="Field holding the response.")
+    text: str | None = Field("text", description="Field holding the whole text when there is no prompt/response.")
+    messages: str | None = Field(
+        "messages",
+        description="Field holding chat messages [{role, content}]; the last assistant turn is the response.",
+    )
+    label: str | None = Field("label", description="Field holding a class label (optional).")
+    domain: str | None = Field("domain", description="Field holding the domain (optional).")
+    id: str | None = Field("id", description="Field holding the record's own id (optional; checked for conflicts).")
+    constant_domain: str | None = Field(None, description="Domain given to every row of this file.")
+    columns: list[str] | None = Field(
+        None, description="Column names for a CSV/TSV without a header row (e.g. ['text', 'label'])."
+    )
+
+    @property
+    def name(self) -> str:
+        return self.dataset or Path(self.path).name.split(".")[0]
+
+
+class ModelConfig(_Config):
+    """Which model scores the data."""
+
+    name_or_path: str = Field("tiny", description="'tiny' (a small random Llama) or a local Hugging Face model folder.")
+    num_labels: int | None = Field(None, description="For a sequence classifier: number of classes.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype on GPU.")
+    max_tokens: int = Field(512, ge=8, description="Samples longer than this after tokenisation are quarantined.")
+    checkpoint: str = Field("final", description="Name of the checkpoint being scored (stored with each row).")
+
+
+class RayConfig(_Config):
+    """Where and how wide the heavy work runs."""
+
+    address: str | None = Field(
+        default_factory=lambda: os.environ.get("RAY_ADDRESS") or None,
+        description="Ray cluster address (auto, ray://host:10001); default RAY_ADDRESS, else a local Ray.",
+    )
+    num_actors: int = Field(2, ge=1, description="Scoring actors (each loads the model once).")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each actor declares.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor declares (1 on GPU machines).")
+    max_restarts: int = Field(2, ge=0, description="Times a dead actor is restarted.")
+    max_task_retries: int = Field(2, ge=0, description="Times a shard is retried after its worker died.")
+
+
+class IngestConfig(_Config):
+    """How files become samples."""
+
+    sources: list[DataSource] = Field(default_factory=list, description="Input files.")
+    shard_size: int = Field(256, ge=1, description="Samples per shard (the unit of scoring work and resume).")
+
+
+class ScoreConfig(_Config):
+    """What the scoring stage computes."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class RunConfig(_Config):
+    """The resolved configuration of a scoring or nightly run (stored in the runs table)."""
+
+    store: str = Field("store", description="Store folder holding the Parquet tables and catalog.duckdb.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    seed: int = Field(0, description="Seed of everything random in the run.")
+
+    @model_validator(mode="after")
+    def _sources_exist(self) -> RunConfig:
+        missing = [s.path for s in self.ingest.sources if not Path(s.path).exists()]
+        if missing:
+            raise ValueError(f"input files not found: {', '.join(missing)}")
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Load a config file; relative paths inside it are relative to the file."""
+        path = Path(path)
+        data = tomllib.loads(path.read_text())
+        base = path.parent.resolve()
+        for src in data.get("ingest", {}).get("sources", []):
+            src["path"] = str((base / src["path"]).resolve()) if not Path(src["path"]).is_absolute() else src["path"]
+        if "store" in data and not Path(data["store"]).is_absolute():
+            data["store"] = str(base / data["store"])
+        return cls.model_validate(data)
+
+
+class NightlyConfig(RunConfig):
+    """The nightly curation run: ingest -> score -> downstream stages, on a schedule."""
+
+    schedule: str = Field("0 2 * * *", description="Cron schedule of the nightly deployment (UTC).")

