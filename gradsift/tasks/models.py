@@ -162,11 +162,11 @@ def load_model(
     if is_classifier:
         kwargs = {"num_labels": num_labels} if num_labels is not None else {}
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, torch_dtype=dtype, **kwargs
+            path, local_files_only=True, trust_remote_code=False, dtype=dtype, **kwargs
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, torch_dtype=dtype
+            path, local_files_only=True, trust_remote_code=False, dtype=dtype
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

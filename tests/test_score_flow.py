@@ -1,0 +1,151 @@
+"""End to end: the scoring flow through Prefect and a local Ray on a model folder the test saves,
+checked against plain autograd; bad rows quarantined; a rerun is a no-op."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gradsift.flows.score import score_flow
+from gradsift.schemas.config import RunConfig
+from gradsift.storage.catalog import query
+from gradsift.storage.store import Store
+from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer
+
+BAD_ROWS = [
+    b'{"prompt": "Question: empty?\\nAnswer: ", "response": ""}',
+    b'{"question": "wrong fields", "answer": "1"}',
+    b'{"prompt": ["a list"], "response": "x"}',
+    b'{"prompt": "unterminated',
+    b'{"prompt": "\xc3\x28 invalid utf-8", "response": "x"}',
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    build_llama(LlamaShape(hidden=48, layers=2, heads=4, intermediate=96), seed=3).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = [
+        json.dumps({"prompt": f"Question: what is {i} plus {i % 7}?\nAnswer: ", "response": f"{i + i % 7}"}).encode()
+        for i in range(95)
+    ]
+    for k, bad in enumerate(BAD_ROWS):  # spread the bad rows through the file
+        rows.insert(10 + 17 * k, bad)
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def autograd_reference(model_dir, prompt: str, response: str) -> tuple[float, float]:
+    """Per-sample loss (mean over response tokens) and full-gradient L2 norm, the plain way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    p = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([p + r])
+    labels = torch.tensor([[-100] * len(p) + r])
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    sq = sum(float((param.grad.double() ** 2).sum()) for param in model.parameters() if param.grad is not None)
+    return float(loss.detach()), math.sqrt(sq)
+
+
+def test_score_flow_end_to_end(tmp_path, model_dir, data_file, prefect_harness, ray_local):
+    config = RunConfig.model_validate(
+        {
+            "store": str(tmp_path / "store"),
+            "model": {"name_or_path": str(model_dir), "max_tokens": 128},
+            "ingest": {"sources": [{"path": str(data_file)}], "shard_size": 16},
+            "score": {"engine": {"feature_dim": 256, "micro_batch_size": 8}},
+            "ray": {"num_actors": 2},
+        }
+    )
+    result = score_flow(config)
+    assert result["status"] == "completed"
+    assert (result["ingest"]["samples"], result["ingest"]["quarantined"]) == (95, 5)
+    store = Store(config.store)
+
+    assert query(store, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 95
+    reasons = query(store, "SELECT line, reason FROM quarantine ORDER BY line").to_pylist()
+    assert [r["line"] for r in reasons] == [11, 28, 45, 62, 79]
+    for row, want in zip(
+        reasons, ["empty text", "missing field", "wrong type", "invalid JSON", "undecodable"], strict=True
+    ):
+        assert want in row["reason"]
+
+    rows = query(
+        store,
+        "SELECT prompt, response, loss, grad_norm FROM scores JOIN samples USING (dataset, sample_id) "
+        "ORDER BY line LIMIT 6",
+    ).to_pylist()
+    for row in rows:
+        loss, norm = autograd_reference(model_dir, row["prompt"], row["response"])
+        assert row["loss"] == pytest.approx(loss, rel=1e-4)
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+    run = query(store, "SELECT status, model, parameter_set, config FROM runs").to_pylist()[0]
+    assert run["status"] == "completed" and run["model"] == str(model_dir)
+    assert json.loads(run["parameter_set"])["parameters"] == sum(
+        p.numel() for p in build_llama(LlamaShape(hidden=48, layers=2, heads=4, intermediate=96)).parameters()
+    )
+    dims = query(store, "SELECT DISTINCT len(feature) AS k FROM features").column("k").to_pylist()
+    assert dims == [256]
+    n_modules = query(store, "SELECT count(DISTINCT (layer, module)) AS n FROM layer_stats").column("n")[0].as_py()
+    assert n_modules == 2 * 7 + 3 + 2 * 2  # linears per layer, embed/final-norm/head, two norms per layer
+
+    again = score_flow(config)  # same inputs and config: the completed run is not redone
+    assert again["status"] == "already completed"
+    assert query(store, "SELECT count(*) AS n FROM runs").column("n")[0].as_py() == 1
+
+
+def test_classifier_shard_scoring_matches_autograd(tmp_path):
+    """The sequence-classification path (a BERT built from a config, MiniLM's real tokenizer)."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from gradsift.schemas.config import ModelConfig
+    from gradsift.schemas.engine import EngineConfig
+    from gradsift.schemas.tables import SAMPLES
+    from gradsift.tasks.models import minilm_path
+    from gradsift.tasks.scoring import ShardScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts = ["a fine day", "the match ended in a draw after extra time", "stocks fell", "new phone released today"]
+    labels = ["sports", "sports", "business", "tech"]
+    label_index = {"business": 0, "sports": 1, "tech": 2}
+    samples = pa.Table.from_pylist(
+        [
+            {"dataset": "n", "sample_id": f"s{i}", "text": t, "label": y}
+            for i, (t, y) in enumerate(zip(texts, labels, strict=True))
+        ],
+        schema=SAMPLES,
+    )
+    scorer = ShardScorer(
+        ModelConfig(name_or_path=str(tmp_path), num_labels=3), EngineConfig(feature_dim=512), label_index
+    )
+    got = scorer.score(samples)["scores"].to_pylist()
+    model = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    for row, text, label in zip(got, texts, labels, strict=True):
+        model.zero_grad()
+        enc = tokenizer(text, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([label_index[label]])).loss
+        loss.backward()
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
+        assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-4)
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
