@@ -139,9 +139,10 @@ def test_classifier_shard_scoring_matches_autograd(tmp_path):
     scorer = ShardScorer(
         ModelConfig(name_or_path=str(tmp_path), num_labels=3), EngineConfig(feature_dim=512), label_index
     )
-    got = scorer.score(samples)["scores"].to_pylist()
+    got = {r["sample_id"]: r for r in scorer.score(samples)["scores"].to_pylist()}
     model = BertForSequenceClassification.from_pretrained(tmp_path).eval()
-    for row, text, label in zip(got, texts, labels, strict=True):
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        row = got[f"s{i}"]
         model.zero_grad()
         enc = tokenizer(text, return_tensors="pt")
         loss = model(**enc, labels=torch.tensor([label_index[label]])).loss
