@@ -128,6 +128,36 @@ SELECTIONS = pa.schema(
     ]
 )
 
+DYNAMICS = pa.schema(
+    [
+        ("checkpoint", pa.string()),  # the seed's train run id: <run_id>-seed<k>
+        ("epoch", pa.int32()),
+        ("step", pa.int64()),
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),
+        ("loss", pa.float32()),
+        ("correct", pa.bool_()),
+        ("margin", pa.float32()),  # gold logit minus the largest other
+        ("pred", pa.int32()),  # predicted class (-1 for causal LMs)
+        ("el2n", pa.float32()),
+    ]
+)
+"""Training dynamics: one row each time a training step sees a sample (train flow)."""
+
+EVALUATIONS = pa.schema(
+    [
+        ("selection", pa.string()),
+        ("score", pa.string()),  # score selected by, "random", or "all"
+        ("drop", pa.string()),
+        ("fraction_kept", pa.float64()),
+        ("seed", pa.int32()),
+        ("n_train", pa.int64()),
+        ("accuracy", pa.float64()),
+        ("loss", pa.float64()),
+    ]
+)
+"""Held-out accuracy and loss of a model retrained on a selection (evaluate flow)."""
+
 # Table name -> schema for tables with a fixed schema. ``features`` is built per dimension.
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
@@ -138,5 +168,7 @@ TABLES: dict[str, pa.Schema] = {
     "influence": INFLUENCE,
     "mixtures": MIXTURES,
     "selections": SELECTIONS,
+    "dynamics": DYNAMICS,
+    "evaluations": EVALUATIONS,
 }
 VIEW_NAMES = [*TABLES, "features"]

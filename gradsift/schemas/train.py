@@ -1,0 +1,78 @@
+"""Typed configs of the proxy-training, selection and evaluation flows (descriptions feed --help)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from gradsift.schemas.config import DataSource, RayConfig, _Config
+
+SCORE_NAMES = ("el2n", "grand", "forgetting", "aum", "vog", "self_influence", "loss")
+
+
+class TrainConfig(_Config):
+    """Proxy training: fine-tune a model on a dataset, log per-sample dynamics, checkpoint, score."""
+
+    store: str = Field("store", description="Store folder (tables, checkpoints, catalog.duckdb).")
+    data: DataSource = Field(description="Training data.")
+    model: str = Field(
+        "tiny", description="'tiny' (small random Llama), 'minilm' (the real encoder) or a model folder."
+    )
+    mode: Literal["finetune", "frozen"] = Field(
+        "finetune",
+        description="finetune: train the model (all weights, or LoRA adapters with lora=true); frozen: embed "
+        "every text once with the encoder (mean-pooled, cached as Parquet) and train only a head on top.",
+    )
+    lora: bool = Field(False, description="finetune mode: train LoRA adapters instead of all weights.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    head_hidden: int = Field(0, ge=0, description="frozen mode: hidden units of the head (0: a linear head).")
+    embed_cache: str | None = Field(
+        None, description="frozen mode: embedding cache folder (default <store>/embeddings)."
+    )
+    max_length: int = Field(128, ge=8, description="Tokens per sample (longer ones are truncated).")
+    epochs: int = Field(3, ge=1, description="Passes over the data; a checkpoint is saved after each.")
+    batch_size: int = Field(32, ge=1, description="Samples per optimizer step.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    schedule: Literal["linear", "constant"] = Field("linear", description="Learning rate after warm-up.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="One training run per seed (Ray tasks).")
+    score_epoch: int = Field(
+        1, ge=1, description="Early epoch whose checkpoint gives EL2N and GraNd (Paul et al. use an early epoch)."
+    )
+    vog_normalise: Literal["class", "dataset"] = Field("class", description="VoG z-normalisation: per class or all.")
+    score_batch_size: int = Field(64, ge=1, description="Samples per forward when scoring checkpoints.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class SelectConfig(_Config):
+    """Selections from a scored training run: keep a fraction by a score, random, or softmax-sampled."""
+
+    store: str = Field("store", description="Store folder.")
+    scores_run: str = Field(description="run_id of the train run whose scores select.")
+    score: Literal[SCORE_NAMES] | None = Field(None, description="Score to select by (None: the random baseline).")
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.85, 0.7, 0.55, 0.4], description="Fractions of the data kept, one selection each."
+    )
+    drop: Literal["easy", "hard"] = Field("easy", description="Which end of the score is dropped.")
+    method: Literal["keep", "softmax"] = Field(
+        "keep", description="keep: deterministic by score; softmax: sample with probability softmax(score/T)."
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax method: temperature (on z-scored scores).")
+    stratify: Literal["none", "label", "domain"] = Field("label", description="Keep the same fraction per group.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds (random baseline, softmax, ties).")
+    manifest: bool = Field(True, description="Write Parquet and JSONL manifests with the original records.")
+
+
+class EvaluateConfig(_Config):
+    """Retrain from the same start on each selection and measure held-out accuracy and loss."""
+
+    store: str = Field("store", description="Store folder.")
+    train_run: str = Field(description="run_id of the train run (its config gives model, mode and optimiser).")
+    selection_runs: list[str] = Field(description="run_ids of select runs whose selections are evaluated.")
+    eval_data: DataSource = Field(description="Held-out data with the same labels.")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Retraining seeds per selection.")
+    include_full: bool = Field(True, description="Also train on all data (fraction kept 1.0).")
+    plot: str | None = Field(None, description="Where to write the accuracy-vs-fraction plot (default in the store).")
+    ray: RayConfig = Field(default_factory=RayConfig)

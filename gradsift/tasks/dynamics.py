@@ -1,0 +1,154 @@
+"""Training-dynamics scores: formulas over logits, visit logs and checkpoint gradients.
+
+Pure torch/numpy (no prefect or ray). Shapes: N samples, C classes, V visits (one per epoch),
+K checkpoints, S seeds. For causal LMs every per-token quantity is averaged over the sample's
+target tokens, so one formula serves both task types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gradsift.tasks.models import IGNORE_INDEX, TaskType, per_sample_loss
+
+
+def _token_view(logits: Tensor, labels: Tensor, task: TaskType) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits [M, C], labels [M], owner [M]): one row per class decision (a sample, or a target token)."""
+    if task == "classification":
+        return logits.float(), labels, torch.arange(labels.shape[0], device=labels.device)
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    return logits[keep], labels[keep], owner[keep]
+
+
+def _per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
+    total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, owner, values)
+    count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, owner, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
+def margin(logits: Tensor, labels: Tensor) -> Tensor:
+    """Margin of each row: gold logit minus the largest other logit, [M, C], [M] -> [M]
+    (Pleiss et al. 2020, "Identifying Mislabeled Data using the Area Under the Margin Ranking")."""
+    gold = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return gold - other
+
+
+def el2n(logits: Tensor, labels: Tensor) -> Tensor:
+    """EL2N = || softmax(f(x)) - onehot(y) ||_2 per row, [M, C], [M] -> [M]
+    (Paul et al. 2021, "Deep Learning on a Data Diet: Finding Important Examples Early in Training")."""
+    probs = F.softmax(logits.float(), dim=-1)
+    return (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)).norm(dim=-1)
+
+
+@torch.no_grad()
+def visit_stats(logits: Tensor, labels: Tensor, task: TaskType) -> dict[str, Tensor]:
+    """What the dynamics log keeps each time a sample is seen: loss, pred, correct, margin, el2n ([B] each).
+
+    Classification: pred is the argmax class, correct is pred == label. Causal LM: pred is -1,
+    correct means at least half of the target tokens are the argmax, margin and el2n are token means.
+    """
+    flat_logits, flat_labels, owner = _token_view(logits, labels, task)
+    n = labels.shape[0]
+    hit = (flat_logits.argmax(-1) == flat_labels).float()
+    if task == "classification":
+        pred = flat_logits.argmax(-1)
+        correct = hit.bool()
+    else:
+        pred = torch.full((n,), -1, dtype=torch.long, device=labels.device)
+        correct = _per_sample_mean(hit, owner, n) >= 0.5
+    return {
+        "loss": per_sample_loss(logits, labels, task),
+        "pred": pred,
+        "correct": correct,
+        "margin": _per_sample_mean(margin(flat_logits, flat_labels), owner, n),
+        "el2n": _per_sample_mean(el2n(flat_logits, flat_labels), owner, n),
+    }
+
+
+def gold_logit(logits: Tensor, labels: Tensor, task: TaskType) -> Tensor:
+    """Per-sample gold-label logit (token mean for causal LMs), [B]; VoG differentiates it."""
+    flat_logits, flat_labels, owner = _token_view(logits, labels, task)
+    return _per_sample_mean(flat_logits.gather(1, flat_labels[:, None]).squeeze(1), owner, labels.shape[0])
+
+
+def forgetting(correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Forgetting events per sample: transitions correct -> incorrect between consecutive visits,
+    [N, V] bool -> ([N] int, never_learned [N] bool). A sample never classified correctly is marked
+    never_learned (it is the most forgettable, not a zero)
+    (Toneva et al. 2019, "An Empirical Study of Example Forgetting during Deep Neural Network Learning")."""
+    c = np.asarray(correct, dtype=bool)
+    events = (c[:, :-1] & ~c[:, 1:]).sum(axis=1).astype(np.int32)
+    return events, ~c.any(axis=1)
+
+
+def aum(margins: np.ndarray) -> np.ndarray:
+    """AUM = (1/V) sum_v (gold logit - largest other logit) at visit v, [N, V] -> [N]; mislabelled
+    samples have low (negative) AUM (Pleiss et al. 2020)."""
+    return np.asarray(margins, dtype=np.float64).mean(axis=1)
+
+
+def aum_threshold(threshold_sample_aums: np.ndarray, percentile: float = 99.0) -> float:
+    """Pleiss et al. 2020 threshold samples: N/(C+1) samples are given a fake extra class, so they are
+    mislabelled by construction; samples whose AUM is below the ``percentile`` of theirs are flagged."""
+    return float(np.percentile(np.asarray(threshold_sample_aums, dtype=np.float64), percentile))
+
+
+def vog(input_grads: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """VoG = mean over tokens and dimensions of the variance across checkpoints of the gradient of the
+    gold-label logit w.r.t. the embedding-layer output (Agarwal et al. 2022, "Estimating Example
+    Difficulty using Variance of Gradients", as used for text by Anand et al. 2023, "Influence
+    Scores at Scale for Efficient Language Data Sampling").
+
+    input_grads: K tensors [B, T, H] (or [B, H] for a head on pooled embeddings); mask [B, T] marks
+    real tokens. Returns raw VoG [B]; z-normalise with ``zscore``.
+    """
+    g = torch.stack([x.float() for x in input_grads])  # [K, B, ...]
+    var = g.var(dim=0, unbiased=False)  # [B, T, H] or [B, H]
+    if var.dim() == 2:
+        return var.mean(dim=1)
+    m = torch.ones(var.shape[:2], device=var.device) if mask is None else mask.to(var.dtype)
+    return (var.mean(dim=2) * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def zscore(values: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
+    """(v - mean) / std over the dataset, or within each group (class) when ``groups`` is given."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(v)
+    keys = np.zeros(len(v), dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    for k in np.unique(keys):
+        sel = keys == k
+        out[sel] = (v[sel] - v[sel].mean()) / (v[sel].std() or 1.0)
+    return out
+
+
+def grand(grad_norms: np.ndarray) -> np.ndarray:
+    """GraNd = E_seeds || grad_w loss(x, y) ||_2 at an early checkpoint, [S, N] -> [N] (Paul et al. 2021)."""
+    return np.asarray(grad_norms, dtype=np.float64).mean(axis=0)
+
+
+def tracin_self_influence(lrs: Sequence[float], grad_norms: np.ndarray) -> np.ndarray:
+    """TracIn self-influence = sum_c lr_c * || grad_w loss(x, y) at checkpoint c ||^2, [K], [K, N] -> [N]
+    (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent")."""
+    g = np.asarray(grad_norms, dtype=np.float64)
+    return (np.asarray(lrs, dtype=np.float64)[:, None] * g**2).sum(axis=0)
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` ranking the ``positive`` samples first (ties count half)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    n_pos, n_neg = y.sum(), (~y).sum()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

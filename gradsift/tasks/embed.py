@@ -1,0 +1,87 @@
+"""Frozen-encoder embeddings: mean-pooled encoder outputs, computed once and cached as Parquet.
+
+The cache folder holds ``<model digest>/<text digest>.parquet`` (one float32 vector per text, in
+order); a text seen before with the same model is never embedded again. No prefect or ray imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gradsift.storage.store import write_parquet_atomic
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors over real (mask 1) positions: [B, T, H], [B, T] -> [B, H]."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def embed_texts(
+    encoder_path: str,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int = 128,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Mean-pooled last hidden states of a local Hugging Face encoder, float32 [N, H]."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path, local_files_only=True)
+    model = AutoModel.from_pretrained(encoder_path, local_files_only=True).eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")  # less padding
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        hidden = model(**enc).last_hidden_state
+        out[idx] = mean_pool(hidden, enc["attention_mask"]).numpy()
+        if on_batch:
+            on_batch(len(idx))
+    return out
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_embeddings(
+    cache_dir: str | Path, encoder_path: str, texts: Sequence[str], max_length: int = 128, batch_size: int = 64
+) -> np.ndarray:
+    """``embed_texts`` through a Parquet cache keyed by the encoder folder, max_length and the texts."""
+    path = (
+        Path(cache_dir).expanduser()
+        / _digest(str(Path(encoder_path).resolve()), str(max_length))
+        / f"{_digest(*texts)}.parquet"
+    )
+    if path.exists():
+        column = pq.read_table(path).column("embedding").combine_chunks()
+        return column.values.to_numpy().reshape(len(column), -1).astype(np.float32)
+    emb = embed_texts(encoder_path, texts, batch_size=batch_size, max_length=max_length)
+    flat = pa.array(emb.reshape(-1), type=pa.float32())
+    write_parquet_atomic(
+        pa.table({"embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}), path, row_group_size=4096
+    )
+    return emb
+
+
+def build_head(input_dim: int, num_labels: int, hidden: int = 0, seed: int = 0) -> torch.nn.Module:
+    """The trained part in frozen-encoder mode: a linear head, or one hidden ReLU layer when ``hidden`` > 0."""
+    torch.manual_seed(seed)
+    if hidden == 0:
+        return torch.nn.Linear(input_dim, num_labels)
+    return torch.nn.Sequential(torch.nn.Linear(input_dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, num_labels))
