@@ -16,8 +16,10 @@ from gradsift.storage.store import Store
 Stage = Callable[[RunConfig, Store, str, dict], dict]
 
 
-def run_pipeline(flow: str, config: RunConfig, extra_stages: dict[str, Stage] | None = None) -> dict:
-    """ingest -> score -> extra stages, in one run written to staging and committed whole."""
+def run_pipeline(
+    flow: str, config: RunConfig, extra_stages: dict[str, Stage] | None = None, score: bool = True
+) -> dict:
+    """ingest -> score (unless ``score`` is false) -> extra stages, in one run written to staging and committed whole."""
     logger = get_run_logger()
     store = Store(config.store).ensure()
     run_id = run_id_for(flow, config, config.ingest.sources)
@@ -35,10 +37,11 @@ def run_pipeline(flow: str, config: RunConfig, extra_stages: dict[str, Stage] | 
     results: dict = {"run_id": run_id, "store": str(store.root)}
     try:
         results["ingest"] = ingest_stage(config, recorder.staging)
-        results["score"] = score_stage(config, store, run_id, results["ingest"])
+        if score:
+            results["score"] = score_stage(config, store, run_id, results["ingest"])
         for name, stage in (extra_stages or {}).items():
             results[name] = stage(config, store, run_id, results)
-        rows = recorder.complete(results["score"].get("parameter_set"))
+        rows = recorder.complete(results.get("score", {}).get("parameter_set"))
     except BaseException as err:
         recorder.fail(err)
         raise
@@ -49,7 +52,9 @@ def run_pipeline(flow: str, config: RunConfig, extra_stages: dict[str, Stage] | 
 
 
 def _publish(results: dict) -> None:
-    ingest, score = results["ingest"], results["score"]
+    ingest, score = results["ingest"], results.get("score")
+    if score is None:  # a flow without a scoring pass (influence on checkpoints): its report stage publishes
+        return
     counts = [
         {"stage": "ingest", "rows": ingest["samples"], "quarantined": ingest["quarantined"], "seconds": None},
         {"stage": "score", "rows": score["rows"], "quarantined": 0, "seconds": score["seconds"]},

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradsift.schemas.engine import EngineConfig
+from gradsift.schemas.influence import FastSlowConfig, InfluenceConfig, MixtureConfig, PairsConfig, ReportConfig
 
 
 class _Config(BaseModel):
@@ -115,3 +116,37 @@ class NightlyConfig(RunConfig):
     """The nightly curation run: ingest -> score -> downstream stages, on a schedule."""
 
     schedule: str = Field("0 2 * * *", description="Cron schedule of the nightly deployment (UTC).")
+    target: InfluenceConfig | None = Field(None, description="Influence on a target set (skipped when absent).")
+    mixture: MixtureConfig | None = Field(
+        None, description="Domain mixture weights toward the target (needs target; skipped when absent)."
+    )
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
+
+    @model_validator(mode="after")
+    def _target_datasets_ingested(self) -> NightlyConfig:
+        if self.mixture is not None and self.target is None:
+            raise ValueError("mixture weights need a target section")
+        if self.target is not None:
+            names = {s.name for s in self.ingest.sources}
+            missing = [d for d in self.target.datasets if d not in names]
+            if missing:
+                raise ValueError(f"target datasets {missing} are not among the ingested sources {sorted(names)}")
+            if not names - set(self.target.datasets):
+                raise ValueError("every ingested dataset is a target: nothing left to select from")
+        return self
+
+
+class AnalyzeConfig(RunConfig):
+    """Gradient analyses of one file: preference-pair entanglement, or fast vs slow layer curves."""
+
+    pairs: PairsConfig | None = Field(None, description="Entanglement of chosen/rejected pairs.")
+    fast_slow: FastSlowConfig | None = Field(None, description="Fast vs slow thinking layer curves.")
+    data: str = Field(description="The input file (.jsonl, .jsonl.gz, .json).")
+
+    @model_validator(mode="after")
+    def _one_analysis(self) -> AnalyzeConfig:
+        if (self.pairs is None) == (self.fast_slow is None):
+            raise ValueError("give exactly one of pairs or fast_slow")
+        if not Path(self.data).exists():
+            raise ValueError(f"input file not found: {self.data}")
+        return self

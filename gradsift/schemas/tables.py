@@ -128,6 +128,59 @@ SELECTIONS = pa.schema(
     ]
 )
 
+INFLUENCE_TOPK = pa.schema(
+    [
+        ("target", pa.string()),
+        ("method", pa.string()),
+        ("target_dataset", pa.string()),
+        ("target_sample_id", pa.string()),
+        ("rank", pa.int64()),  # 0 = most influential training sample for this target sample
+        ("dataset", pa.string()),
+        ("sample_id", pa.string()),
+        ("score", pa.float64()),
+    ]
+)
+"""The most influential training samples per target sample (blocked streaming top-k)."""
+
+PAIR_SCORES = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("pair_id", pa.string()),  # content hash of (prompt, chosen, rejected)
+        ("line", pa.int64()),
+        ("dot", pa.float64()),  # <g_chosen, g_rejected>
+        ("cosine", pa.float64()),
+        ("norm_chosen", pa.float64()),
+        ("norm_rejected", pa.float64()),
+        ("condition_ratio", pa.float64()),  # <g_w, g_l> / min(||g_w||^2, ||g_l||^2)
+        ("logp_chosen", pa.float64()),
+        ("logp_rejected", pa.float64()),
+    ]
+)
+"""Gradient entanglement per preference pair (Yuan et al., ICLR 2025), gradients of summed response log-probs."""
+
+LAYER_CURVES = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("variant", pa.string()),  # e.g. fast (answer only) / slow (full solution)
+        ("layer", pa.int32()),
+        ("module", pa.string()),
+        ("nuclear_norm", pa.float64()),  # mean over samples
+        ("grad_norm", pa.float64()),
+        ("n_samples", pa.int64()),
+    ]
+)
+
+LAYER_DIFFS = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("module", pa.string()),
+        ("part", pa.string()),  # early / middle / late third of the layers
+        ("variant_a", pa.string()),
+        ("variant_b", pa.string()),
+        ("mean_abs_diff", pa.float64()),
+    ]
+)
+
 DYNAMICS = pa.schema(
     [
         ("checkpoint", pa.string()),  # the seed's train run id: <run_id>-seed<k>
@@ -168,6 +221,10 @@ TABLES: dict[str, pa.Schema] = {
     "influence": INFLUENCE,
     "mixtures": MIXTURES,
     "selections": SELECTIONS,
+    "influence_topk": INFLUENCE_TOPK,
+    "pair_scores": PAIR_SCORES,
+    "layer_curves": LAYER_CURVES,
+    "layer_diffs": LAYER_DIFFS,
     "dynamics": DYNAMICS,
     "evaluations": EVALUATIONS,
 }

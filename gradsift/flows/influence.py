@@ -1,0 +1,261 @@
+"""Downstream curation stages (influence -> select -> mixture -> report) and the influence flow.
+
+Each stage is a coarse Prefect task with retries that drives Ray directly, is skipped cleanly when
+its config section is absent, and is resumable through its staging marker. The nightly flow runs
+them after scoring; ``influence_flow`` runs them on training checkpoints without a scoring pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from gradsift.flows.pipeline import run_pipeline
+from gradsift.schemas.config import NightlyConfig
+from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
+from gradsift.storage.store import RunStaging, Store
+from gradsift.tasks.checkpoints import list_checkpoints
+from gradsift.tasks.influence import FeatureSource, Targets, checkpoint_name, ranks, read_block
+from gradsift.tasks.influence_pool import featurize_checkpoints, group_shards, stream_influence
+from gradsift.tasks.mixture import DomainSums, alignment, mixture_weights
+from gradsift.tasks.pool import ensure_ray
+from gradsift.tasks.report import write_report
+from gradsift.tasks.selection import SelectionResult, group_quotas, keep_fraction, proportional_sample, selection_table
+
+
+def shard_dataset(shard: str) -> str:
+    """Shards are named ``<dataset>-<index>-<digest>`` (tasks.ingest.shard_samples)."""
+    return shard.rsplit("-", 2)[0]
+
+
+def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: list[str]) -> list[FeatureSource]:
+    """Feature sources: each LoRA checkpoint (featurised here), or the score stage's features."""
+    target = config.target
+    if target.checkpoints is None:
+        if config.score.engine.feature_dim == 0:
+            raise ValueError("influence without checkpoints reads the score stage's features: set a feature_dim > 0")
+        name = config.model.checkpoint
+        return [FeatureSource(name, 1.0, {"grad": name})]
+    ck = target.checkpoints
+    infos = list_checkpoints(ck.store or store.root, ck.train_run)
+    if ck.steps is not None:
+        infos = [c for c in infos if c.step in set(ck.steps)]
+    if not infos:
+        raise FileNotFoundError(f"no checkpoints of training run {ck.train_run!r} (steps {ck.steps})")
+    featurize_checkpoints(store, staging.run_id, shards, infos, target.feature_dim, config.seed, config.ray)
+    sources = []
+    for info in infos:
+        name = checkpoint_name(info)
+        sources.append(FeatureSource(name, info.lr, {"grad": f"{name}:grad", "adam": f"{name}:adam"}, f"@{name}"))
+    return sources
+
+
+@task(name="influence", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+    """Influence of every training sample on the target set (LESS / TracIn / cosine), streamed on Ray."""
+    logger = get_run_logger()
+    if config.target is None:
+        return {"skipped": "no target section"}
+    staging = store.staging(run_id)
+    if (done := staging.stage_info("influence")) is not None:
+        return done
+    target = config.target
+    shards = results["ingest"]["shards"]
+    target_shards = [s for s in shards if shard_dataset(s) in target.datasets]
+    train_shards = [s for s in shards if shard_dataset(s) not in target.datasets]
+    ensure_ray(config.ray)
+    sources = _sources(config, store, staging, shards)
+    t_keys, t_feats = read_block(staging.dir, target_shards, sources)
+    subtask = np.array([target.datasets.index(d) for d in t_keys["dataset"]])
+    targets = Targets(
+        [s.name for s in sources],
+        [f.astype(np.float32) for f in t_feats["grad"]],
+        np.array([s.lr for s in sources]),
+        subtask,
+        t_keys["sample_id"],
+    )
+    rows = {s: pq.ParquetFile(staging.part_path("samples", s)).metadata.num_rows for s in train_shards}
+    blocks = group_shards(train_shards, rows, target.block_rows)
+    logger.info(
+        "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), len(subtask), len(blocks)
+    )
+    res = stream_influence(staging.dir, blocks, sources, targets, target.methods, target.top_k)
+    n = len(res.keys["sample_id"])
+    for method, scores in res.scores.items():
+        part = {"target": [target.name] * n, "method": [method] * n, "dataset": res.keys["dataset"]}
+        part |= {"sample_id": res.keys["sample_id"], "score": scores.tolist(), "rank": ranks(scores).tolist()}
+        staging.write_part("influence", f"{target.name}-{method}", pa.Table.from_pydict(part, schema=INFLUENCE))
+        if target.top_k:
+            staging.write_part(
+                "influence_topk", f"{target.name}-{method}", _topk_table(target.name, method, res, t_keys)
+            )
+    t_groups = np.asarray(["target"] * len(subtask), dtype=object)
+    aligned = [
+        alignment(d, DomainSums().add(t, t_groups)) for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
+    ]
+    info = {
+        "rows": n * len(res.scores),
+        "targets": len(subtask),
+        "checkpoints": [s.name for s in sources],
+        "blocks": res.blocks,
+        "seconds": round(res.seconds, 2),
+        "alignment": aligned,
+        "domain_counts": res.domain_sums[0].count,
+    }
+    staging.mark_done("influence", info)
+    return info
+
+
+def _topk_table(name: str, method: str, res, t_keys: dict) -> pa.Table:
+    rows_idx, vals = res.top_k[method]
+    k, m = rows_idx.shape
+    return pa.Table.from_pydict(
+        {
+            "target": [name] * (k * m),
+            "method": [method] * (k * m),
+            "target_dataset": [t_keys["dataset"][j] for j in range(m) for _ in range(k)],
+            "target_sample_id": [t_keys["sample_id"][j] for j in range(m) for _ in range(k)],
+            "rank": [r for _ in range(m) for r in range(k)],
+            "dataset": [res.keys["dataset"][rows_idx[r, j]] for j in range(m) for r in range(k)],
+            "sample_id": [res.keys["sample_id"][rows_idx[r, j]] for j in range(m) for r in range(k)],
+            "score": [float(vals[r, j]) for j in range(m) for r in range(k)],
+        },
+        schema=INFLUENCE_TOPK,
+    )
+
+
+@task(name="select", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def select_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+    """The preset "top p% for target T": keep the training samples with the highest influence."""
+    if config.target is None:
+        return {"skipped": "no target section"}
+    target = config.target
+    method = target.select_method or target.methods[0]
+    staging = store.staging(run_id)
+    table = pq.read_table(staging.part_path("influence", f"{target.name}-{method}"))
+    result = keep_fraction(
+        table.column("sample_id").to_pylist(),
+        table.column("score").to_numpy(),
+        target.select_fraction,
+        drop="low",
+        seed=config.seed,
+        name=f"{method} influence on {target.name}",
+    )
+    name = f"{target.name}-{method}-top{target.select_fraction:g}"
+    staging.write_part("selections", name, selection_table(result, name, table.column("dataset").to_pylist()))
+    return {"selection": name, "kept": result.n_kept, "rows": len(result.ids)}
+
+
+@task(name="mixture", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def mixture_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+    """Domain weights alpha ~ prior exp(eta sum_c a_{c,d}) (DGA / DoGE) and a budget sampled with them."""
+    if config.mixture is None or config.target is None:
+        return {"skipped": "no mixture section"}
+    mix, infl = config.mixture, results["influence"]
+    counts = infl["domain_counts"]
+    prior = mix.prior or {d: float(n) for d, n in counts.items()}
+    weights = mixture_weights(infl["alignment"], {d: prior.get(d, 0.0) for d in counts}, mix.eta, mix.smoothing)
+    total_prior = sum(prior.get(d, 0.0) for d in counts)
+    staging = store.staging(run_id)
+    rows = [
+        {
+            "domain": d,
+            "weight": weights[d],
+            "alignment": sum(a[d] for a in infl["alignment"]),
+            "prior": prior.get(d, 0.0) / total_prior,
+            "n_samples": counts[d],
+        }
+        for d in sorted(counts)
+    ]
+    staging.write_part("mixtures", "weights", pa.Table.from_pylist(rows, schema=MIXTURES))
+    pool = pq.read_table(staging.part_path("influence", f"{config.target.name}-{config.target.methods[0]}"))
+    samples = _domains(staging, results["ingest"]["shards"])
+    ids = pool.column("sample_id").to_pylist()
+    domains = [samples[i] for i in ids]
+    budget = mix.budget or max(1, len(ids) // 10)
+    result = weighted_sample(ids, domains, budget, weights, config.seed)
+    name = f"{config.target.name}-mixture-{budget}"
+    staging.write_part("selections", name, selection_table(result, name, pool.column("dataset").to_pylist()))
+    return {"weights": weights, "selection": name, "kept": result.n_kept, "rows": len(rows)}
+
+
+def _domains(staging: RunStaging, shards: list[str]) -> dict[str, str]:
+    out = {}
+    for s in shards:
+        t = pq.read_table(staging.part_path("samples", s), columns=["sample_id", "domain", "dataset"])
+        dom = pc.coalesce(t.column("domain"), t.column("dataset")).to_pylist()
+        out.update(zip(t.column("sample_id").to_pylist(), dom, strict=True))
+    return out
+
+
+def weighted_sample(
+    ids: list, domains: list[str], budget: int, weights: dict[str, float], seed: int
+) -> SelectionResult:
+    """Sample ``budget`` ids with domain quotas proportional to ``weights`` (uniform within a domain)."""
+    ids_a, dom = np.asarray(ids, dtype=object), np.asarray(domains, dtype=object)
+    quotas = group_quotas(dom, budget, weights)
+    kept = np.zeros(len(ids_a), dtype=bool)
+    key = np.ones(len(ids_a))
+    for d, q in quotas.items():
+        sel = np.flatnonzero(dom == d)
+        sub = proportional_sample(ids_a[sel], np.zeros(len(sel)), q, seed=seed)
+        kept[sel] = sub.kept
+        key[sel] = sub.rank / max(len(sel), 1)
+    order = np.lexsort((key, ~kept))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    reason = "mixture sample " + ", ".join(f"{d}={w:.3f}" for d, w in sorted(weights.items()))
+    return SelectionResult(ids_a, kept, rank, reason)
+
+
+@task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def report_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+    """HTML + PNG report under <store>/reports/<run_id>/ and a Prefect markdown artifact."""
+    if not config.report.enabled:
+        return {"skipped": "report disabled"}
+    staging = store.staging(run_id)
+    tables = {name: staging.read(name) for name in ("influence", "mixtures", "layer_curves", "pair_scores")}
+    summaries = {}
+    if tables["influence"] is not None:
+        text = _texts(staging, results["ingest"]["shards"])
+        top = tables["influence"].filter(pc.less(tables["influence"].column("rank"), config.report.top_n))
+        top = top.sort_by([("target", "ascending"), ("method", "ascending"), ("rank", "ascending")])
+        snippet = [text.get(i, "")[:120] for i in top.column("sample_id").to_pylist()]
+        summaries["Top influential training samples"] = top.select(
+            ["target", "method", "rank", "dataset", "score"]
+        ).append_column("text", pa.array(snippet))
+    if tables["mixtures"] is not None:
+        summaries["Mixture weights"] = tables["mixtures"]
+    page, markdown = write_report(store.root / "reports" / run_id, run_id, tables, summaries)
+    create_markdown_artifact(markdown, key="curation-report", description=f"curation report of run {run_id}")
+    return {"report": str(page)}
+
+
+def _texts(staging: RunStaging, shards: list[str]) -> dict[str, str]:
+    out = {}
+    for s in shards:
+        t = pq.read_table(staging.part_path("samples", s), columns=["sample_id", "text"])
+        out.update(zip(t.column("sample_id").to_pylist(), t.column("text").to_pylist(), strict=True))
+    return out
+
+
+CURATION_STAGES = {
+    "influence": influence_stage,
+    "select": select_stage,
+    "mixture": mixture_stage,
+    "report": report_stage,
+}
+
+
+@flow(name="gradsift-influence", log_prints=True)
+def influence_flow(config: NightlyConfig) -> dict:
+    """Ingest, then influence / selection / mixture / report on the target's training checkpoints
+    (no scoring pass: features come from the checkpoints)."""
+    if config.target is None or config.target.checkpoints is None:
+        raise ValueError("the influence flow needs target.checkpoints; without them use the nightly flow")
+    return run_pipeline("influence", config, CURATION_STAGES, score=False)

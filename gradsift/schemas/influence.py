@@ -1,0 +1,100 @@
+"""Configuration of the downstream curation stages: influence on a target set, mixture weights,
+preference-pair entanglement, fast/slow layer curves, the report. Field descriptions feed the CLI
+help and the README. No import of the rest of gradsift.schemas.config (it imports this module)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["less", "tracin", "cosine"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointsConfig(_Config):
+    """Training checkpoints (``<store>/checkpoints/<train_run>/step-NNNNNN/``) the influence is taken over."""
+
+    train_run: str = Field(description="Training run id whose checkpoints are used.")
+    store: str | None = Field(None, description="Store holding the checkpoints; default: this run's store.")
+    steps: list[int] | None = Field(None, description="Checkpoint steps to use; default: every checkpoint.")
+
+
+class InfluenceConfig(_Config):
+    """Which training samples help a target set (LESS, TracIn, gradient cosine)."""
+
+    name: str = Field("target", description="Name of the target in the influence and selections tables.")
+    datasets: list[str] = Field(
+        description="Datasets (among the ingested sources) forming the target set; each dataset is one subtask "
+        "(LESS: mean over a subtask's samples, max over subtasks). They are never selected."
+    )
+    methods: list[Method] = Field(
+        default_factory=lambda: ["cosine", "tracin"],
+        description="less: Adam-direction cosine summed over checkpoints with their learning rates (needs "
+        "checkpoints); tracin: learning-rate-weighted dot products of gradients; cosine: mean gradient cosine.",
+    )
+    checkpoints: CheckpointsConfig | None = Field(
+        None, description="LoRA checkpoints with optimizer state; default: the score stage's features (one point)."
+    )
+    feature_dim: int = Field(8192, ge=16, description="Projected feature dimension at checkpoints.")
+    block_rows: int = Field(32768, ge=1, description="Training rows per streaming block (bounds memory).")
+    top_k: int = Field(10, ge=0, description="Most influential training samples kept per target sample (report).")
+    select_fraction: float = Field(
+        0.05, gt=0, le=1, description="The selection preset keeps this top fraction for the target."
+    )
+    select_method: Method | None = Field(None, description="Score the selection ranks by; default: the first method.")
+
+    @model_validator(mode="after")
+    def _less_needs_checkpoints(self) -> InfluenceConfig:
+        if "less" in self.methods and self.checkpoints is None:
+            raise ValueError("method 'less' needs checkpoints (optimizer state): set influence.checkpoints")
+        if self.select_method is not None and self.select_method not in self.methods:
+            raise ValueError(f"select_method {self.select_method!r} is not one of methods {self.methods}")
+        return self
+
+
+class MixtureConfig(_Config):
+    """Offline domain mixture weights from gradient alignment with the target (DGA / DoGE)."""
+
+    eta: float = Field(10.0, ge=0, description="Step size of the exponentiated-gradient update.")
+    smoothing: float = Field(0.1, ge=0, le=1, description="Weight of the prior mixed back into the weights.")
+    prior: dict[str, float] | None = Field(None, description="Prior weight per domain; default: domain sizes.")
+    budget: int | None = Field(None, ge=1, description="Samples the mixture selection draws; default: 10% of the pool.")
+
+
+class ReportConfig(_Config):
+    """The run report: plots as PNG and one HTML page under <store>/reports/<run_id>/."""
+
+    enabled: bool = Field(True, description="Write the report (and the Prefect markdown artifact).")
+    top_n: int = Field(10, ge=1, description="Top influential samples listed per target and method.")
+
+
+class PairsConfig(_Config):
+    """Gradient entanglement of preference pairs (Yuan et al., ICLR 2025)."""
+
+    dataset: str | None = Field(None, description="Name of the pair set in pair_scores; default: the file's stem.")
+    chosen: str = Field("chosen", description="Field of the chosen response (or full hh-rlhf dialogue).")
+    rejected: str = Field("rejected", description="Field of the rejected response (or full hh-rlhf dialogue).")
+    prompt: str | None = Field(
+        None, description="Field of the prompt; none: hh-rlhf dialogues split at the last 'Assistant:' turn."
+    )
+    limit: int | None = Field(None, ge=1, description="Use the first N pairs only.")
+    exact: bool = Field(
+        True, description="Inner products from materialised gradients (exact); false: from projected features."
+    )
+
+
+class FastSlowConfig(_Config):
+    """Fast vs slow thinking layer curves (Li et al. 2024, Layer_Gradient) on gsm8k-style data."""
+
+    dataset: str | None = Field(None, description="Name in the tables; default: the file's stem.")
+    question: str = Field("question", description="Field of the question.")
+    answer: str = Field("answer", description="Field of the full solution; the fast variant keeps the text after ####.")
+    limit: int | None = Field(500, ge=1, description="Use the first N problems.")
+    modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules whose per-sample gradient nuclear norms are compared.",
+    )

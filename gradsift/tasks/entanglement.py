@@ -1,0 +1,95 @@
+"""Gradient entanglement of preference pairs (no prefect or ray).
+
+Yuan et al., ICLR 2025, "A Common Pitfall of Margin-based Language Model Alignment: Gradient
+Entanglement", section 3: with g_w = grad log pi(y_w | x) and g_l = grad log pi(y_l | x) (summed
+response log-probabilities), a margin loss raises the chosen log-prob and lowers the rejected one at
+once only while <g_w, g_l> is small against both squared norms; the condition is read from
+
+    condition_ratio = <g_w, g_l> / min(||g_w||^2, ||g_l||^2)
+
+(both log-probs move in the same direction when it exceeds 1). Per pair we report the dot product, the
+cosine, both norms and the ratio. Norms come from the engine exactly; the dot product from materialised
+gradients (exact) or from projected features (an unbiased estimate, for models too big to materialise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from gradsift.tasks.batching import Encoded, collate, encode_causal
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def split_dialogue(text: str) -> tuple[str, str]:
+    """An hh-rlhf dialogue -> (everything up to and including the last 'Assistant:', the last reply)."""
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn in the dialogue")
+    cut = i + len(ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def pair_id(prompt: str, chosen: str, rejected: str) -> str:
+    """Content hash of a pair (its id in ``pair_scores``)."""
+    return hashlib.sha256("\x1f".join((prompt, chosen, rejected)).encode()).hexdigest()[:16]
+
+
+def encode_response(tokenizer, prompt: str, response: str, max_tokens: int, key: str) -> Encoded:
+    """Tokens and targets (response only); a too-long sample keeps its last ``max_tokens`` tokens."""
+    ids, targets = encode_causal(tokenizer, prompt, response, None)
+    return Encoded("pairs", key, ids[-max_tokens:], targets[-max_tokens:])
+
+
+def entanglement(g_w: np.ndarray, g_l: np.ndarray, norm_w: np.ndarray, norm_l: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pair dot, cosine, norms and condition ratio from gradient rows [B, P] (or projected [B, k])
+    and exact norms [B] (Yuan et al. 2025, section 3)."""
+    dot = np.einsum("ij,ij->i", np.asarray(g_w, np.float64), np.asarray(g_l, np.float64))
+    nw, nl = np.asarray(norm_w, np.float64), np.asarray(norm_l, np.float64)
+    return {
+        "dot": dot,
+        "cosine": dot / np.maximum(nw * nl, 1e-30),
+        "norm_chosen": nw,
+        "norm_rejected": nl,
+        "condition_ratio": dot / np.maximum(np.minimum(nw**2, nl**2), 1e-30),
+    }
+
+
+def pair_batch(engine, tokenizer, pairs: list[tuple[str, str, str]], max_tokens: int, exact: bool) -> dict:
+    """Entanglement of ``pairs`` (prompt, chosen, rejected) with ``engine`` (loss_reduction "sum", so each
+    per-sample loss is minus the summed response log-prob; the sign cancels in every reported quantity)."""
+    if engine.config.loss_reduction != "sum":
+        raise ValueError("entanglement needs gradients of summed log-probs: EngineConfig(loss_reduction='sum')")
+    dev = next(engine.model.parameters()).device
+    items = []
+    for prompt, chosen, rejected in pairs:
+        items.append(encode_response(tokenizer, prompt, chosen, max_tokens, "w"))
+        items.append(encode_response(tokenizer, prompt, rejected, max_tokens, "l"))
+    out = engine.compute(collate(items, tokenizer.pad_token_id).to(dev), flat_grads=exact)
+    vec = out.flat if exact else out.features
+    if vec is None:
+        raise ValueError("exact=False needs projected features: set a feature_dim > 0")
+    vec, norm, loss = vec.numpy(), out.grad_norm.numpy(), out.loss.numpy()
+    res = entanglement(vec[0::2], vec[1::2], norm[0::2], norm[1::2])
+    res["logp_chosen"], res["logp_rejected"] = -loss[0::2].astype(np.float64), -loss[1::2].astype(np.float64)
+    return res
+
+
+def autograd_pair(model, tokenizer, prompt: str, chosen: str, rejected: str, max_tokens: int) -> dict[str, float]:
+    """Reference: the same quantities from torch.autograd on the full parameter gradient (for tests)."""
+    from gradsift.tasks.engine import per_sample_losses
+
+    grads = []
+    for resp in (chosen, rejected):
+        it = encode_response(tokenizer, prompt, resp, max_tokens, "x")
+        b = collate([it], tokenizer.pad_token_id)
+        params = [p for p in model.parameters() if p.requires_grad]
+        logp = -per_sample_losses(model(input_ids=b.input_ids).logits, b.labels, "causal_lm", "sum").sum()
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]).double())
+    gw, gl = grads
+    dot = float(gw @ gl)
+    nw, nl = float(gw.norm()), float(gl.norm())
+    return {"dot": dot, "cosine": dot / (nw * nl), "condition_ratio": dot / min(nw**2, nl**2)}

@@ -1,0 +1,269 @@
+"""Target-aware influence: LESS, TracIn and gradient cosine, streamed over feature blocks.
+
+Pure compute (no prefect or ray): ``tasks.influence_pool`` fans blocks out as Ray tasks.
+
+Formulas (c runs over checkpoints with learning rate eta_c; z a training sample, z' a target sample):
+
+* LESS (Xia et al. 2024, "LESS: Selecting Influential Data for Targeted Instruction Tuning", eq. 2-3):
+  Gamma_c(z) = m' / (sqrt(v') + eps) with m' = beta1 m + (1 - beta1) g, v' = beta2 v + (1 - beta2) g^2,
+  (m, v) the AdamW moments of checkpoint c and g the sample's LoRA gradient; Gamma_c(z) is projected
+  (the engine's projection) and L2-normalised; the target side is the plain projected gradient,
+  normalised. Inf(z, z') = sum_c eta_c cos(Gamma_c(z), g_c(z')).
+* TracIn (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent", eq. 3 with
+  checkpoints): Inf(z, z') = sum_c eta_c <g_c(z), g_c(z')> on projected gradients.
+* cosine: Inf(z, z') = mean_c cos(g_c(z), g_c(z')).
+
+Every method then scores a training sample by the mean of Inf over a subtask's target samples and
+the maximum over subtasks (LESS, section 3.2). Blocks: features are float16 on disk and in memory;
+each block is cast to float32 and multiplied against all targets, so the memory of one call is
+O(block_rows * (k + M)) whatever N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradsift.schemas.engine import EngineConfig
+from gradsift.schemas.influence import Method
+from gradsift.tasks.batching import collate, encode_row, micro_batches
+from gradsift.tasks.checkpoints import CheckpointInfo, load_checkpoint
+
+TRAIN_KIND = {"less": "adam", "tracin": "grad", "cosine": "grad"}
+"""Which training-side features each method reads; the target side always reads plain gradients."""
+
+
+def adam_direction(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, betas: tuple[float, float], eps: float
+) -> torch.Tensor:
+    """LESS's training-side gradient: the Adam update direction m' / (sqrt(v') + eps) after one more step
+    with ``grad`` [B, P] from moments ``exp_avg``, ``exp_avg_sq`` [P] (Xia et al. 2024, eq. 2)."""
+    b1, b2 = betas
+    m = b1 * exp_avg + (1 - b1) * grad
+    v = b2 * exp_avg_sq + (1 - b2) * grad.square()
+    return m / (v.sqrt() + eps)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+@dataclass
+class Targets:
+    """The target side, ready for block products.
+
+    feats[c]: [M, k] float32 plain projected gradients at checkpoint c; subtask: [M] int ids;
+    lrs: [C] learning rates. ``matrix(method)`` folds the checkpoint weights into one [C*k, M] matrix,
+    so that a training block [B, C*k] times it gives sum_c w_c <x_c, t_c> in one product.
+    """
+
+    checkpoints: list[str]
+    feats: list[np.ndarray]
+    lrs: np.ndarray
+    subtask: np.ndarray
+    sample_ids: list[str]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_subtasks(self) -> int:
+        return int(self.subtask.max()) + 1
+
+    def weights(self, method: Method) -> np.ndarray:
+        return np.full(len(self.lrs), 1.0 / len(self.lrs)) if method == "cosine" else self.lrs
+
+    def matrix(self, method: Method) -> np.ndarray:
+        if method not in self._cache:
+            parts = [
+                w * (f if method == "tracin" else l2_normalise(f))
+                for w, f in zip(self.weights(method), self.feats, strict=True)
+            ]
+            self._cache[method] = np.ascontiguousarray(np.concatenate(parts, axis=1).T, dtype=np.float32)
+        return self._cache[method]
+
+    def averaging(self) -> np.ndarray:
+        """[M, S]: column s averages the targets of subtask s."""
+        a = np.zeros((len(self.subtask), self.n_subtasks), dtype=np.float32)
+        a[np.arange(len(self.subtask)), self.subtask] = 1.0
+        return a / a.sum(axis=0, keepdims=True)
+
+
+@dataclass
+class BlockResult:
+    """Scores of one block of training rows: per method [B] scores and the block's top-k per target."""
+
+    scores: dict[str, np.ndarray]
+    top_rows: dict[str, np.ndarray]  # [k', M] row indices within the block
+    top_vals: dict[str, np.ndarray]  # [k', M]
+
+
+def block_scores(
+    train: dict[str, list[np.ndarray]], targets: Targets, methods: list[Method], top_k: int
+) -> BlockResult:
+    """Influence of one block. ``train[kind][c]``: [B, k] float16 (or float32) features at checkpoint c,
+    kind "grad" or "adam". Accumulates in float32: sum_c w_c sim(x_c, t_c) for every target, then mean
+    per subtask and max over subtasks (LESS, section 3.2)."""
+    avg = targets.averaging()
+    scores, top_rows, top_vals = {}, {}, {}
+    for method in methods:
+        x = [np.asarray(f, dtype=np.float32) for f in train[TRAIN_KIND[method]]]
+        if method != "tracin":
+            x = [l2_normalise(f) for f in x]
+        inf = np.concatenate(x, axis=1) @ targets.matrix(method)  # [B, M] float32
+        scores[method] = (inf @ avg).max(axis=1)
+        if top_k:
+            k = min(top_k, inf.shape[0])
+            rows = np.argpartition(-inf, k - 1, axis=0)[:k]
+            top_rows[method], top_vals[method] = rows, np.take_along_axis(inf, rows, axis=0)
+    return BlockResult(scores, top_rows, top_vals)
+
+
+def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-block top-k (global row ids [k_i, M], values [k_i, M]) into the overall top-k, sorted."""
+    rows = np.concatenate([p[0] for p in parts], axis=0)
+    vals = np.concatenate([p[1] for p in parts], axis=0)
+    order = np.argsort(-vals, axis=0, kind="stable")[:k]
+    return np.take_along_axis(rows, order, axis=0), np.take_along_axis(vals, order, axis=0)
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank 0 for the highest score; ties by position."""
+    order = np.argsort(-scores, kind="stable")
+    out = np.empty(len(scores), dtype=np.int64)
+    out[order] = np.arange(len(scores))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Features at a training checkpoint
+
+
+def checkpoint_name(info: CheckpointInfo) -> str:
+    """A checkpoint's name in the features table and in part names: "<train_run_id>.step-NNNNNN"."""
+    return f"{info.train_run_id}.{info.path.name}"
+
+
+def optimizer_moments(model: torch.nn.Module, state: dict, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat AdamW moments (exp_avg, exp_avg_sq) laid out as ``names``.
+
+    The optimizer's parameter indices follow its param_groups, built (by the train flow) over the
+    model's trainable parameters in ``named_parameters`` order."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    index = [i for g in state["param_groups"] for i in g["params"]]
+    if len(index) != len(trainable):
+        raise ValueError(f"optimizer holds {len(index)} parameters, the model has {len(trainable)} trainable")
+    by_name = {n: state["state"][i] for (n, _), i in zip(trainable, index, strict=True)}
+    shapes = {n: p.shape for n, p in trainable}
+    m, v = [], []
+    for n in names:
+        s = by_name[n]
+        if s["exp_avg"].shape != shapes[n]:
+            raise ValueError(f"optimizer state of {n} has shape {tuple(s['exp_avg'].shape)}, not {tuple(shapes[n])}")
+        m.append(s["exp_avg"].reshape(-1).float())
+        v.append(s["exp_avg_sq"].reshape(-1).float())
+    return torch.cat(m), torch.cat(v)
+
+
+class CheckpointFeaturizer:
+    """Per-sample LoRA gradients at one checkpoint -> projected "grad" and LESS "adam" features."""
+
+    def __init__(self, info: CheckpointInfo, feature_dim: int, seed: int = 0, micro_batch_size: int = 16):
+        from gradsift.tasks.engine import PerSampleGradients
+        from gradsift.tasks.scoring import pick_device
+
+        if not info.meta.get("lora"):
+            raise ValueError(f"{info.path}: LESS features need a LoRA checkpoint (meta.json lora), not a full model")
+        self.name = checkpoint_name(info)
+        self.device = pick_device()
+        self.model, self.tokenizer, state, meta = load_checkpoint(info)
+        self.model.to(self.device)
+        cfg = EngineConfig(
+            parameters="lora",
+            layer_stats=False,
+            feature_dim=feature_dim,
+            projection_seed=seed,
+            micro_batch_size=micro_batch_size,
+        )
+        self.engine = PerSampleGradients(self.model, cfg)
+        m, v = optimizer_moments(self.model, state, self.engine.param_names)
+        self.exp_avg, self.exp_avg_sq = m.to(self.device), v.to(self.device)
+        group = state["param_groups"][0]
+        self.betas, self.eps = tuple(group["betas"]), float(group["eps"])
+        self.label_index = meta.get("label_index")
+
+    def featurize(self, samples: pa.Table) -> dict[str, pa.Table]:
+        """Rows of ``features`` for one shard: checkpoint "<step>:grad" and "<step>:adam"."""
+        from gradsift.tasks.models import task_of
+        from gradsift.tasks.scoring import _features_table
+
+        task = task_of(self.model.get_base_model())
+        items = [encode_row(r, self.tokenizer, task, self.label_index) for r in samples.to_pylist()]
+        rows: dict[str, list[dict]] = {"grad": [], "adam": []}
+        proj, names, shapes = self.engine.projector, self.engine.param_names, self.engine.param_shapes
+        for group in micro_batches(items, self.engine.config.micro_batch_size):
+            flat = self.engine.flat_grads(collate(group, self.tokenizer.pad_token_id).to(self.device)).to(self.device)
+            adam = adam_direction(flat, self.exp_avg, self.exp_avg_sq, self.betas, self.eps)
+            for kind, g in (("grad", flat), ("adam", adam)):
+                feats = proj.project_flat(g, names, shapes).cpu().numpy()
+                for it, f in zip(group, feats, strict=True):
+                    rows[kind].append(
+                        {"checkpoint": f"{self.name}:{kind}", "dataset": it.dataset, "sample_id": it.sample_id}
+                        | {"feature": f}
+                    )
+        return {kind: _features_table(r, proj.feature_dim) for kind, r in rows.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading feature shards
+
+
+@dataclass
+class FeatureSource:
+    """Where one checkpoint's features live in a run's staging folder.
+
+    ``part_suffix``: parts are ``features/<shard><part_suffix>.parquet``; ``kinds`` maps "grad"/"adam"
+    to the ``checkpoint`` value of their rows; ``lr``: the checkpoint's learning rate."""
+
+    name: str
+    lr: float
+    kinds: dict[str, str]
+    part_suffix: str = ""
+
+
+def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource]) -> tuple[dict, dict]:
+    """Features of ``shards`` for every source and kind, rows aligned on the samples parts' order.
+
+    Returns (keys: {"dataset", "sample_id", "domain"} lists, feats: {kind: [array [B, k] float16 per source]})."""
+    import pyarrow.parquet as pq
+
+    keys: dict[str, list] = {"dataset": [], "sample_id": [], "domain": []}
+    feats: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in sources] for k in sources[0].kinds}
+    for shard in shards:
+        samples = pq.read_table(
+            staging_dir / "samples" / f"{shard}.parquet", columns=["dataset", "sample_id", "domain"]
+        )
+        ids = samples.column("sample_id").to_pylist()
+        keys["sample_id"] += ids
+        keys["dataset"] += samples.column("dataset").to_pylist()
+        keys["domain"] += [
+            d or ds
+            for d, ds in zip(samples.column("domain").to_pylist(), samples.column("dataset").to_pylist(), strict=True)
+        ]
+        for j, src in enumerate(sources):
+            part = pq.read_table(staging_dir / "features" / f"{shard}{src.part_suffix}.parquet")
+            ckpt = part.column("checkpoint").to_numpy(zero_copy_only=False)
+            pid = part.column("sample_id").to_numpy(zero_copy_only=False)
+            flat = part.column("feature").combine_chunks()
+            mat = flat.values.to_numpy(zero_copy_only=False).reshape(len(part), flat.type.list_size)
+            for kind, value in src.kinds.items():
+                sel = ckpt == value
+                pos = dict(zip(pid[sel].tolist(), np.flatnonzero(sel).tolist(), strict=True))
+                feats[kind][j].append(mat[[pos[i] for i in ids]].astype(np.float16, copy=False))
+    out = {kind: [np.concatenate(per_src) for per_src in lists] for kind, lists in feats.items()}
+    return keys, out
