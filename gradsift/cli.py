@@ -48,7 +48,9 @@ def _summary(result: dict, store: Path) -> None:
         table.add_row("rows quarantined", str(ingest["quarantined"]))
     if score:
         table.add_row(
-            "rows scored", f"{score['rows']} ({score['shards_scored']} shards, {score['shards_resumed']} resumed)"
+            "rows scored",
+            f"{score['rows']} ({score['shards_scored']} shards, {score['shards_resumed']} resumed, "
+            f"{score.get('shards_reused', 0)} reused from earlier runs)",
         )
     for key, value in result.get("extra_summary", {}).items():
         table.add_row(key, str(value))
@@ -90,23 +92,27 @@ def demo(
     _run_flow("nightly", config)
 
 
-@app.command()
-def nightly(
-    config: Annotated[Path, typer.Option("--config", help="TOML file of a NightlyConfig.")],
-    store: Annotated[Path | None, typer.Option("--store", help="Override the config's store.")] = None,
-    ray_address: RayOpt = None,
-) -> None:
-    """Run the nightly curation flow once, now, from a config file."""
+ConfigOpt = Annotated[Path, typer.Option("--config", help="TOML file of a NightlyConfig.")]
+StoreOverride = Annotated[Path | None, typer.Option("--store", help="Override the config's store.")]
+
+
+def _load_nightly(config: Path, store: Path | None, ray_address: str | None):
     from gradsift.schemas.config import NightlyConfig
 
     try:
         cfg = NightlyConfig.from_toml(config)
     except (OSError, ValueError) as err:
         _fail(f"{config}: {err}")
-    updates = {"store": str(store)} if store else {}
+    updates = {"store": str(store.resolve())} if store else {}
     if ray_address:
         updates["ray"] = cfg.ray.model_copy(update={"address": ray_address})
-    _run_flow("nightly", cfg.model_copy(update=updates))
+    return cfg.model_copy(update=updates)
+
+
+@app.command()
+def nightly(config: ConfigOpt, store: StoreOverride = None, ray_address: RayOpt = None) -> None:
+    """Run the nightly curation flow once, now, from a config file."""
+    _run_flow("nightly", _load_nightly(config, store, ray_address))
 
 
 @app.command()
@@ -140,6 +146,7 @@ def score(
 
 
 def _run_flow(kind: str, config) -> None:
+    from gradsift.storage.lock import StoreLocked
     from gradsift.tasks.ingest import IngestError
 
     if kind == "score":
@@ -148,7 +155,7 @@ def _run_flow(kind: str, config) -> None:
         from gradsift.flows.nightly import nightly_flow as flow_fn
     try:
         result = flow_fn(config)
-    except IngestError as err:
+    except (IngestError, StoreLocked) as err:
         _fail(str(err))
     _summary(result, Path(config.store))
 
@@ -206,6 +213,89 @@ def _cell(value) -> str:
     if isinstance(value, list):
         return f"[{len(value)} values]"
     return "" if value is None else str(value)
+
+
+def _require_server() -> str:
+    import os
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        _fail(
+            "no Prefect server: start one with `gradsift server`, then export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return url
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API and UI.")] = 4200,
+) -> None:
+    """Start a Prefect server (API, UI, scheduler) with the project's settings, in the foreground."""
+    import os
+    import subprocess
+
+    url = f"http://{host}:{port}"
+    console.print(f"Prefect UI: [bold]{url}[/]   (PREFECT_HOME={os.environ['PREFECT_HOME']})")
+    console.print(f"In other shells: export PREFECT_API_URL={url}/api   then gradsift deploy / serve / status")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.run(cmd, env={**os.environ, "PREFECT_UI_API_URL": f"{url}/api"}).returncode)
+
+
+@app.command()
+def deploy(
+    config: ConfigOpt,
+    work_pool: Annotated[str, typer.Option(help="Process work pool (created if missing).")] = "gradsift-process",
+    store: StoreOverride = None,
+    ray_address: RayOpt = None,
+) -> None:
+    """Register the nightly deployment (cron from the config) on the server at PREFECT_API_URL."""
+    url = _require_server()
+    from gradsift.deployments.nightly import register
+
+    cfg = _load_nightly(config, store, ray_address)
+    deployment_id = register(cfg, work_pool)
+    console.print(f"registered gradsift-nightly/nightly ({deployment_id}) on {url}, cron '{cfg.schedule}' UTC")
+    console.print(f"Run it with a worker: prefect worker start --pool {work_pool}   (or use `gradsift serve`)")
+
+
+@app.command()
+def serve(config: ConfigOpt, store: StoreOverride = None, ray_address: RayOpt = None) -> None:
+    """Register the nightly deployment and run it from this process, on schedule or when triggered."""
+    _require_server()
+    from prefect import serve as prefect_serve
+
+    from gradsift.deployments.nightly import nightly_deployment
+
+    prefect_serve(nightly_deployment(_load_nightly(config, store, ray_address)), limit=1)
+
+
+@app.command()
+def status(
+    store: StoreOpt = Path("store"),
+    limit: Annotated[int, typer.Option(help="Runs shown, newest first.")] = 10,
+) -> None:
+    """Last runs in the store (state, rows written, times) and the run holding the writer lock, if any."""
+    from gradsift.storage.lock import current_holder
+    from gradsift.storage.store import Store
+
+    st = Store(store)
+    runs = sorted(st.runs(), key=lambda r: r["started_at"] or r["finished_at"], reverse=True)[:limit]
+    if not runs:
+        _fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
+    table = Table("run_id", "flow", "status", "started", "seconds", "rows written", "note", title=f"runs in {st.root}")
+    for r in runs:
+        seconds = (r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] and r["started_at"] else None
+        started = r["started_at"].strftime("%Y-%m-%d %H:%M:%S") if r["started_at"] else ""
+        table.add_row(
+            r["run_id"], r["flow"], r["status"], started, _cell(seconds), _cell(r["rows_written"]), _cell(r["note"])
+        )
+    console.print(table)
+    holder = current_holder(st)
+    if holder is not None:
+        console.print(
+            f"writer lock held by run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')})"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prefect import get_run_logger
@@ -40,7 +41,9 @@ def run_pipeline(
         if score:
             results["score"] = score_stage(config, store, run_id, results["ingest"])
         for name, stage in (extra_stages or {}).items():
+            start = time.perf_counter()
             results[name] = stage(config, store, run_id, results)
+            results.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 2)
         rows = recorder.complete(results.get("score", {}).get("parameter_set"))
     except BaseException as err:
         recorder.fail(err)
@@ -56,16 +59,37 @@ def _publish(results: dict) -> None:
     if score is None:  # a flow without a scoring pass (influence on checkpoints): its report stage publishes
         return
     counts = [
-        {"stage": "ingest", "rows": ingest["samples"], "quarantined": ingest["quarantined"], "seconds": None},
-        {"stage": "score", "rows": score["rows"], "quarantined": 0, "seconds": score["seconds"]},
+        {
+            "stage": "ingest",
+            "rows": ingest["samples"],
+            "reused": ingest.get("samples_reused", 0),
+            "quarantined": ingest["quarantined"],
+            "seconds": ingest.get("seconds"),
+        },
+        {
+            "stage": "score",
+            "rows": score["rows"],
+            "reused": score["rows"] - score.get("rows_scored", score["rows"]),
+            "quarantined": 0,
+            "seconds": score["seconds"],
+        },
     ]
+    for name, seconds in results.get("seconds", {}).items():
+        rows = results[name].get("rows") if isinstance(results[name], dict) else None
+        counts.append({"stage": name, "rows": rows, "reused": None, "quarantined": None, "seconds": seconds})
     create_table_artifact(counts, key="stage-counts", description=f"rows per stage, run {results['run_id']}")
     create_markdown_artifact(
         f"# gradsift run `{results['run_id']}`\n\n"
         f"- samples ingested: {ingest['samples']}, quarantined: {ingest['quarantined']}\n"
-        f"- shards scored: {score['shards_scored']} (resumed: {score['shards_resumed']})\n"
+        f"- shards scored: {score['shards_scored']} (resumed: {score['shards_resumed']}, "
+        f"reused from earlier runs: {score.get('shards_reused', 0)})\n"
         f"- store: `{results['store']}`\n\n"
-        "```sql\nSELECT domain, count(*), avg(loss), avg(grad_norm) FROM scores JOIN samples USING (dataset, sample_id)"
-        f" WHERE run_id = '{results['run_id']}' GROUP BY domain;\n```\n",
+        'Reproduce each figure with `gradsift query --store STORE "SQL"`:\n\n'
+        "```sql\n"
+        f"-- samples ingested\nSELECT count(*) FROM samples WHERE ingest_run_id = '{results['run_id']}';\n"
+        f"-- quarantined\nSELECT reason, count(*) FROM quarantine WHERE run_id = '{results['run_id']}' GROUP BY reason;\n"
+        f"-- rows scored\nSELECT count(*) FROM scores WHERE run_id = '{results['run_id']}';\n"
+        "-- loss and gradient norm per domain\nSELECT domain, count(*), avg(loss), avg(grad_norm) FROM scores "
+        f"JOIN samples USING (dataset, sample_id) WHERE run_id = '{results['run_id']}' GROUP BY domain;\n```\n",
         key="run-report",
     )

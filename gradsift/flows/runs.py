@@ -12,6 +12,7 @@ from pydantic import BaseModel
 import gradsift
 from gradsift.schemas.config import DataSource
 from gradsift.storage.catalog import build_catalog
+from gradsift.storage.lock import StoreLock
 from gradsift.storage.store import RunStaging, Store, utc_now
 
 
@@ -48,11 +49,16 @@ def run_id_for(flow: str, config: BaseModel, sources: list[DataSource]) -> str:
 
 
 class RunRecorder:
-    """Writes a run's row as it starts, fails or completes; commits its staging folder."""
+    """Writes a run's row as it starts, fails or completes; commits its staging folder.
+
+    ``start`` takes the store's writer lock (storage.lock: fails fast, or waits GRADSIFT_LOCK_WAIT
+    seconds, naming the holder); ``complete`` and ``fail`` release it.
+    """
 
     def __init__(self, store: Store, run_id: str, flow: str, config: BaseModel, model: str, checkpoint: str):
         self.store = store.ensure()
         self.staging: RunStaging = store.staging(run_id)
+        self.lock = StoreLock(self.store, run_id)
         self.row = {
             "run_id": run_id,
             "flow": flow,
@@ -70,6 +76,7 @@ class RunRecorder:
         return self.store.read_run(self.run_id)
 
     def start(self) -> None:
+        self.lock.acquire()
         prior = self.previous()
         self.row["started_at"] = prior["started_at"] if prior else utc_now()
         self.row["note"] = "resumed" if prior and prior["status"] != "completed" else None
@@ -77,10 +84,12 @@ class RunRecorder:
 
     def fail(self, err: BaseException) -> None:
         self.store.write_run({**self.row, "status": "failed", "finished_at": utc_now(), "note": repr(err)[:2000]})
+        self.lock.release()
 
     def complete(self, parameter_set: dict | None) -> int:
         rows = self.staging.commit()
         self.row["parameter_set"] = json.dumps(parameter_set) if parameter_set else None
         self.store.write_run({**self.row, "status": "completed", "finished_at": utc_now(), "rows_written": rows})
         build_catalog(self.store)
+        self.lock.release()
         return rows

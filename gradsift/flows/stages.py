@@ -3,6 +3,8 @@ coarse, drive Ray directly inside them). Each stage is resumable through its sta
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
@@ -10,6 +12,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gradsift.flows.incremental import ingest_key, record_ingest, record_scores, reuse_ingest, reuse_scores, scoring_key
+from gradsift.flows.runs import file_digest
 from gradsift.schemas.config import RunConfig
 from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
@@ -21,7 +25,11 @@ from gradsift.tasks.pool import ensure_ray, score_shards
 
 @task(name="ingest", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
-    """Validate and shard every source into the run's staging folder; bad rows go to quarantine."""
+    """Validate and shard every source into the run's staging folder; bad rows go to quarantine.
+
+    A source whose file and ingest settings an earlier completed run already ingested is not read
+    again: that run's parts are linked in (flows.incremental).
+    """
     done = staging.stage_info("ingest")
     if done is not None:
         get_run_logger().info("ingest already done for this run: %d samples, skipping", done["samples"])
@@ -32,24 +40,44 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
     def n_tokens(prompt, response, text):
         return count_tokens(tokenizer, task_type, prompt, response, text)
 
+    start = time.perf_counter()
     shards: list[str] = []
     labels: set[str] = set()
-    n_samples = n_quarantined = 0
+    n_samples = n_quarantined = n_reused = 0
     for source in config.ingest.sources:
-        result = ingest_source(source, n_tokens, config.model.max_tokens)
-        for name, rows in shard_samples(result.samples, result.dataset, config.ingest.shard_size):
-            staging.write_part("samples", name, pa.Table.from_pylist(rows, schema=SAMPLES))
-            shards.append(name)
-        staging.write_part("quarantine", result.dataset, result.quarantine_table())
-        labels.update(s["label"] for s in result.samples if s["label"] is not None)
-        n_samples += len(result.samples)
-        n_quarantined += len(result.quarantine)
+        key = ingest_key(config, source, file_digest(source.path))
+        entry = reuse_ingest(staging.store, staging, key)
+        if entry is None:
+            result = ingest_source(source, n_tokens, config.model.max_tokens)
+            entry = {
+                "run_id": staging.run_id,
+                "dataset": result.dataset,
+                "shards": [],
+                "samples": len(result.samples),
+                "quarantined": len(result.quarantine),
+                "labels": sorted({s["label"] for s in result.samples if s["label"] is not None}),
+            }
+            for name, rows in shard_samples(result.samples, result.dataset, config.ingest.shard_size):
+                staging.write_part("samples", name, pa.Table.from_pylist(rows, schema=SAMPLES))
+                entry["shards"].append(name)
+            staging.write_part("quarantine", result.dataset, result.quarantine_table())
+            record_ingest(staging.store, key, entry)
+            action = "ingested"
+        else:
+            n_reused += entry["samples"]
+            action = f"unchanged since run {entry['run_id']}, reused"
+        shards += entry["shards"]
+        labels.update(entry["labels"])
+        n_samples += entry["samples"]
+        n_quarantined += entry["quarantined"]
         get_run_logger().info(
-            "ingested %s: %d samples, %d quarantined", source.path, len(result.samples), len(result.quarantine)
+            "%s %s: %d samples, %d quarantined", action, source.path, entry["samples"], entry["quarantined"]
         )
     info = {
         "samples": n_samples,
+        "samples_reused": n_reused,
         "quarantined": n_quarantined,
+        "seconds": round(time.perf_counter() - start, 2),
         "shards": shards,
         "task": task_type,
         "label_index": {label: i for i, label in enumerate(sorted(labels))} if task_type == "classification" else None,
@@ -60,15 +88,29 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
 
 @task(name="score", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> dict:
-    """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors."""
+    """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors.
+
+    Shards an earlier completed run scored with the same model and score config are linked in,
+    not recomputed (flows.incremental); shards this run already scored before a crash are skipped.
+    """
     logger = get_run_logger()
     staging = store.staging(run_id)
     done = staging.stage_info("score")
     if done is not None:
         return done
-    where = ensure_ray(config.ray)
     shards = ingest["shards"]
-    logger.info("scoring %d shards on Ray %s with %d actors", len(shards), where, config.ray.num_actors)
+    key = scoring_key(config, ingest["label_index"])
+    reused = reuse_scores(store, staging, shards, key)
+    todo = [s for s in shards if not staging.has_part("scores", s)]
+    where = ensure_ray(config.ray) if todo else "(not needed)"
+    logger.info(
+        "scoring %d of %d shards (%d reused from earlier runs) on Ray %s with %d actors",
+        len(todo),
+        len(shards),
+        len(reused),
+        where,
+        config.ray.num_actors,
+    )
     artifact = create_progress_artifact(progress=0.0, description=f"scoring {len(shards)} shards of run {run_id}")
     with Progress(
         TextColumn("[bold]scoring"),
@@ -95,10 +137,13 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
             config.seed,
             on_done,
         )
+    record_scores(store, run_id, key, shards)
     info = {
         "shards_scored": result.shards_scored,
-        "shards_resumed": result.shards_skipped,
+        "shards_resumed": result.shards_skipped - len(reused),
+        "shards_reused": len(reused),
         "rows": _count_rows(staging, "scores"),
+        "rows_scored": result.rows,
         "seconds": round(result.seconds, 2),
         "parameter_set": result.parameter_set,
     }

@@ -76,9 +76,11 @@ class Store:
         full = {name: row.get(name) for name in RUNS.names}
         write_parquet_atomic(pa.Table.from_pylist([full], schema=RUNS), self.run_path(row["run_id"]))
 
+    def runs(self) -> list[dict]:
+        return [pq.read_table(p).to_pylist()[0] for p in sorted((self.tables / "runs").glob("*.parquet"))]
+
     def completed_runs(self) -> list[dict]:
-        rows = [pq.read_table(p).to_pylist()[0] for p in sorted((self.tables / "runs").glob("*.parquet"))]
-        return [r for r in rows if r["status"] == "completed"]
+        return [r for r in self.runs() if r["status"] == "completed"]
 
     def staging(self, run_id: str) -> RunStaging:
         return RunStaging(self, run_id)

@@ -1,0 +1,141 @@
+"""Incremental runs: reuse committed results whose inputs and setup are unchanged.
+
+Two keys decide what a new run may take from earlier ones:
+
+- the *ingest key* of a source: its file's content hash, its field mapping, the shard size and the
+  tokenizer and length limit that decide quarantine. Same key: the earlier run's ``samples`` and
+  ``quarantine`` parts are reused and the file is not read again.
+- the *scoring key* of a run: model (name, checkpoint, dtype, labels), score config, seed and code
+  version. A shard's name is a hash of its sample ids, so a shard of the same name scored under
+  the same key has the same scores: its ``scores``, ``layer_stats`` and ``features`` parts are
+  reused. Changing the model or the score config changes the key and invalidates exactly those.
+
+Reuse hard-links (or copies, across filesystems) committed parts into the new run's staging folder,
+so the new run is complete on its own and committed like any other. The index of keys lives in
+``<store>/index/``; an entry counts only when its run completed and its parts are in ``tables/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import gradsift
+from gradsift.schemas.config import DataSource, RunConfig
+from gradsift.storage.store import RunStaging, Store
+
+SCORE_PARTS = ("features", "layer_stats", "scores")  # scores last: a shard counts as done once it exists
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ingest_key(config: RunConfig, source: DataSource, file_hash: str) -> str:
+    model = config.model
+    return _digest(
+        {
+            "source": source.model_dump(mode="json", exclude={"path"}),
+            "file": file_hash,
+            "shard_size": config.ingest.shard_size,
+            "tokenizer": model.name_or_path,
+            "max_tokens": model.max_tokens,
+            "num_labels": model.num_labels,
+            "code": gradsift.__version__,
+        }
+    )
+
+
+def scoring_key(config: RunConfig, label_index: dict[str, int] | None) -> str:
+    return _digest(
+        {
+            "model": config.model.model_dump(mode="json", exclude={"max_tokens"}),
+            "score": config.score.model_dump(mode="json"),
+            "seed": config.seed,
+            "labels": label_index,
+            "code": gradsift.__version__,
+        }
+    )
+
+
+def _index_path(store: Store, kind: str, name: str) -> Path:
+    return store.root / "index" / kind / f"{name}.json"
+
+
+def _write_entry(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, path)
+
+
+def _completed(store: Store, run_id: str) -> bool:
+    row = store.read_run(run_id)
+    return bool(row) and row["status"] == "completed"
+
+
+def _link_part(store: Store, prior_run: str, table: str, part: str, staging: RunStaging) -> bool:
+    src = store.tables / table / f"run_id={prior_run}" / f"{part}.parquet"
+    if not src.exists():
+        return False
+    dest = staging.part_path(table, part)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem, or no hard links: copy
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return True
+
+
+def reuse_ingest(store: Store, staging: RunStaging, key: str) -> dict | None:
+    """Link an earlier run's samples and quarantine parts of this source; its ingest entry, or None."""
+    path = _index_path(store, "ingest", key)
+    if not path.exists():
+        return None
+    entry = json.loads(path.read_text())
+    prior = entry["run_id"]
+    if prior == staging.run_id or not _completed(store, prior):
+        return None
+    parts = [("samples", shard) for shard in entry["shards"]] + [("quarantine", entry["dataset"])]
+    if not all((store.tables / t / f"run_id={prior}" / f"{p}.parquet").exists() for t, p in parts):
+        return None
+    for table, part in parts:
+        _link_part(store, prior, table, part, staging)
+    return entry
+
+
+def record_ingest(store: Store, key: str, entry: dict) -> None:
+    """Remember which run ingested a source (``entry``: run_id, dataset, shards, counts, labels)."""
+    _write_entry(_index_path(store, "ingest", key), entry)
+
+
+def reuse_scores(store: Store, staging: RunStaging, shards: list[str], key: str) -> list[str]:
+    """Link score parts of shards an earlier completed run scored under ``key``; returns those shards."""
+    priors = []
+    for path in sorted(
+        (store.root / "index" / "scoring").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True
+    ):
+        entry = json.loads(path.read_text())
+        if entry["key"] == key and entry["run_id"] != staging.run_id and _completed(store, entry["run_id"]):
+            priors.append((entry["run_id"], set(entry["shards"])))
+    reused = []
+    for shard in shards:
+        if staging.has_part("scores", shard):
+            continue
+        prior = next((run for run, done in priors if shard in done), None)
+        if prior and (store.tables / "scores" / f"run_id={prior}" / f"{shard}.parquet").exists():
+            for table in SCORE_PARTS:  # features are absent when the run computed none
+                _link_part(store, prior, table, shard, staging)
+            reused.append(shard)
+    return reused
+
+
+def record_scores(store: Store, run_id: str, key: str, shards: list[str]) -> None:
+    """Remember that ``run_id`` scored ``shards`` under ``key`` (used once the run has completed)."""
+    _write_entry(_index_path(store, "scoring", run_id), {"run_id": run_id, "key": key, "shards": shards})
