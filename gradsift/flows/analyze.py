@@ -1,0 +1,163 @@
+"""Gradient analyses of one file, as one committed run: preference-pair entanglement (``pair_scores``)
+or fast vs slow thinking layer curves (``layer_curves``, ``layer_diffs``), then the report.
+
+The Prefect task is the whole analysis (coarse, with retries); inside it Ray tasks each load the model
+once and work through a chunk of pairs or one response variant, returning small tables.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from gradsift.flows.runs import RunRecorder, run_id_for
+from gradsift.schemas.config import AnalyzeConfig, DataSource
+from gradsift.schemas.engine import EngineConfig
+from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES
+from gradsift.storage.store import Store
+from gradsift.tasks.ingest import read_rows
+from gradsift.tasks.pool import ensure_ray
+from gradsift.tasks.report import write_report
+
+
+def _engine(config: AnalyzeConfig, **overrides):
+    from gradsift.tasks.engine import PerSampleGradients
+    from gradsift.tasks.models import load_model
+    from gradsift.tasks.scoring import pick_device
+
+    model, tokenizer = load_model(config.model.name_or_path, seed=config.seed)
+    model.to(pick_device())
+    base = config.score.engine.model_dump() | {"parameters": "all", "layer_stats": True}
+    return PerSampleGradients(model, EngineConfig(**(base | overrides))), tokenizer
+
+
+@ray.remote
+def _pairs_chunk(config: AnalyzeConfig, rows: list[tuple[int, str, str, str]]) -> pa.Table:
+    from gradsift.tasks.entanglement import pair_batch, pair_id
+
+    pc = config.pairs
+    engine, tokenizer = _engine(config, loss_reduction="sum", micro_batch_size=config.score.engine.micro_batch_size)
+    out = []
+    step = max(1, engine.config.micro_batch_size // 2)
+    for i in range(0, len(rows), step):
+        chunk = rows[i : i + step]
+        res = pair_batch(engine, tokenizer, [r[1:] for r in chunk], config.model.max_tokens, pc.exact)
+        for j, (line, prompt, chosen, rejected) in enumerate(chunk):
+            row = {
+                "dataset": pc.dataset or _stem(config.data),
+                "pair_id": pair_id(prompt, chosen, rejected),
+                "line": line,
+            }
+            out.append(row | {k: float(v[j]) for k, v in res.items()})
+    return pa.Table.from_pylist(out, schema=PAIR_SCORES)
+
+
+@ray.remote
+def _variant_curve(config: AnalyzeConfig, pairs: list[tuple[str, str]]) -> dict:
+    from gradsift.tasks.layer_curves import nuclear_curves
+
+    engine, tokenizer = _engine(config, nuclear_modules=config.fast_slow.modules, feature_dim=0)
+    return nuclear_curves(engine, tokenizer, pairs, config.model.max_tokens)
+
+
+def _stem(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name.split(".")[0]
+
+
+def _records(config: AnalyzeConfig, limit: int | None) -> list[tuple[int, dict]]:
+    rows = [(r.line, r.record) for r in read_rows(DataSource(path=config.data)) if r.record is not None]
+    return rows[:limit] if limit else rows
+
+
+def _pair_rows(config: AnalyzeConfig) -> list[tuple[int, str, str, str]]:
+    from gradsift.tasks.entanglement import split_dialogue
+
+    pc = config.pairs
+    out = []
+    for line, rec in _records(config, pc.limit):
+        if pc.prompt is not None:
+            out.append((line, rec[pc.prompt], rec[pc.chosen], rec[pc.rejected]))
+            continue
+        prompt, chosen = split_dialogue(rec[pc.chosen])
+        _, rejected = split_dialogue(rec[pc.rejected])
+        out.append((line, prompt, chosen, rejected))
+    return out
+
+
+@task(name="pairs", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
+    """Entanglement of every pair, chunks fanned out as Ray tasks."""
+    staging = store.staging(run_id)
+    rows = _pair_rows(config)
+    n_chunks = max(1, min(len(rows), 4 * config.ray.num_actors))
+    size = -(-len(rows) // n_chunks)
+    refs = [_pairs_chunk.remote(config, rows[i : i + size]) for i in range(0, len(rows), size)]
+    for k, table in enumerate(ray.get(refs)):
+        staging.write_part("pair_scores", f"chunk-{k:05d}", table)
+    get_run_logger().info("entanglement of %d pairs", len(rows))
+    return {"rows": len(rows)}
+
+
+@task(name="fast-slow", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
+    """Nuclear-norm layer curves per variant (one Ray task each) and their early/middle/late differences."""
+    from gradsift.tasks.layer_curves import gsm8k_variants, third_diffs
+
+    fs = config.fast_slow
+    variants: dict[str, list[tuple[str, str]]] = {}
+    for _, rec in _records(config, fs.limit):
+        for name, pair in gsm8k_variants(rec[fs.question], rec[fs.answer]).items():
+            variants.setdefault(name, []).append(pair)
+    names = sorted(variants)
+    curves = dict(zip(names, ray.get([_variant_curve.remote(config, variants[n]) for n in names]), strict=True))
+    dataset = fs.dataset or _stem(config.data)
+    rows = [
+        {"dataset": dataset, "variant": v, "layer": layer, "module": module}
+        | {"nuclear_norm": c["nuclear_norm"], "grad_norm": c["grad_norm"], "n_samples": c["n"]}
+        for v in names
+        for (layer, module), c in sorted(curves[v].items())
+    ]
+    staging = store.staging(run_id)
+    staging.write_part("layer_curves", dataset, pa.Table.from_pylist(rows, schema=LAYER_CURVES))
+    diffs = [
+        {"dataset": dataset, "variant_a": "fast", "variant_b": "slow"} | d
+        for d in third_diffs(curves["fast"], curves["slow"])
+    ]
+    staging.write_part("layer_diffs", dataset, pa.Table.from_pylist(diffs, schema=LAYER_DIFFS))
+    return {"rows": len(rows), "diffs": diffs}
+
+
+@flow(name="gradsift-analyze", log_prints=True)
+def analyze_flow(config: AnalyzeConfig) -> dict:
+    """Run one analysis (``config.pairs`` or ``config.fast_slow``) on ``config.data`` as a committed run."""
+    store = Store(config.store).ensure()
+    kind = "pairs" if config.pairs is not None else "fast_slow"
+    run_id = run_id_for(f"analyze-{kind}", config, [DataSource(path=config.data)])
+    recorder = RunRecorder(store, run_id, f"analyze-{kind}", config, config.model.name_or_path, config.model.checkpoint)
+    prior = recorder.previous()
+    if prior and prior["status"] == "completed":
+        return {"run_id": run_id, "status": "already completed", "store": str(store.root)}
+    recorder.start()
+    try:
+        ensure_ray(config.ray)
+        result = (pairs_stage if kind == "pairs" else fast_slow_stage)(config, store, run_id)
+        staging = store.staging(run_id)
+        tables = {t: staging.read(t) for t in ("pair_scores", "layer_curves")}
+        summaries = {"Layer differences": staging.read("layer_diffs")} if kind == "fast_slow" else {}
+        page, _ = write_report(store.root / "reports" / run_id, run_id, tables, summaries)
+        rows = recorder.complete(None)
+    except BaseException as err:
+        recorder.fail(err)
+        raise
+    return {
+        "run_id": run_id,
+        "status": "completed",
+        "store": str(store.root),
+        "rows": rows,
+        kind: result,
+        "report": str(page),
+    }
