@@ -1,0 +1,144 @@
+"""LESS features at checkpoints against a direct autograd computation; blocked streaming against dense."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradsift.tasks.batching import collate, encode_row
+from gradsift.tasks.checkpoints import list_checkpoints, save_checkpoint
+from gradsift.tasks.influence import (
+    CheckpointFeaturizer,
+    Targets,
+    adam_direction,
+    block_scores,
+    l2_normalise,
+    merge_top_k,
+)
+from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer, per_sample_loss
+
+TEXTS = ["Question: 2 + 3?\nAnswer: ", "Question: 7 - 1?\nAnswer: ", "Write a loop.\n", "Name a fruit.\n"]
+RESPONSES = ["#### 5", "7 - 1 = 6 #### 6", "for i in range(3): print(i)", "An apple."]
+
+
+def _samples(n: int = 4) -> pa.Table:
+    rows = [
+        {"dataset": "d", "sample_id": f"s{i}", "prompt": TEXTS[i % 4], "response": RESPONSES[i % 4], "text": None}
+        for i in range(n)
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def _lora_checkpoints(store, tmp_path) -> list:
+    """Tiny Llama saved as a base folder, LoRA adapters trained a few AdamW steps, two checkpoints."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "base"
+    build_llama(LlamaShape(hidden=32, layers=2, heads=2, intermediate=64)).save_pretrained(base)
+    tok = byte_tokenizer()
+    tok.save_pretrained(base)
+    from gradsift.tasks.models import load_model
+
+    model, _ = load_model(str(base))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    items = [encode_row(r, tok, "causal_lm", None) for r in _samples().to_pylist()]
+    batch = collate(items, tok.pad_token_id)
+    model.train()
+    for step in range(1, 5):
+        loss = per_sample_loss(
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels, "causal_lm"
+        ).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 2 == 0:
+            meta = {
+                "step": step,
+                "epoch": step // 2,
+                "lr": 1e-2 / step,
+                "base_model": str(base),
+                "lora": True,
+                "task": "causal_lm",
+                "label_index": None,
+            }
+            save_checkpoint(store, "t", model, opt, tok, meta)
+    return list_checkpoints(store, "t")
+
+
+def test_less_scores_equal_direct_computation(tmp_path):
+    infos = _lora_checkpoints(tmp_path / "store", tmp_path)
+    assert [c.step for c in infos] == [2, 4]
+    samples = _samples()
+    train_idx, target_idx = [0, 2, 3], [1]
+    feats = {"grad": [], "adam": []}
+    direct_train, direct_target = [], []
+    for info in infos:
+        fz = CheckpointFeaturizer(info, feature_dim=64, seed=3)
+        tables = fz.featurize(samples)
+        for kind in feats:
+            t = tables[kind]
+            order = {s: i for i, s in enumerate(t.column("sample_id").to_pylist())}
+            mat = np.stack(t.column("feature").to_numpy(zero_copy_only=False))
+            feats[kind].append(mat[[order[f"s{i}"] for i in range(4)]])
+        # direct: autograd per-sample LoRA gradient -> Adam direction -> same projection
+        model, eng = fz.model, fz.engine
+        params = dict(model.named_parameters())
+        tok = fz.tokenizer
+        rows = samples.to_pylist()
+        g_rows = []
+        for r in rows:
+            b = collate([encode_row(r, tok, "causal_lm", None)], tok.pad_token_id)
+            loss = per_sample_loss(model(input_ids=b.input_ids).logits, b.labels, "causal_lm").sum()
+            gs = torch.autograd.grad(loss, [params[n] for n in eng.param_names])
+            g_rows.append(torch.cat([g.reshape(-1) for g in gs]))
+        g = torch.stack(g_rows)
+        adam = adam_direction(g, fz.exp_avg, fz.exp_avg_sq, fz.betas, fz.eps)
+        proj = eng.projector
+        direct_train.append(proj.project_flat(adam, eng.param_names, eng.param_shapes).numpy())
+        direct_target.append(proj.project_flat(g, eng.param_names, eng.param_shapes).numpy())
+    lrs = np.array([c.lr for c in infos])
+    targets = Targets(
+        ["a", "b"], [f[target_idx].astype(np.float32) for f in feats["grad"]], lrs, np.zeros(1, int), ["s1"]
+    )
+    got = block_scores({k: [f[train_idx] for f in v] for k, v in feats.items()}, targets, ["less"], top_k=0).scores[
+        "less"
+    ]
+    want = sum(
+        lr * (l2_normalise(tr[train_idx]) @ l2_normalise(tg[target_idx]).T)[:, 0]
+        for lr, tr, tg in zip(lrs, direct_train, direct_target, strict=True)
+    )
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)  # features are stored as float16
+
+
+def test_blocked_streaming_equals_dense():
+    rng = np.random.default_rng(0)
+    n, m, k, c = 1000, 37, 48, 2
+    grad = [rng.normal(size=(n, k)).astype(np.float16) for _ in range(c)]
+    adam = [rng.normal(size=(n, k)).astype(np.float16) for _ in range(c)]
+    tfeat = [rng.normal(size=(m, k)).astype(np.float32) for _ in range(c)]
+    subtask = rng.integers(0, 3, size=m)
+    lrs = np.array([0.5, 0.25])
+    targets = Targets(["a", "b"], tfeat, lrs, subtask, [str(i) for i in range(m)])
+    methods = ["less", "tracin", "cosine"]
+    blocks = [(s, min(s + 128, n)) for s in range(0, n, 128)]
+    parts = [
+        block_scores({"grad": [g[s:e] for g in grad], "adam": [a[s:e] for a in adam]}, targets, methods, 5)
+        for s, e in blocks
+    ]
+    for method in methods:
+        tr = adam if method == "less" else grad
+        norm = (
+            (lambda x: x.astype(np.float64)) if method == "tracin" else (lambda x: l2_normalise(x).astype(np.float64))
+        )
+        w = lrs if method != "cosine" else np.full(c, 1 / c)
+        dense = sum(wi * norm(tr[i]) @ norm(tfeat[i]).T for i, wi in enumerate(w))  # [n, m]
+        per_sub = np.stack([dense[:, subtask == s].mean(axis=1) for s in range(3)], axis=1).max(axis=1)
+        got = np.concatenate([p.scores[method] for p in parts])
+        np.testing.assert_allclose(got, per_sub, rtol=1e-4, atol=1e-4)
+        rows, vals = merge_top_k(
+            [(p.top_rows[method] + s, p.top_vals[method]) for p, (s, _) in zip(parts, blocks, strict=True)], 5
+        )
+        np.testing.assert_array_equal(rows, np.argsort(-dense, axis=0, kind="stable")[:5])
+        np.testing.assert_allclose(vals, np.sort(dense, axis=0)[::-1][:5], rtol=1e-4, atol=1e-4)
