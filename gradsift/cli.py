@@ -84,10 +84,17 @@ def demo(
         {"path": paths["math"], "dataset": "math"},
         {"path": paths["reviews"], "dataset": "reviews"},
         {"path": paths["code"], "dataset": "code", "prompt": "instruction", "response": "output"},
+        {"path": paths["target"], "dataset": "target_math"},
     ]
     console.print(f"demo data: {len(sources)} files in {state_dir() / 'demo-data'} ({info['defects']} planted defects)")
     config = _build_config(
-        {"store": str(store), "ingest": {"sources": sources}, "score": {"engine": {"micro_batch_size": 32}}}
+        {
+            "store": str(store),
+            "ingest": {"sources": sources},
+            "score": {"engine": {"micro_batch_size": 32}},
+            "target": {"name": "math", "datasets": ["target_math"]},
+            "mixture": {},
+        }
     )
     _run_flow("nightly", config)
 
@@ -151,6 +158,8 @@ def _run_flow(kind: str, config) -> None:
 
     if kind == "score":
         from gradsift.flows.score import score_flow as flow_fn
+    elif kind == "influence":
+        from gradsift.flows.influence import influence_flow as flow_fn
     else:
         from gradsift.flows.nightly import nightly_flow as flow_fn
     try:
@@ -158,6 +167,46 @@ def _run_flow(kind: str, config) -> None:
     except (IngestError, StoreLocked) as err:
         _fail(str(err))
     _summary(result, Path(config.store))
+
+
+@app.command()
+def influence(config: ConfigOpt, store: StoreOverride = None, ray_address: RayOpt = None) -> None:
+    """Influence (LESS / TracIn / cosine) of the config's data on its target at training checkpoints,
+    then the top-p% selection, mixture weights and the report (a NightlyConfig with target.checkpoints)."""
+    _run_flow("influence", _load_nightly(config, store, ray_address))
+
+
+@app.command()
+def analyze(
+    kind: Annotated[str, typer.Argument(help="pairs (preference-pair entanglement) or fast-slow (layer curves).")],
+    data: Annotated[Path, typer.Argument(help="pairs: chosen/rejected .jsonl(.gz); fast-slow: gsm8k-style .jsonl.")],
+    model: Annotated[str, typer.Option(help="'tiny' or a local Hugging Face causal LM folder.")] = "tiny",
+    store: StoreOpt = Path("store"),
+    limit: Annotated[int | None, typer.Option(help="Use the first N records.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens kept per sample (pairs keep the last ones).")] = 512,
+    ray_address: RayOpt = None,
+) -> None:
+    """Gradient analyses written to pair_scores, or layer_curves and layer_diffs, plus an HTML report."""
+    from gradsift.flows.analyze import analyze_flow
+    from gradsift.schemas.config import AnalyzeConfig
+
+    if kind not in {"pairs", "fast-slow"}:
+        _fail(f"unknown analysis {kind!r}: use pairs or fast-slow")
+    section = {"pairs" if kind == "pairs" else "fast_slow": {"limit": limit} if limit else {}}
+    try:
+        cfg = AnalyzeConfig(
+            store=str(store),
+            data=str(data),
+            model={"name_or_path": model, "max_tokens": max_tokens},
+            **({"ray": {"address": ray_address}} if ray_address else {}),
+            **section,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    result = analyze_flow(cfg)
+    console.print(f"run {result['run_id']}: {result['status']}; report {result.get('report', '-')}")
+    table = "pair_scores" if kind == "pairs" else "layer_diffs"
+    console.print(f'Try: gradsift query --store {store} "SELECT * FROM {table} LIMIT 20"', highlight=False)
 
 
 @app.command()
