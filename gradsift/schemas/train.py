@@ -19,6 +19,10 @@ class TrainConfig(_Config):
     model: str = Field(
         "tiny", description="'tiny' (small random Llama), 'minilm' (the real encoder) or a model folder."
     )
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification",
+        description="Sequence classification (a head on the model, labels from the data) or causal LM.",
+    )
     mode: Literal["finetune", "frozen"] = Field(
         "finetune",
         description="finetune: train the model (all weights, or LoRA adapters with lora=true); frozen: embed "

@@ -62,21 +62,26 @@ def _digest(*parts: str) -> str:
 def cached_embeddings(
     cache_dir: str | Path, encoder_path: str, texts: Sequence[str], max_length: int = 128, batch_size: int = 64
 ) -> np.ndarray:
-    """``embed_texts`` through a Parquet cache keyed by the encoder folder, max_length and the texts."""
-    path = (
-        Path(cache_dir).expanduser()
-        / _digest(str(Path(encoder_path).resolve()), str(max_length))
-        / f"{_digest(*texts)}.parquet"
-    )
-    if path.exists():
-        column = pq.read_table(path).column("embedding").combine_chunks()
-        return column.values.to_numpy().reshape(len(column), -1).astype(np.float32)
-    emb = embed_texts(encoder_path, texts, batch_size=batch_size, max_length=max_length)
-    flat = pa.array(emb.reshape(-1), type=pa.float32())
-    write_parquet_atomic(
-        pa.table({"embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}), path, row_group_size=4096
-    )
-    return emb
+    """``embed_texts`` through a Parquet cache: ``<cache>/<encoder digest>/<part>.parquet`` rows of
+    (text key, embedding); only texts missing from the cache are embedded (then added as a new part)."""
+    folder = Path(cache_dir).expanduser() / _digest(str(Path(encoder_path).resolve()), str(max_length))
+    keys = [_digest(t) for t in texts]
+    known: dict[str, np.ndarray] = {}
+    for part in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(part)
+        column = table.column("embedding").combine_chunks()
+        vectors = column.values.to_numpy().reshape(len(column), -1)
+        known.update(zip(table.column("key").to_pylist(), vectors, strict=True))
+    missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in known}.items())
+    if missing:
+        emb = embed_texts(encoder_path, [t for _, t in missing], batch_size=batch_size, max_length=max_length)
+        flat = pa.array(emb.reshape(-1), type=pa.float32())
+        table = pa.table(
+            {"key": [k for k, _ in missing], "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}
+        )
+        write_parquet_atomic(table, folder / f"{_digest(*(k for k, _ in missing))}.parquet", row_group_size=4096)
+        known.update(zip(table.column("key").to_pylist(), emb, strict=True))
+    return np.stack([known[k] for k in keys]).astype(np.float32)
 
 
 def build_head(input_dim: int, num_labels: int, hidden: int = 0, seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,143 @@
+"""The evaluation flow: retrain on each selection from the same start, measure held-out accuracy/loss.
+
+Writes the ``evaluations`` table, a plot of accuracy versus fraction kept (one line per score and
+drop side, one for random, shaded over seeds) and a Prefect markdown artifact with the table.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from gradsift.flows.stages import ingest_stage
+from gradsift.flows.train import ingest_config, run_jobs, run_recorded
+from gradsift.schemas.tables import EVALUATIONS
+from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
+from gradsift.storage.catalog import query
+from gradsift.storage.store import Store
+from gradsift.tasks.train import evaluate_selections
+
+
+def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Kept ids per selection, and per selection its score, drop side and fraction kept."""
+    run_list = ", ".join(f"'{r}'" for r in runs)
+    rows = query(store, f"SELECT run_id, selection, sample_id, kept FROM selections WHERE run_id IN ({run_list})")
+    configs = {
+        r["run_id"]: SelectConfig.model_validate_json(r["config"])
+        for r in query(store, f"SELECT run_id, config FROM runs WHERE run_id IN ({run_list})").to_pylist()
+    }
+    kept: dict[str, list[str]] = defaultdict(list)
+    total: dict[str, int] = defaultdict(int)
+    info: dict[str, dict] = {}
+    for r in rows.to_pylist():
+        total[r["selection"]] += 1
+        if r["kept"]:
+            kept[r["selection"]].append(r["sample_id"])
+        cfg = configs[r["run_id"]]
+        info[r["selection"]] = {"score": cfg.score or "random", "drop": cfg.drop if cfg.score else ""}
+    for name in info:
+        info[name]["fraction_kept"] = len(kept[name]) / total[name]
+    return dict(kept), info
+
+
+@task(name="retrain", cache_policy=NO_CACHE)
+def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: tuple, label_index, jobs) -> list:
+    """Every (selection, seed) retraining, in as many Ray tasks as the config has actors."""
+    groups = [jobs[i :: config.ray.num_actors] for i in range(min(config.ray.num_actors, len(jobs)))]
+    calls = [(train, base, parts[0], parts[1], label_index, group) for group in groups]
+    return [row for rows in run_jobs(evaluate_selections, calls, config.ray) for row in rows]
+
+
+def plot_curves(table: pa.Table, path: Path, title: str) -> Path:
+    """Accuracy vs fraction kept: mean over seeds with a min-max band, one line per score/drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.to_pylist()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = [r["accuracy"] for r in rows if r["score"] == "all"]
+    if full:
+        ax.axhline(np.mean(full), color="black", ls=":", lw=1, label=f"all data ({np.mean(full):.4f})")
+    lines = sorted({(r["score"], r["drop"]) for r in rows if r["score"] != "all"})
+    for score, drop in lines:
+        by_fraction: dict[float, list[float]] = defaultdict(list)
+        for r in rows:
+            if (r["score"], r["drop"]) == (score, drop):
+                by_fraction[round(r["fraction_kept"], 3)].append(r["accuracy"])
+        xs = sorted(by_fraction)
+        mean = [np.mean(by_fraction[x]) for x in xs]
+        label = score if score == "random" else f"{score} (drop {drop})"
+        (line,) = ax.plot(xs, mean, marker="o", label=label, color="gray" if score == "random" else None)
+        lo, hi = [min(by_fraction[x]) for x in xs], [max(by_fraction[x]) for x in xs]
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+    ax.set_xlabel("fraction of training data kept")
+    ax.set_ylabel("held-out accuracy")
+    ax.invert_xaxis()
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(table: pa.Table) -> str:
+    """Mean and spread of held-out accuracy per selection line and fraction, as a markdown table."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in table.to_pylist():
+        acc[(r["score"], r["drop"], round(r["fraction_kept"], 2))].append(r["accuracy"])
+    lines = ["| score | drop | kept | accuracy (mean) | min | max | seeds |", "|---|---|---|---|---|---|---|"]
+    for (score, drop, frac), values in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+        lines.append(
+            f"| {score} | {drop} | {frac:.2f} | {np.mean(values):.4f} | {min(values):.4f} | {max(values):.4f} | "
+            f"{len(values)} |"
+        )
+    return "\n".join(lines)
+
+
+@flow(name="gradsift-evaluate", log_prints=True)
+def evaluate_flow(config: EvaluateConfig) -> dict:
+    """Retrain the train run's model on every selection of ``config.selection_runs`` and evaluate."""
+    store = Store(config.store)
+    train_row = store.read_run(config.train_run)
+    if train_row is None or train_row["status"] != "completed":
+        raise ValueError(f"no completed train run {config.train_run!r} in {store.root}")
+    train = TrainConfig.model_validate_json(train_row["config"])
+    base = train_row["model"]
+    train_parts = [str(p) for p in store.committed_parts("samples", config.train_run)]
+    labels = sorted({r for p in train_parts for r in pq.read_table(p, columns=["label"])["label"].to_pylist()})
+    label_index = {label: i for i, label in enumerate(labels)}
+    kept, info = _selections(store, config.selection_runs)
+
+    def body(recorder) -> dict:
+        ingest_stage(ingest_config(config.store, base, config.eval_data, True), recorder.staging)
+        eval_parts = [str(p) for p in recorder.staging.parts("samples")]
+        jobs = [(name, ids, seed) for name, ids in sorted(kept.items()) for seed in config.seeds]
+        if config.include_full:
+            jobs = [("all", None, seed) for seed in config.seeds] + jobs
+        rows = retrain_stage(config, train, base, (train_parts, eval_parts), label_index, jobs)
+        meta = {**info, "all": {"score": "all", "drop": "", "fraction_kept": 1.0}}
+        table = pa.Table.from_pylist([{**r, **meta[r["selection"]]} for r in rows], schema=EVALUATIONS)
+        recorder.staging.write_part("evaluations", "evaluate", table)
+        plot = Path(config.plot) if config.plot else store.root / "reports" / recorder.run_id / "accuracy.png"
+        plot_curves(table, plot, f"{Path(config.eval_data.path).parent.name}: retrained on selections")
+        markdown = summary_markdown(table)
+        create_markdown_artifact(
+            f"# gradsift evaluate `{recorder.run_id}`\n\ntrain run `{config.train_run}`, held-out "
+            f"`{config.eval_data.path}`\n\n{markdown}\n\nplot: `{plot}`\n",
+            key="evaluate-report",
+        )
+        return {"evaluations": table.num_rows, "plot": str(plot), "summary": markdown}
+
+    return run_recorded("evaluate", config, [config.eval_data], base, body)

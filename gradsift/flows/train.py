@@ -1,0 +1,149 @@
+"""The proxy-training flow: ingest -> (embed) -> train each seed on Ray -> combine scores -> commit.
+
+One committed run: ``samples``, ``dynamics`` (a row per sample visit) and ``scores`` (EL2N, GraNd,
+forgetting, AUM, VoG, TracIn self-influence), plus checkpoints under ``<store>/checkpoints``.
+Rerunning the same config resumes (finished seeds and epochs are skipped) or does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from gradsift.flows.runs import RunRecorder, run_id_for
+from gradsift.flows.stages import ingest_stage
+from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
+from gradsift.schemas.tables import SCORES
+from gradsift.schemas.train import TrainConfig
+from gradsift.storage.store import Store
+from gradsift.tasks.dynamics import zscore
+from gradsift.tasks.models import minilm_path
+from gradsift.tasks.pool import ensure_ray
+from gradsift.tasks.train import load_train_data, train_and_score_seed
+
+
+def resolve_model(name: str) -> str:
+    """'minilm' -> the packaged all-MiniLM-L6-v2 folder; anything else as given."""
+    return str(minilm_path()) if name == "minilm" else name
+
+
+def ingest_config(store: str, model: str, source: DataSource, classification: bool) -> RunConfig:
+    """The RunConfig that lets the shared ingest stage read one source for training or evaluation."""
+    return RunConfig(
+        store=store,
+        model=ModelConfig(name_or_path=model, num_labels=1 if classification else None, max_tokens=1_000_000),
+        ingest=IngestConfig(sources=[source]),
+    )
+
+
+def run_recorded(flow_name: str, config: BaseModel, sources: list[DataSource], model: str, body: Callable) -> dict:
+    """Run ``body(recorder)`` as one recorded run: a completed run with this config is not redone."""
+    store = Store(config.store).ensure()
+    run_id = run_id_for(flow_name, config, sources)
+    recorder = RunRecorder(store, run_id, flow_name, config, model, "")
+    prior = recorder.previous()
+    if prior and prior["status"] == "completed":
+        get_run_logger().info("run %s already completed with this config: nothing to do", run_id)
+        return {"run_id": run_id, "status": "already completed", "store": str(store.root)}
+    recorder.start()
+    try:
+        result = body(recorder)
+        result["rows"] = recorder.complete(None)
+    except BaseException as err:
+        recorder.fail(err)
+        raise
+    return {"run_id": run_id, "status": "completed", "store": str(store.root), **result}
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], ray_config) -> list:
+    """``fn(*job)`` for each job: in process for one job, else as Ray tasks of one CPU each."""
+    if len(jobs) == 1:
+        return [fn(*jobs[0])]
+    ensure_ray(ray_config)
+    remote = ray.remote(num_cpus=1, max_retries=1)(fn)
+    return ray.get([remote.remote(*job) for job in jobs])
+
+
+@task(name="embed", cache_policy=NO_CACHE)
+def embed_stage(config: TrainConfig, base: str, staging) -> int:
+    """Frozen mode: embed every sample once into the cache, so that the seeds only read it."""
+    rows = staging.read("samples").to_pylist()
+    return len(load_train_data(config, base, rows, None).embeddings)
+
+
+@task(name="train-seeds", cache_policy=NO_CACHE)
+def train_stage(config: TrainConfig, base: str, run_id: str, label_index: dict | None) -> list[dict]:
+    """Train and score every seed (Ray tasks when there are several)."""
+    jobs = [(config, base, run_id, seed, label_index) for seed in config.seeds]
+    return run_jobs(train_and_score_seed, jobs, config.ray)
+
+
+@task(name="combine-scores", cache_policy=NO_CACHE)
+def combine_stage(config: TrainConfig, staging, run_id: str) -> dict:
+    """Average the seeds' scores into one ``scores`` row per sample.
+
+    Means over seeds: el2n, grand, aum, self_influence, loss, raw VoG (then z-normalised per class or
+    over the dataset); forgetting events are summed; never_learned means never learned in any seed."""
+    samples = staging.read("samples").select(["dataset", "sample_id", "label"]).to_pandas()
+    seeds = [
+        pq.read_table(p).to_pandas().set_index("sample_id").loc[samples["sample_id"]]
+        for p in staging.parts("_seed_scores")
+    ]
+    mean = {
+        k: np.mean([s[k].to_numpy() for s in seeds], axis=0)
+        for k in ("el2n", "grand", "aum", "vog", "self_influence", "loss")
+    }
+    groups = samples["label"].to_numpy() if config.vog_normalise == "class" else None
+    table = pa.table(
+        {
+            "checkpoint": [f"{run_id}-seed*"] * len(samples),
+            "dataset": samples["dataset"],
+            "sample_id": samples["sample_id"],
+            "loss": mean["loss"],
+            "grad_norm": pa.nulls(len(samples), pa.float32()),
+            "el2n": mean["el2n"],
+            "grand": mean["grand"],
+            "forgetting": np.sum([s["forgetting"].to_numpy() for s in seeds], axis=0),
+            "never_learned": np.all([s["never_learned"].to_numpy() for s in seeds], axis=0),
+            "aum": mean["aum"],
+            "vog": zscore(mean["vog"], groups),
+            "self_influence": mean["self_influence"],
+        }
+    ).cast(SCORES)
+    staging.write_part("scores", "train", table)
+    return {"samples": table.num_rows, "never_learned": int(pa.compute.sum(table["never_learned"]).as_py() or 0)}
+
+
+@flow(name="gradsift-train", log_prints=True)
+def train_flow(config: TrainConfig) -> dict:
+    """Proxy-train ``config.model`` on ``config.data``; log dynamics; write checkpoints and scores."""
+    base = resolve_model(config.model)
+
+    def body(recorder: RunRecorder) -> dict:
+        staging, run_id = recorder.staging, recorder.run_id
+        ingest = ingest_stage(ingest_config(config.store, base, config.data, config.task == "classification"), staging)
+        if config.mode == "frozen":
+            embed_stage(config, base, staging)
+        seeds = train_stage(config, base, run_id, ingest["label_index"])
+        recorder.row["checkpoint"] = json.dumps([s["train_run_id"] for s in seeds])
+        combined = combine_stage(config, staging, run_id)
+        create_markdown_artifact(
+            f"# gradsift train `{run_id}`\n\n- samples: {ingest['samples']}, seeds: {config.seeds}, "
+            f"epochs: {config.epochs}, mode: {config.mode}{' (LoRA)' if config.lora else ''}\n"
+            f"- never learned (all seeds): {combined['never_learned']}\n"
+            f"- checkpoints: `{Path(config.store) / 'checkpoints'}/{run_id}-seed*`\n",
+            key="train-report",
+        )
+        return {"samples": ingest["samples"], "seeds": seeds, "label_index": ingest["label_index"]}
+
+    return run_recorded("train", config, [config.data], base, body)

@@ -1,0 +1,159 @@
+"""train -> select -> evaluate end to end through Prefect and local Ray, on tiny models and real data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gradsift.storage.catalog import query
+from gradsift.storage.store import Store
+
+
+def _toy_jsonl(path, n=48):
+    words = {"pos": ["good", "great", "fine"], "neg": ["bad", "awful", "poor"]}
+    with path.open("w") as fh:
+        for i in range(n):
+            label = "pos" if i % 2 else "neg"
+            fh.write(json.dumps({"text": f"{words[label][i % 3]} item number {i}", "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from gradsift.tasks.models import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = BertTokenizerFast.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, ray_local):
+    from gradsift.flows.evaluate import evaluate_flow
+    from gradsift.flows.select import select_flow
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
+    from gradsift.tasks.checkpoints import list_checkpoints, load_checkpoint
+
+    data = _toy_jsonl(tmp_path / "toy.jsonl")
+    store = str(tmp_path / "store")
+    cfg = TrainConfig(
+        store=store, data={"path": str(data)}, model=tiny_bert, epochs=2, batch_size=8, lr=1e-3, seeds=[0, 1]
+    )
+    result = train_flow(cfg)
+    run_id = result["run_id"]
+    assert result["status"] == "completed" and result["samples"] == 48
+
+    # one dynamics row per visit; one scores row per sample with every training-dynamics column filled
+    s = Store(store)
+    assert query(s, "SELECT count(*) FROM dynamics").column(0)[0].as_py() == 48 * 2 * 2
+    scores = query(s, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pandas()
+    assert len(scores) == 48
+    for col in ("el2n", "grand", "aum", "vog", "self_influence", "forgetting", "never_learned"):
+        assert scores[col].notna().all(), col
+    assert abs(scores["vog"].mean()) < 1e-6  # z-normalised per class
+
+    # checkpoint contract: model/ (safetensors), optimizer.pt, meta.json with the step's lr
+    infos = list_checkpoints(store, run_id)
+    assert [(c.meta["seed"], c.epoch) for c in infos] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert (infos[0].path / "model" / "model.safetensors").exists() and (infos[0].path / "optimizer.pt").exists()
+    model, tokenizer, optimizer_state, meta = load_checkpoint(infos[1])
+    assert meta["lr"] > 0 and meta["step"] == 12 and meta["label_index"] == {"neg": 0, "pos": 1}
+    assert optimizer_state["state"] and tokenizer is not None
+    assert train_flow(cfg)["status"] == "already completed"
+
+    sel = select_flow(SelectConfig(store=store, scores_run=run_id, score="el2n", fractions=[0.5]))
+    rnd = select_flow(SelectConfig(store=store, scores_run=run_id, score=None, fractions=[0.5], seeds=[3]))
+    kept = query(s, "SELECT selection, count(*) FILTER (kept) AS k, count(*) AS n FROM selections GROUP BY 1")
+    assert sorted(kept.column("k").to_pylist()) == [24, 24] and set(kept.column("n").to_pylist()) == {48}
+    manifest = (s.root / "manifests" / sel["run_id"] / f"{sel['selections'][0]}.jsonl").read_text().splitlines()
+    assert len(manifest) == 24 and json.loads(manifest[0])["record"]["text"]
+
+    ev = evaluate_flow(
+        EvaluateConfig(
+            store=store,
+            train_run=run_id,
+            selection_runs=[sel["run_id"], rnd["run_id"]],
+            eval_data={"path": str(data)},
+            seeds=[0],
+        )
+    )
+    table = query(s, "SELECT score, fraction_kept, n_train, accuracy FROM evaluations ORDER BY score").to_pylist()
+    assert [r["score"] for r in table] == ["all", "el2n", "random"]
+    assert [r["n_train"] for r in table] == [48, 24, 24] and all(0 <= r["accuracy"] <= 1 for r in table)
+    assert ev["plot"].endswith(".png") and (s.root / "reports").exists()
+
+
+def test_lora_causal_lm_train(tmp_path, prefect_harness):
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import TrainConfig
+    from gradsift.tasks.checkpoints import list_checkpoints, load_checkpoint
+
+    data = _toy_jsonl(tmp_path / "toy.jsonl", n=16)
+    cfg = TrainConfig(
+        store=str(tmp_path / "store"),
+        data={"path": str(data)},
+        model="tiny",
+        task="causal_lm",
+        lora=True,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+    )
+    result = train_flow(cfg)
+    infos = list_checkpoints(cfg.store, result["run_id"])
+    assert (infos[-1].path / "model" / "adapter_model.safetensors").exists() and infos[-1].meta["lora"]
+    model = load_checkpoint(infos[-1])[0]
+    assert type(model).__name__.startswith("Peft")
+    scores = query(Store(cfg.store), "SELECT el2n, grand, aum, vog, self_influence FROM scores").to_pandas()
+    assert len(scores) == 16 and scores.notna().all().all()
+
+
+@pytest.mark.parametrize("name", ["sst2", "agnews"])
+def test_frozen_minilm_small_real_data(name, tmp_path, shared_data, prefect_harness):
+    """A few hundred real rows with the real encoder: frozen mode, scores, selection, evaluation."""
+    from gradsift.flows.evaluate import evaluate_flow
+    from gradsift.flows.select import select_flow
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
+
+    folder = shared_data / name
+    train_file = folder / "train.tsv"
+    eval_file = folder / ("dev.tsv" if name == "sst2" else "test.tsv")
+    columns = None if name == "sst2" else ["text", "label"]
+    text = "sentence" if name == "sst2" else "text"
+
+    def head(path, n):
+        out = tmp_path / f"{path.parent.name}-{path.name}"
+        lines = path.read_text().splitlines()
+        out.write_text("\n".join(lines[: n + (columns is None)]) + "\n")
+        return {"path": str(out), "columns": columns, "text": text}
+
+    store = str(tmp_path / "store")
+    cfg = TrainConfig(
+        store=store,
+        data=head(train_file, 300),
+        model="minilm",
+        mode="frozen",
+        epochs=4,
+        lr=1e-2,
+        batch_size=16,
+        embed_cache=str(tmp_path / "emb"),
+    )
+    run_id = train_flow(cfg)["run_id"]
+    sel = select_flow(SelectConfig(store=store, scores_run=run_id, score="aum", fractions=[0.7]))
+    ev = evaluate_flow(
+        EvaluateConfig(
+            store=store, train_run=run_id, selection_runs=[sel["run_id"]], eval_data=head(eval_file, 200), seeds=[0]
+        )
+    )
+    acc = dict(query(Store(store), "SELECT score, accuracy FROM evaluations").to_pylist()[i].values() for i in range(2))
+    assert ev["evaluations"] == 2 and min(np.array(list(acc.values()))) > (0.6 if name == "sst2" else 0.5)
