@@ -250,3 +250,12 @@ def test_unsupported_parameters_raise(llama):
         PerSampleGradients(model, EngineConfig())
     with pytest.raises(ValueError, match="nuclear"):
         PerSampleGradients(llama, EngineConfig(nuclear_modules=["nonexistent"]))
+
+
+def test_nuclear_eigh_path_matches_svd():
+    from gradsift.tasks import engine_math as em
+
+    gen = torch.Generator().manual_seed(12)
+    m = torch.randn(3, 20, 20, generator=gen)
+    a, b = em._svdvals(m, "svd"), em._svdvals(m, "eigh").float()
+    assert rel_err(b.sum(1), a.sum(1)) < 1e-5 and rel_err(b[:, 0], a[:, 0]) < 1e-5
