@@ -21,8 +21,8 @@ import time
 import torch
 
 from gradsift.schemas.engine import EngineConfig
-from gradsift.tasks.engine import PerSampleGradients, per_sample_losses
-from gradsift.tasks.models import Batch, LlamaShape, build_llama
+from gradsift.tasks.engine import PerSampleGradients
+from gradsift.tasks.models import Batch, LlamaShape, build_llama, per_sample_loss
 
 VERBOSE = False
 PRESETS = {
@@ -98,7 +98,7 @@ def main() -> None:
             p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        per_sample_losses(logits, batch.labels, "causal_lm").sum().backward()
+        per_sample_loss(logits, batch.labels, "causal_lm").sum().backward()
 
     n_naive = args.naive_samples or (args.batch if dev == "cpu" else min(args.batch, 4))
 
@@ -107,7 +107,7 @@ def main() -> None:
         for i in range(n_naive):
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=batch.input_ids[i : i + 1]).logits
-            per_sample_losses(logits, batch.labels[i : i + 1], "causal_lm").sum().backward()
+            per_sample_loss(logits, batch.labels[i : i + 1], "causal_lm").sum().backward()
             norms.append(torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters())))
         return torch.stack(norms).cpu()
 

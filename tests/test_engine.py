@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gradsift.schemas.engine import EngineConfig
-from gradsift.tasks.engine import PerSampleGradients, module_key, per_sample_losses
-from gradsift.tasks.models import IGNORE_INDEX, Batch, LlamaShape, build_llama
+from gradsift.tasks.engine import PerSampleGradients, module_key
+from gradsift.tasks.models import IGNORE_INDEX, Batch, LlamaShape, build_llama, per_sample_loss
 
 REL = 1e-5
 
@@ -41,7 +41,7 @@ def reference(model, batch, eng, reduction="mean", classification=False):
         logits = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         labels = batch.labels[i : i + 1] if classification else batch.labels[i : i + 1, :n]
         task = "classification" if classification else "causal_lm"
-        loss = per_sample_losses(logits.double(), labels, task, reduction)
+        loss = per_sample_loss(logits.double(), labels, task, reduction)
         loss.sum().backward()
         out["loss"].append(loss.item())
         grads = {

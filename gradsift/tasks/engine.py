@@ -43,13 +43,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradsift.schemas.engine import EngineConfig
 from gradsift.tasks import engine_math as em
 from gradsift.tasks.engine_projection import GradientProjector
-from gradsift.tasks.models import IGNORE_INDEX, Batch, task_of
+from gradsift.tasks.models import Batch, per_sample_loss, task_of
 
 Strategy = Literal["auto", "ghost", "materialise"]
 _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
@@ -117,20 +116,6 @@ class _Input:
         if self._gram is None:
             self._gram = em.gram(self.x)
         return self._gram
-
-
-def per_sample_losses(logits: Tensor, labels: Tensor, task: str, reduction: str = "mean") -> Tensor:
-    """Per-sample loss, float32 [B]: mean (or summed) token cross-entropy, or classification CE."""
-    if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    b, t, v = logits.shape
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    tok = F.cross_entropy(logits.reshape(b * t, v).float(), shifted.reshape(-1), reduction="none")
-    tok = tok.view(b, t).sum(dim=1)
-    if reduction == "sum":
-        return tok
-    return tok / (shifted != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
 class PerSampleGradients:
@@ -280,7 +265,7 @@ class PerSampleGradients:
             pos = (m_long.cumsum(-1) - 1).clamp(min=0)
             with torch.enable_grad():
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
-                loss = per_sample_losses(logits, batch.labels, self.task, self.config.loss_reduction)
+                loss = per_sample_loss(logits, batch.labels, self.task, self.config.loss_reduction)
                 del logits
                 leaves = [t for _, t in st.leaves]
                 grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)

@@ -80,14 +80,14 @@ def pair_batch(engine, tokenizer, pairs: list[tuple[str, str, str]], max_tokens:
 
 def autograd_pair(model, tokenizer, prompt: str, chosen: str, rejected: str, max_tokens: int) -> dict[str, float]:
     """Reference: the same quantities from torch.autograd on the full parameter gradient (for tests)."""
-    from gradsift.tasks.engine import per_sample_losses
+    from gradsift.tasks.models import per_sample_loss
 
     grads = []
     for resp in (chosen, rejected):
         it = encode_response(tokenizer, prompt, resp, max_tokens, "x")
         b = collate([it], tokenizer.pad_token_id)
         params = [p for p in model.parameters() if p.requires_grad]
-        logp = -per_sample_losses(model(input_ids=b.input_ids).logits, b.labels, "causal_lm", "sum").sum()
+        logp = -per_sample_loss(model(input_ids=b.input_ids).logits, b.labels, "causal_lm", "sum").sum()
         grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logp, params)]).double())
     gw, gl = grads
     dot = float(gw @ gl)

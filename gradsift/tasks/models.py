@@ -39,24 +39,23 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
-def per_sample_loss(logits: Tensor, labels: Tensor, task: TaskType) -> Tensor:
-    """Per-sample mean cross-entropy, float32, shape [B].
+def per_sample_loss(logits: Tensor, labels: Tensor, task: TaskType, reduction: str = "mean") -> Tensor:
+    """Per-sample cross-entropy, float32, shape [B].
 
-    causal_lm: mean over the sample's target tokens (response tokens when there is a prompt);
-    classification: cross-entropy of the class logits.
+    causal_lm: mean over the sample's target tokens (response tokens when there is a prompt), or their
+    sum with ``reduction="sum"`` (the negative log-probability of the response); classification:
+    cross-entropy of the class logits.
     """
     if task == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="none")
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    n_targets = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / n_targets
+    b, t, v = logits.shape
+    shifted = torch.full_like(labels, IGNORE_INDEX)  # position t predicts token t + 1
+    shifted[:, :-1] = labels[:, 1:]
+    token_loss = F.cross_entropy(logits.reshape(b * t, v).float(), shifted.reshape(-1), reduction="none").view(b, t)
+    total = token_loss.sum(dim=1)
+    if reduction == "sum":
+        return total
+    return total / (shifted != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
