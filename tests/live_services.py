@@ -124,8 +124,8 @@ SCORE_ARGS = ["--shard-size", "8", "--feature-dim", "64", "--num-actors", "1"]
 """Small shards and features: many units of resume work, little compute."""
 
 
-def score_config(store: Path, files: list[Path], **updates):
-    """The RunConfig `gradsift score FILES --store STORE {SCORE_ARGS}` builds (for in-process runs)."""
+def score_config(store: Path, files: list[Path], **sections):
+    """The RunConfig `gradsift score FILES --store STORE {SCORE_ARGS}` builds, with top-level sections replaced."""
     from gradsift.schemas.config import NightlyConfig
 
     data = {
@@ -134,4 +134,4 @@ def score_config(store: Path, files: list[Path], **updates):
         "score": {"engine": {"feature_dim": 64}},
         "ray": {"num_actors": 1},
     }
-    return NightlyConfig.model_validate(data).model_copy(update=updates)
+    return NightlyConfig.model_validate({**data, **sections})
