@@ -1,0 +1,47 @@
+"""Incremental nightly: new data costs only its own compute; a changed score config rescores exactly what it changes."""
+
+from __future__ import annotations
+
+from live_services import score_config, use_prefect_server, write_rows
+
+from gradsift.flows.score import score_flow
+from gradsift.storage.catalog import query
+from gradsift.storage.store import Store
+
+
+def test_new_file_scores_only_new_rows_and_config_change_rescores(tmp_path, ray_local):
+    old = write_rows(tmp_path / "old.jsonl", 40, "old")
+    store = Store(tmp_path / "store")
+    with use_prefect_server():
+        first = score_flow(score_config(store.root, [old]))
+        new = write_rows(tmp_path / "new.jsonl", 24, "new")
+        second = score_flow(score_config(store.root, [old, new]))
+        again = score_flow(score_config(store.root, [old, new]))
+        rescored = score_flow(score_config(store.root, [old, new], score={"engine": {"feature_dim": 128}}))
+
+    assert first["score"]["rows_scored"] == 40
+    assert (second["ingest"]["samples"], second["ingest"]["samples_reused"]) == (64, 40)
+    assert (second["score"]["rows_scored"], second["score"]["shards_reused"]) == (24, 5)
+    assert again["status"] == "already completed"
+    # the score config is part of the scoring key: every score is recomputed, ingest is still reused
+    assert (rescored["ingest"]["samples_reused"], rescored["score"]["rows_scored"]) == (64, 64)
+
+    per_run = query(
+        store,
+        "SELECT run_id, dataset, count(*) AS n FROM scores JOIN samples USING (dataset, sample_id) "
+        "GROUP BY ALL ORDER BY ALL",
+    ).to_pylist()
+    expected = {
+        (first["run_id"], "old", 40),
+        (second["run_id"], "old", 40),
+        (second["run_id"], "new", 24),
+        (rescored["run_id"], "old", 40),
+        (rescored["run_id"], "new", 24),
+    }
+    assert {(r["run_id"], r["dataset"], r["n"]) for r in per_run} == expected
+    reused = query(
+        store,
+        f"SELECT count(*) AS n FROM scores a JOIN scores b USING (dataset, sample_id) WHERE a.run_id = '{first['run_id']}'"
+        f" AND b.run_id = '{second['run_id']}' AND a.loss = b.loss AND a.grad_norm = b.grad_norm",
+    ).to_pylist()[0]
+    assert reused["n"] == 40
