@@ -209,6 +209,156 @@ def analyze(
     console.print(f'Try: gradsift query --store {store} "SELECT * FROM {table} LIMIT 20"', highlight=False)
 
 
+def _help(model: str, name: str) -> str:
+    """A config field's description (schemas/train.py) as option help."""
+    from gradsift.schemas import train as schemas
+
+    return getattr(schemas, model).model_fields[name].description
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _source(path: Path, text_field: str, label_field: str, columns: str | None) -> dict:
+    cols = {"columns": columns.split(",")} if columns else {}
+    return {"path": str(path), "text": text_field, "label": label_field, **cols}
+
+
+TextOpt = Annotated[str, typer.Option(help="Text field (or column) name.")]
+LabelOpt = Annotated[str, typer.Option(help="Label field (or column) name.")]
+ColumnsOpt = Annotated[
+    str | None, typer.Option(help="Column names of a CSV/TSV without a header, comma-separated (e.g. text,label).")
+]
+SeedsOpt = Annotated[str, typer.Option(help="Seeds, comma-separated.")]
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Training data (.jsonl .json .csv .tsv .parquet).")],
+    model: Annotated[str, typer.Option(help=_help("TrainConfig", "model"))] = "minilm",
+    mode: Annotated[str, typer.Option(help=_help("TrainConfig", "mode"))] = "frozen",
+    task: Annotated[str, typer.Option(help=_help("TrainConfig", "task"))] = "classification",
+    lora: Annotated[bool, typer.Option(help=_help("TrainConfig", "lora"))] = False,
+    epochs: Annotated[int, typer.Option(help=_help("TrainConfig", "epochs"))] = 8,
+    lr: Annotated[float, typer.Option(help=_help("TrainConfig", "lr"))] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help=_help("TrainConfig", "batch_size"))] = 32,
+    head_hidden: Annotated[int, typer.Option(help=_help("TrainConfig", "head_hidden"))] = 256,
+    max_length: Annotated[int, typer.Option(help=_help("TrainConfig", "max_length"))] = 128,
+    score_epoch: Annotated[int, typer.Option(help=_help("TrainConfig", "score_epoch"))] = 2,
+    seeds: SeedsOpt = "0,1,2",
+    embed_cache: Annotated[Path | None, typer.Option(help=_help("TrainConfig", "embed_cache"))] = None,
+    text_field: TextOpt = "text",
+    label_field: LabelOpt = "label",
+    columns: ColumnsOpt = None,
+    store: StoreOpt = Path("store"),
+    ray_address: RayOpt = None,
+) -> None:
+    """Proxy-train a model on DATA, log per-sample dynamics, checkpoint each epoch, and write scores
+    (EL2N, GraNd, forgetting, AUM, VoG, TracIn self-influence). Defaults: frozen MiniLM + MLP head."""
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import TrainConfig
+
+    try:
+        cfg = TrainConfig(
+            store=str(store),
+            data=_source(data, text_field, label_field, columns),
+            model=model,
+            mode=mode,
+            task=task,
+            lora=lora,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            head_hidden=head_hidden,
+            max_length=max_length,
+            score_epoch=score_epoch,
+            seeds=[int(x) for x in seeds.split(",")],
+            embed_cache=str(embed_cache) if embed_cache else None,
+            **({"ray": {"address": ray_address}} if ray_address else {}),
+        )
+    except ValueError as err:
+        _fail(str(err))
+    result = train_flow(cfg)
+    console.print(f"train run {result['run_id']}: {result['status']}")
+    console.print(
+        f"Try: gradsift query --store {store} \"SELECT * FROM scores WHERE run_id = '{result['run_id']}' "
+        'ORDER BY aum LIMIT 20"',
+        highlight=False,
+    )
+
+
+@app.command()
+def select(
+    scores_run: Annotated[str, typer.Option(help=_help("SelectConfig", "scores_run"))],
+    score: Annotated[str | None, typer.Option(help=_help("SelectConfig", "score") + " Omit for random.")] = None,
+    fractions: Annotated[str, typer.Option(help="Fractions kept, comma-separated.")] = "0.85,0.7,0.55,0.4",
+    drop: Annotated[str, typer.Option(help=_help("SelectConfig", "drop"))] = "easy",
+    method: Annotated[str, typer.Option(help=_help("SelectConfig", "method"))] = "keep",
+    temperature: Annotated[float, typer.Option(help=_help("SelectConfig", "temperature"))] = 1.0,
+    stratify: Annotated[str, typer.Option(help=_help("SelectConfig", "stratify"))] = "label",
+    seeds: SeedsOpt = "0",
+    store: StoreOpt = Path("store"),
+) -> None:
+    """Selections from a train run's scores: keep a fraction by a score (drop easy or hard), a random
+    baseline, or softmax sampling; writes the selections table and Parquet/JSONL manifests."""
+    from gradsift.flows.select import select_flow
+    from gradsift.schemas.train import SelectConfig
+
+    try:
+        cfg = SelectConfig(
+            store=str(store),
+            scores_run=scores_run,
+            score=score,
+            fractions=_floats(fractions),
+            drop=drop,
+            method=method,
+            temperature=temperature,
+            stratify=stratify,
+            seeds=[int(x) for x in seeds.split(",")],
+        )
+        result = select_flow(cfg)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"select run {result['run_id']}: {result['status']}; {', '.join(result.get('selections', []))}")
+    console.print(f"manifests: {Path(store) / 'manifests' / result['run_id']}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    eval_data: Annotated[Path, typer.Argument(help="Held-out data with the same labels.")],
+    train_run: Annotated[str, typer.Option(help=_help("EvaluateConfig", "train_run"))],
+    selection_run: Annotated[list[str], typer.Option(help="A select run to evaluate (repeat the option).")],
+    seeds: SeedsOpt = "0,1,2",
+    plot: Annotated[Path | None, typer.Option(help=_help("EvaluateConfig", "plot"))] = None,
+    text_field: TextOpt = "text",
+    label_field: LabelOpt = "label",
+    columns: ColumnsOpt = None,
+    store: StoreOpt = Path("store"),
+    ray_address: RayOpt = None,
+) -> None:
+    """Retrain from the same start on every selection and report held-out accuracy and loss
+    (evaluations table, accuracy-vs-fraction plot, Prefect markdown artifact)."""
+    from gradsift.flows.evaluate import evaluate_flow
+    from gradsift.schemas.train import EvaluateConfig
+
+    try:
+        cfg = EvaluateConfig(
+            store=str(store),
+            train_run=train_run,
+            selection_runs=selection_run,
+            eval_data=_source(eval_data, text_field, label_field, columns),
+            seeds=[int(x) for x in seeds.split(",")],
+            plot=str(plot) if plot else None,
+            **({"ray": {"address": ray_address}} if ray_address else {}),
+        )
+        result = evaluate_flow(cfg)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(result.get("summary", ""), highlight=False)
+    console.print(f"plot: {result.get('plot', '-')}", highlight=False)
+
+
 @app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="A read-only SQL statement over the catalog's tables.")],
