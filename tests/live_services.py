@@ -17,9 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from prefect.exceptions import ObjectNotFound
 
 GRADSIFT = str(Path(sys.executable).with_name("gradsift"))
 _server: dict = {}
@@ -60,6 +63,7 @@ def prefect_server() -> str:
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "true",
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # the UI's own default is port 4200
         }
         env.pop("PREFECT_API_URL", None)
         log = (home / "server.log").open("wb")
@@ -118,6 +122,56 @@ def write_rows(path: Path, n: int, tag: str) -> Path:
         for i in range(n):
             fh.write(json.dumps({"text": f"{tag} sample {i}: " + "word " * (2 + i % 5)}) + "\n")
     return path
+
+
+def nightly_toml(folder: Path, schedule: str = "0 2 * * *") -> Path:
+    """A small NightlyConfig file (24 rows, 3 shards) with its data, in ``folder``."""
+    data = write_rows(folder / "nightly.jsonl", 24, "nightly")
+    path = folder / "curate.toml"
+    path.write_text(
+        f'store = "store"\nschedule = "{schedule}"\n[[ingest.sources]]\npath = "{data.name}"\n'
+        "[ingest]\nshard_size = 8\n[score.engine]\nfeature_dim = 64\n[ray]\nnum_actors = 1\n"
+    )
+    return path
+
+
+@contextlib.contextmanager
+def served_nightly_run(config: Path, env: dict[str, str], log: Path) -> Iterator[tuple]:
+    """`gradsift serve --config CONFIG` in the background; trigger its deployment once and wait.
+
+    Yields (deployment, finished flow run, its artifacts) while the server and ``serve`` still run.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.deployments import run_deployment
+
+    cron = tomllib.loads(config.read_text()).get("schedule", "0 2 * * *")
+    serve = subprocess.Popen(
+        [GRADSIFT, "serve", "--config", str(config)],
+        env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with use_prefect_server(), get_client(sync_client=True) as client:
+
+            def served():
+                try:
+                    found = client.read_deployment_by_name("gradsift-nightly/nightly")
+                except ObjectNotFound:
+                    return None
+                return found if [s.schedule.cron for s in found.schedules] == [cron] else None
+
+            deployment = wait_for(served, 90, "gradsift serve to register the deployment", every=1)
+            run = run_deployment(deployment.id, timeout=0)
+            run = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 180, "the run", every=1)
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
+            yield deployment, run, artifacts
+    finally:
+        _stop(serve)
 
 
 SCORE_ARGS = ["--shard-size", "8", "--feature-dim", "64", "--num-actors", "1"]

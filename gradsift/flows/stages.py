@@ -111,7 +111,11 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
         where,
         config.ray.num_actors,
     )
-    artifact = create_progress_artifact(progress=0.0, description=f"scoring {len(shards)} shards of run {run_id}")
+    n_done_before = len(shards) - len(todo)
+    artifact = create_progress_artifact(
+        progress=100.0 * n_done_before / max(len(shards), 1),
+        description=f"scoring {len(shards)} shards of run {run_id} ({n_done_before} reused or resumed)",
+    )
     with Progress(
         TextColumn("[bold]scoring"),
         BarColumn(),
@@ -120,11 +124,11 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
         TimeRemainingColumn(),
     ) as bar:
         job = bar.add_task("score", total=len(shards), rate="")
-        bar.update(job, completed=sum(staging.has_part("scores", s) for s in shards))
+        bar.update(job, completed=n_done_before)
 
         def on_done(info: dict, n_done: int, n_todo: int) -> None:
             bar.update(job, advance=1, rate=f"{info['rows'] / max(info['seconds'], 1e-9):.1f} samples/s")
-            update_progress_artifact(artifact, progress=100.0 * n_done / n_todo)
+            update_progress_artifact(artifact, progress=100.0 * (n_done_before + n_done) / len(shards))
 
         result = score_shards(
             store,
