@@ -122,41 +122,75 @@ def nightly(config: ConfigOpt, store: StoreOverride = None, ray_address: RayOpt 
     _run_flow("nightly", _load_nightly(config, store, ray_address))
 
 
+DataArg = Annotated[list[Path], typer.Argument(help="Input files (.jsonl .json .csv .tsv .parquet, optionally .gz).")]
+ModelOpt = Annotated[str, typer.Option(help="'tiny' or a local Hugging Face model folder.")]
+PromptOpt = Annotated[str, typer.Option(help="Prompt field name.")]
+ResponseOpt = Annotated[str, typer.Option(help="Response field name.")]
+TextOpt = Annotated[str, typer.Option(help="Text field name (no prompt/response).")]
+LabelOpt = Annotated[str, typer.Option(help="Label field name.")]
+NumLabelsOpt = Annotated[int | None, typer.Option(help="Classifier: number of classes.")]
+MaxTokensOpt = Annotated[int, typer.Option(help="Quarantine samples longer than this many tokens.")]
+ShardOpt = Annotated[int, typer.Option(help="Samples per shard (the unit of work and resume).")]
+
+
+def _data_config(data, model, store, prompt, response, text, label, num_labels, max_tokens, shard_size) -> dict:
+    fields = {"prompt": prompt, "response": response, "text": text, "label": label}
+    return {
+        "store": str(store),
+        "model": {"name_or_path": model, "num_labels": num_labels, "max_tokens": max_tokens},
+        "ingest": {"sources": [{"path": str(p), **fields} for p in data], "shard_size": shard_size},
+    }
+
+
+@app.command()
+def ingest(
+    data: DataArg,
+    model: ModelOpt = "tiny",
+    store: StoreOpt = Path("store"),
+    prompt_field: PromptOpt = "prompt",
+    response_field: ResponseOpt = "response",
+    text_field: TextOpt = "text",
+    label_field: LabelOpt = "label",
+    num_labels: NumLabelsOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    shard_size: ShardOpt = 256,
+) -> None:
+    """Ingest DATA files into samples and quarantine (the model's tokenizer counts tokens); no scoring."""
+    fields = (prompt_field, response_field, text_field, label_field, num_labels, max_tokens, shard_size)
+    _run_flow("ingest", _build_config(_data_config(data, model, store, *fields)))
+
+
 @app.command()
 def score(
-    data: Annotated[list[Path], typer.Argument(help="Input files (.jsonl .json .csv .tsv .parquet).")],
-    model: Annotated[str, typer.Option(help="'tiny' or a local Hugging Face model folder.")] = "tiny",
+    data: DataArg,
+    model: ModelOpt = "tiny",
     store: StoreOpt = Path("store"),
-    prompt_field: Annotated[str, typer.Option(help="Prompt field name.")] = "prompt",
-    response_field: Annotated[str, typer.Option(help="Response field name.")] = "response",
-    text_field: Annotated[str, typer.Option(help="Text field name (no prompt/response).")] = "text",
-    label_field: Annotated[str, typer.Option(help="Label field name.")] = "label",
-    num_labels: Annotated[int | None, typer.Option(help="Classifier: number of classes.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Quarantine samples longer than this.")] = 512,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
+    prompt_field: PromptOpt = "prompt",
+    response_field: ResponseOpt = "response",
+    text_field: TextOpt = "text",
+    label_field: LabelOpt = "label",
+    num_labels: NumLabelsOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    shard_size: ShardOpt = 256,
     feature_dim: Annotated[int, typer.Option(help="Projected gradient feature dimension (0: none).")] = 8192,
     num_actors: Annotated[int, typer.Option(help="Ray scoring actors.")] = 2,
     ray_address: RayOpt = None,
 ) -> None:
     """Ingest DATA files and score every sample: loss, grad norm, layer stats, projected features."""
-    fields = {"prompt": prompt_field, "response": response_field, "text": text_field, "label": label_field}
-    config = _build_config(
-        {
-            "store": str(store),
-            "model": {"name_or_path": model, "num_labels": num_labels, "max_tokens": max_tokens},
-            "ingest": {"sources": [{"path": str(p), **fields} for p in data], "shard_size": shard_size},
-            "score": {"engine": {"feature_dim": feature_dim}},
-            "ray": {"num_actors": num_actors, **({"address": ray_address} if ray_address else {})},
-        }
-    )
-    _run_flow("score", config)
+    fields = (prompt_field, response_field, text_field, label_field, num_labels, max_tokens, shard_size)
+    config = _data_config(data, model, store, *fields)
+    config["score"] = {"engine": {"feature_dim": feature_dim}}
+    config["ray"] = {"num_actors": num_actors, **({"address": ray_address} if ray_address else {})}
+    _run_flow("score", _build_config(config))
 
 
 def _run_flow(kind: str, config) -> None:
     from gradsift.storage.lock import StoreLocked
     from gradsift.tasks.ingest import IngestError
 
-    if kind == "score":
+    if kind == "ingest":
+        from gradsift.flows.score import ingest_flow as flow_fn
+    elif kind == "score":
         from gradsift.flows.score import score_flow as flow_fn
     elif kind == "influence":
         from gradsift.flows.influence import influence_flow as flow_fn

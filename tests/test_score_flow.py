@@ -150,3 +150,17 @@ def test_classifier_shard_scoring_matches_autograd(tmp_path):
         norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
         assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-4)
         assert row["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+def test_ingest_flow_writes_samples_and_quarantine_only(tmp_path, model_dir, data_file, prefect_harness):
+    from gradsift.flows.score import ingest_flow
+
+    config = RunConfig.model_validate(
+        {"store": str(tmp_path / "store"), "model": {"name_or_path": str(model_dir)},
+         "ingest": {"sources": [{"path": str(data_file)}]}}  # fmt: skip
+    )
+    result = ingest_flow(config)
+    store = Store(config.store)
+    counts = query(store, "SELECT (SELECT count(*) FROM samples) AS s, (SELECT count(*) FROM quarantine) AS q, "
+                   "(SELECT count(*) FROM scores) AS sc").to_pylist()[0]  # fmt: skip
+    assert (result["status"], counts) == ("completed", {"s": 95, "q": 5, "sc": 0})
