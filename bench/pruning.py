@@ -31,9 +31,11 @@ configure_environment()
 SCORES = ("el2n", "forgetting", "aum", "vog", "self_influence")
 
 
-def noisy_copy(src: Path, dst: Path, rate: float, seed: int, label_col: int, header: bool) -> set[int]:
-    """Copy a TSV flipping ``rate`` of the labels to another class (seeded); returns the flipped lines."""
+def noisy_copy(src: Path, dst: Path, rate: float, seed: int, label_col: int, header: bool, limit: int = 0) -> set[int]:
+    """Copy a TSV (its first ``limit`` rows if set) flipping ``rate`` of the labels to another class
+    (seeded); returns the flipped lines."""
     rows = list(csv.reader(src.open(newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows[: limit + header] if limit else rows
     body = rows[1:] if header else rows
     labels = sorted({r[label_col] for r in body})
     rng = np.random.default_rng(seed)
@@ -57,6 +59,12 @@ def main() -> None:
     parser.add_argument("--head-hidden", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--finetune-rows",
+        type=int,
+        default=0,
+        help="Instead: full fine-tuning of MiniLM on the first N training rows, label-noise study only.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -64,9 +72,6 @@ def main() -> None:
     from gradsift.flows.select import select_flow
     from gradsift.flows.train import train_flow
     from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
-    from gradsift.storage.catalog import query
-    from gradsift.storage.store import Store
-    from gradsift.tasks.dynamics import auroc
 
     sst2 = args.data.name == "sst2"
     source = {"columns": None, "text": "sentence"} if sst2 else {"columns": ["text", "label"]}
@@ -84,6 +89,8 @@ def main() -> None:
         "score_epoch": 2,
         "embed_cache": str(args.embed_cache),
     }
+    if args.finetune_rows:
+        return finetune_noise(args, train_file, source, store, common)
     times = {}
     t = time.perf_counter()
     train = train_flow(TrainConfig(data={"path": str(train_file), **source}, seeds=seeds, **common))
@@ -107,16 +114,40 @@ def main() -> None:
     )
     times["evaluate"] = time.perf_counter() - t
 
+    noisy_run, aurocs, n_flipped, times["train_noisy"] = noise_study(args, train_file, source, store, common, seeds)
+    print(ev["summary"])
+    print_aurocs(aurocs)
+    print(
+        json.dumps(
+            {
+                "train_run": train["run_id"],
+                "noisy_run": noisy_run["run_id"],
+                "auroc": aurocs,
+                "flipped": n_flipped,
+                "seconds": {k: round(v, 1) for k, v in times.items()},
+            }
+        )
+    )
+
+
+def noise_study(args, train_file: Path, source: dict, store: str, common: dict, seeds: list[int], limit: int = 0):
+    """Train on a copy with 10% of labels flipped; AUROC of each score ranking the flipped samples first."""
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import TrainConfig
+    from gradsift.storage.catalog import query
+    from gradsift.storage.store import Store
+    from gradsift.tasks.dynamics import auroc
+
     args.work.mkdir(parents=True, exist_ok=True)
-    noisy = args.work / f"{args.data.name}-train-noisy10.tsv"
-    flipped = noisy_copy(train_file, noisy, 0.10, seed=0, label_col=1, header=sst2)
+    noisy = args.work / f"{args.data.name}-train{limit or ''}-noisy10.tsv"
+    flipped = noisy_copy(train_file, noisy, 0.10, seed=0, label_col=1, header=args.data.name == "sst2", limit=limit)
     t = time.perf_counter()
-    noisy_run = train_flow(TrainConfig(data={"path": str(noisy), **source}, seeds=seeds, **common))
-    times["train_noisy"] = time.perf_counter() - t
+    run = train_flow(TrainConfig(data={"path": str(noisy), **source}, seeds=seeds, **common))
+    seconds = time.perf_counter() - t
     table = query(
         Store(store),
         "SELECT m.line, s.* FROM scores s JOIN samples m USING (dataset, sample_id) "
-        f"WHERE s.run_id = '{noisy_run['run_id']}'",
+        f"WHERE s.run_id = '{run['run_id']}'",
     ).to_pandas()
     is_flipped = table["line"].isin(flipped).to_numpy()
     oriented = {
@@ -129,22 +160,23 @@ def main() -> None:
         "final loss": table["loss"],
     }
     aurocs = {k: round(auroc(np.asarray(v, dtype=float), is_flipped), 4) for k, v in oriented.items()}
+    return run, aurocs, int(is_flipped.sum()), seconds
 
-    print(ev["summary"])
+
+def print_aurocs(aurocs: dict) -> None:
     print("\nplanted 10% label noise: AUROC of each score ranking the flipped samples first")
     for k, v in aurocs.items():
         print(f"  {k:18s} {v:.4f}")
-    print(
-        json.dumps(
-            {
-                "train_run": train["run_id"],
-                "noisy_run": noisy_run["run_id"],
-                "auroc": aurocs,
-                "flipped": int(is_flipped.sum()),
-                "seconds": {k: round(v, 1) for k, v in times.items()},
-            }
-        )
+
+
+def finetune_noise(args, train_file: Path, source: dict, store: str, common: dict) -> None:
+    """Full fine-tuning of the encoder (all weights) on the first ``--finetune-rows`` rows, noise study only."""
+    common = {**common, "mode": "finetune", "lr": args.lr, "batch_size": 16, "score_batch_size": 32}
+    run, aurocs, n_flipped, seconds = noise_study(
+        args, train_file, source, store, common, list(range(args.seeds)), args.finetune_rows
     )
+    print_aurocs(aurocs)
+    print(json.dumps({"noisy_run": run["run_id"], "auroc": aurocs, "flipped": n_flipped, "seconds": round(seconds, 1)}))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, 
             selection_runs=[sel["run_id"], rnd["run_id"]],
             eval_data={"path": str(data)},
             seeds=[0],
+            ray={"num_actors": 1},  # in process: Ray is covered by the train flow's two seeds
         )
     )
     table = query(s, "SELECT score, fraction_kept, n_train, accuracy FROM evaluations ORDER BY score").to_pylist()
