@@ -325,7 +325,7 @@ def train(
 @app.command()
 def select(
     scores_run: Annotated[str, typer.Option(help=_help("SelectConfig", "scores_run"))],
-    score: Annotated[str | None, typer.Option(help=_help("SelectConfig", "score") + " Omit for random.")] = None,
+    score: Annotated[str | None, typer.Option(help=_help("SelectConfig", "score"))] = None,
     fractions: Annotated[str, typer.Option(help="Fractions kept, comma-separated.")] = "0.85,0.7,0.55,0.4",
     drop: Annotated[str, typer.Option(help=_help("SelectConfig", "drop"))] = "easy",
     method: Annotated[str, typer.Option(help=_help("SelectConfig", "method"))] = "keep",

@@ -55,7 +55,9 @@ class SelectConfig(_Config):
 
     store: str = Field("store", description="Store folder.")
     scores_run: str = Field(description="run_id of the train run whose scores select.")
-    score: Literal[SCORE_NAMES] | None = Field(None, description="Score to select by (None: the random baseline).")
+    score: Literal[SCORE_NAMES] | None = Field(
+        None, description=f"Score to select by: {', '.join(SCORE_NAMES)} (None: the random baseline)."
+    )
     fractions: list[float] = Field(
         default_factory=lambda: [0.85, 0.7, 0.55, 0.4], description="Fractions of the data kept, one selection each."
     )
