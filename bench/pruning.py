@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -171,6 +172,7 @@ def print_aurocs(aurocs: dict) -> None:
 
 def finetune_noise(args, train_file: Path, source: dict, store: str, common: dict) -> None:
     """Full fine-tuning of the encoder (all weights) on the first ``--finetune-rows`` rows, noise study only."""
+    torch.set_num_threads(os.cpu_count() or 1)  # one in-process training: all cores
     common = {**common, "mode": "finetune", "lr": args.lr, "batch_size": 16, "score_batch_size": 32}
     run, aurocs, n_flipped, seconds = noise_study(
         args, train_file, source, store, common, list(range(args.seeds)), args.finetune_rows
