@@ -52,8 +52,13 @@ def _summary(result: dict, store: Path) -> None:
             f"{score['rows']} ({score['shards_scored']} shards, {score['shards_resumed']} resumed, "
             f"{score.get('shards_reused', 0)} reused from earlier runs)",
         )
-    for key, value in result.get("extra_summary", {}).items():
-        table.add_row(key, str(value))
+    for stage in ("select", "mixture"):
+        if "selection" in result.get(stage, {}):
+            table.add_row(f"selection ({stage})", f"{result[stage]['selection']}: {result[stage]['kept']} kept")
+    if weights := result.get("mixture", {}).get("weights"):
+        table.add_row("mixture weights", ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items())))
+    if report := result.get("report", {}).get("report"):
+        table.add_row("report", report)
     table.add_row("catalog", str(Path(result["store"]) / "catalog.duckdb"))
     console.print(table)
     console.print("Try:")
