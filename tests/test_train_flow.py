@@ -158,3 +158,29 @@ def test_frozen_minilm_small_real_data(name, tmp_path, shared_data, prefect_harn
     )
     acc = dict(query(Store(store), "SELECT score, accuracy FROM evaluations").to_pylist()[i].values() for i in range(2))
     assert ev["evaluations"] == 2 and min(np.array(list(acc.values()))) > (0.6 if name == "sst2" else 0.5)
+
+
+def test_training_resumes_after_the_last_checkpoint(tmp_path):
+    """A crash after epoch 1 (epoch 2's checkpoint missing) resumes from epoch 1 and ends identical."""
+    import shutil
+
+    import torch
+
+    from gradsift.schemas.train import TrainConfig
+    from gradsift.tasks.checkpoints import list_checkpoints
+    from gradsift.tasks.models import minilm_path
+    from gradsift.tasks.train import TrainData, train
+
+    rng = np.random.default_rng(0)
+    rows = [{"dataset": "d", "sample_id": f"s{i}", "label": str(i % 3)} for i in range(40)]
+    data = TrainData(rows, {"0": 0, "1": 1, "2": 2}, rng.normal(size=(40, 6)).astype(np.float32))
+    cfg = TrainConfig(data={"path": str(tmp_path)}, mode="frozen", epochs=2, batch_size=8, lr=1e-2, head_hidden=4)
+    epochs_run = []
+    base = str(minilm_path())
+    full, infos = train(cfg, base, data, 0, str(tmp_path / "a"), "r-seed0", lambda e, t: epochs_run.append(e))
+    assert [c.step for c in infos] == [5, 10] and infos[0].lr == pytest.approx(1e-2 * (10 - 4) / 10)
+    shutil.rmtree(infos[1].path)
+    resumed, _ = train(cfg, base, data, 0, str(tmp_path / "a"), "r-seed0", lambda e, t: epochs_run.append(e))
+    assert epochs_run == [1, 2, 2] and len(list_checkpoints(tmp_path / "a", "r-seed0")) == 2
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
