@@ -156,11 +156,37 @@ def test_ingest_flow_writes_samples_and_quarantine_only(tmp_path, model_dir, dat
     from gradsift.flows.score import ingest_flow
 
     config = RunConfig.model_validate(
-        {"store": str(tmp_path / "store"), "model": {"name_or_path": str(model_dir)},
-         "ingest": {"sources": [{"path": str(data_file)}]}}  # fmt: skip
+        {
+            "store": str(tmp_path / "store"),
+            "model": {"name_or_path": str(model_dir)},
+            "ingest": {"sources": [{"path": str(data_file)}]},
+        }  # fmt: skip
     )
     result = ingest_flow(config)
     store = Store(config.store)
     counts = query(store, "SELECT (SELECT count(*) FROM samples) AS s, (SELECT count(*) FROM quarantine) AS q, "
                    "(SELECT count(*) FROM scores) AS sc").to_pylist()[0]  # fmt: skip
     assert (result["status"], counts) == ("completed", {"s": 95, "q": 5, "sc": 0})
+
+
+def test_new_weights_in_the_same_folder_are_a_new_run(tmp_path, model_dir, data_file):
+    """A model folder retrained in place changes the run id (no stale 'already completed')."""
+    import os
+    import shutil
+
+    from gradsift.flows.runs import run_id_for
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = RunConfig.model_validate(
+        {
+            "store": str(tmp_path / "s"),
+            "model": {"name_or_path": str(folder)},
+            "ingest": {"sources": [{"path": str(data_file)}]},
+        }
+    )
+    before = run_id_for("score", config, config.ingest.sources)
+    assert run_id_for("score", config, config.ingest.sources) == before
+    weights = folder / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert run_id_for("score", config, config.ingest.sources) != before

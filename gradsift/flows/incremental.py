@@ -5,7 +5,7 @@ Two keys decide what a new run may take from earlier ones:
 - the *ingest key* of a source: its file's content hash, its field mapping, the shard size and the
   tokenizer and length limit that decide quarantine. Same key: the earlier run's ``samples`` and
   ``quarantine`` parts are reused and the file is not read again.
-- the *scoring key* of a run: model (name, checkpoint, dtype, labels), score config, seed and code
+- the *scoring key* of a run: model (name, weights fingerprint, checkpoint, dtype, labels), score config, seed and code
   version. A shard's name is a hash of its sample ids, so a shard of the same name scored under
   the same key has the same scores: its ``scores``, ``layer_stats`` and ``features`` parts are
   reused. Changing the model or the score config changes the key and invalidates exactly those.
@@ -27,6 +27,7 @@ from pathlib import Path
 import gradsift
 from gradsift.schemas.config import DataSource, RunConfig
 from gradsift.storage.store import RunStaging, Store
+from gradsift.tasks.models import model_fingerprint
 
 SCORE_PARTS = ("features", "layer_stats", "scores")  # scores last: a shard counts as done once it exists
 
@@ -54,6 +55,7 @@ def scoring_key(config: RunConfig, label_index: dict[str, int] | None) -> str:
     return _digest(
         {
             "model": config.model.model_dump(mode="json", exclude={"max_tokens"}),
+            "weights": model_fingerprint(config.model.name_or_path),
             "score": config.score.model_dump(mode="json"),
             "seed": config.seed,
             "labels": label_index,

@@ -14,6 +14,7 @@ from gradsift.schemas.config import DataSource
 from gradsift.storage.catalog import build_catalog
 from gradsift.storage.lock import StoreLock
 from gradsift.storage.store import RunStaging, Store, utc_now
+from gradsift.tasks.models import model_fingerprint
 
 
 def code_version() -> str:
@@ -39,10 +40,14 @@ def file_digest(path: str) -> str:
 def run_id_for(flow: str, config: BaseModel, sources: list[DataSource]) -> str:
     """Deterministic run id: the same command on the same inputs resumes the same run.
 
-    Where the work runs (Ray address, actors) and where it is stored do not change the id.
+    Where the work runs (Ray address, actors) and where it is stored do not change the id; new
+    weights in the same model folder do.
     """
     payload = config.model_dump(mode="json", exclude={"ray", "store"})
     payload["inputs"] = [file_digest(s.path) for s in sources]
+    model = getattr(config, "model", None)
+    if isinstance(name := getattr(model, "name_or_path", model), str):
+        payload["model_fingerprint"] = model_fingerprint(name)
     payload["code"] = gradsift.__version__
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return f"{flow}-{digest}"

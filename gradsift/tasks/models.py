@@ -204,3 +204,23 @@ def task_of_folder(name_or_path: str, num_labels: int | None) -> TaskType:
     config = AutoConfig.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
     archs = config.architectures or []
     return "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Identity of a model's weights for run ids and result reuse: a folder retrained in place is a new model.
+
+    Hashes each file's name, size and modification time (cheap for multi-GB weights) and the content of
+    the small JSON configs; a name that is no folder (``tiny``, ``minilm``) is its own identity.
+    """
+    import hashlib
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return name_or_path
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        h.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if path.suffix == ".json" and stat.st_size < 1 << 20:
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
