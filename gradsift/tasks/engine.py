@@ -280,6 +280,10 @@ class PerSampleGradients:
             model.train(was_training)
             for m in self.mods:
                 m.x = m.ids = None
+            # The tensor hooks' closures hold ``st`` and live in the autograd graph, which ``st._last``
+            # (a module input) keeps alive: a cycle through C++ that gc cannot collect, leaking the
+            # micro-batch's activations and accumulators on every call. Break it.
+            st._last, st.leaves = None, []
         return st.finish(loss.detach(), b)
 
 
