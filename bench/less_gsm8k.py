@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--feature-dim", type=int, default=2048)
     ap.add_argument("--retrain-epochs", type=int, default=6)
     ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--base-run", default=None, help="reuse this completed train run as the base (skip step 2)")
+    ap.add_argument("--lora-run", default=None, help="reuse this completed LoRA train run (skip step 3)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
@@ -110,20 +112,20 @@ def main() -> None:
 
     init = work / "model-init"
     if not (init / "config.json").exists():
-        build_llama(LlamaShape(hidden=args.hidden, layers=args.layers, heads=4, intermediate=2 * args.hidden)).save_pretrained(init)
+        build_llama(
+            LlamaShape(hidden=args.hidden, layers=args.layers, heads=4, intermediate=2 * args.hidden)
+        ).save_pretrained(init)
         byte_tokenizer().save_pretrained(init)
     mixture = {"path": str(work / "mixture.jsonl"), "dataset": "mixture"}
     common = {"store": str(store_dir), "data": mixture, "task": "causal_lm", "max_length": max_len}
     common |= {"batch_size": args.batch, "schedule": "constant", "score_batch_size": 32}
     base_cfg = TrainConfig(model=str(init), epochs=1, lr=3e-3, warmup_ratio=0.05, **common)
-    res = train_flow(base_cfg)
-    base_run = res["run_id"]
+    base_run = args.base_run or train_flow(base_cfg)["run_id"]
     base = list_checkpoints(store_dir, base_run)[-1].path / "model"
     print(f"base: run {base_run} -> {base} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     lora_cfg = TrainConfig(model=str(base), epochs=args.epochs, lr=1e-3, lora=True, lora_r=8, **common)
-    res = train_flow(lora_cfg)
-    lora_run = res["run_id"]
+    lora_run = args.lora_run or train_flow(lora_cfg)["run_id"]
     cks = list_checkpoints(store_dir, lora_run)
     print(f"lora: run {lora_run}, checkpoints {[(c.step, c.lr) for c in cks]} ({time.perf_counter() - t0:.0f}s)")
 
@@ -157,7 +159,8 @@ def main() -> None:
         store,
         f"""SELECT i.method, count(*) AS n_top, avg((s.domain = 'math')::INT) AS math_share,
                    avg((s.domain = 'code')::INT) AS code_share, avg((s.domain = 'general')::INT) AS general_share
-            FROM influence i JOIN samples s ON s.run_id = i.run_id AND s.sample_id = i.sample_id
+            FROM influence i JOIN (SELECT DISTINCT dataset, sample_id, domain FROM samples) s
+                 USING (dataset, sample_id)
             WHERE i.run_id = '{irun}' AND i.rank < (SELECT 0.05 * count(*) FROM influence
                   WHERE run_id = '{irun}' AND method = i.method)
             GROUP BY i.method ORDER BY i.method""",
