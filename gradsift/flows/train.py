@@ -8,6 +8,7 @@ Rerunning the same config resumes (finished seeds and epochs are skipped) or doe
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,39 +90,52 @@ def train_stage(config: TrainConfig, base: str, run_id: str, label_index: dict |
 
 
 @task(name="combine-scores", cache_policy=NO_CACHE)
-def combine_stage(config: TrainConfig, staging, run_id: str) -> dict:
+def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: float | None) -> dict:
     """Average the seeds' scores into one ``scores`` row per sample.
 
     Means over seeds: el2n, grand, aum, self_influence, loss, raw VoG (then z-normalised per class or
-    over the dataset); forgetting events are summed; never_learned means never learned in any seed."""
+    over the dataset); forgetting events are summed; never_learned means never learned in any seed.
+    Seeds in which a sample was a threshold sample do not count for it (NaN is null in SQL)."""
     samples = staging.read("samples").select(["dataset", "sample_id", "label"]).to_pandas()
     seeds = [
         pq.read_table(p).to_pandas().set_index("sample_id").loc[samples["sample_id"]]
         for p in staging.parts("_seed_scores")
     ]
-    mean = {
-        k: np.mean([s[k].to_numpy() for s in seeds], axis=0)
-        for k in ("el2n", "grand", "aum", "vog", "self_influence", "loss")
-    }
+
+    def stack(key: str) -> np.ndarray:  # [S, N], NaN where a seed has no score (its threshold samples)
+        return np.stack([s[key].to_numpy(dtype=np.float64) for s in seeds])
+
+    with warnings.catch_warnings():  # a sample that was a threshold sample in every seed: all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k: np.nanmean(stack(k), axis=0) for k in ("el2n", "grand", "aum", "vog", "self_influence", "loss")}
+    scored = ~np.isnan(stack("loss"))
+    missing = ~scored.any(axis=0)
     groups = samples["label"].to_numpy() if config.vog_normalise == "class" else None
+    vog = np.full(len(samples), np.nan)
+    vog[~missing] = zscore(mean["vog"][~missing], None if groups is None else groups[~missing])
     table = pa.table(
         {
             "checkpoint": [f"{run_id}-seed*"] * len(samples),
             "dataset": samples["dataset"],
             "sample_id": samples["sample_id"],
-            "loss": mean["loss"],
+            "loss": pa.array(mean["loss"], from_pandas=True),
             "grad_norm": pa.nulls(len(samples), pa.float32()),
-            "el2n": mean["el2n"],
-            "grand": mean["grand"],
-            "forgetting": np.sum([s["forgetting"].to_numpy() for s in seeds], axis=0),
-            "never_learned": np.all([s["never_learned"].to_numpy() for s in seeds], axis=0),
-            "aum": mean["aum"],
-            "vog": zscore(mean["vog"], groups),
-            "self_influence": mean["self_influence"],
+            "el2n": pa.array(mean["el2n"], from_pandas=True),
+            "grand": pa.array(mean["grand"], from_pandas=True),
+            "forgetting": pa.array(np.nansum(stack("forgetting"), axis=0).astype(np.int32), mask=missing),
+            "never_learned": pa.array(((stack("never_learned") == 1) | ~scored).all(axis=0), mask=missing),
+            "aum": pa.array(mean["aum"], from_pandas=True),
+            "vog": pa.array(vog, from_pandas=True),
+            "self_influence": pa.array(mean["self_influence"], from_pandas=True),
         }
     ).cast(SCORES)
     staging.write_part("scores", "train", table)
-    return {"samples": table.num_rows, "never_learned": int(pa.compute.sum(table["never_learned"]).as_py() or 0)}
+    flagged = int((mean["aum"] < aum_threshold).sum()) if aum_threshold is not None else None
+    return {
+        "flagged": flagged,
+        "samples": table.num_rows,
+        "never_learned": int(pa.compute.sum(table["never_learned"]).as_py() or 0),
+    }
 
 
 @flow(name="gradsift-train", log_prints=True)
@@ -136,14 +150,25 @@ def train_flow(config: TrainConfig) -> dict:
             embed_stage(config, base, staging)
         seeds = train_stage(config, base, run_id, ingest["label_index"])
         recorder.row["checkpoint"] = json.dumps([s["train_run_id"] for s in seeds])
-        combined = combine_stage(config, staging, run_id)
+        thresholds = [s["aum_threshold"] for s in seeds if s["aum_threshold"] is not None]
+        threshold = float(np.mean(thresholds)) if thresholds else None
+        combined = combine_stage(config, staging, run_id, threshold)
+        if threshold is not None:
+            recorder.row["note"] = f"aum_threshold={threshold:.6g} flagged={combined['flagged']}"
         create_markdown_artifact(
             f"# gradsift train `{run_id}`\n\n- samples: {ingest['samples']}, seeds: {config.seeds}, "
             f"epochs: {config.epochs}, mode: {config.mode}{' (LoRA)' if config.lora else ''}\n"
             f"- never learned (all seeds): {combined['never_learned']}\n"
+            f"- AUM threshold (threshold samples): {threshold}, flagged as mislabelled: {combined['flagged']}\n"
             f"- checkpoints: `{Path(config.store) / 'checkpoints'}/{run_id}-seed*`\n",
             key="train-report",
         )
-        return {"samples": ingest["samples"], "seeds": seeds, "label_index": ingest["label_index"]}
+        return {
+            "samples": ingest["samples"],
+            "seeds": seeds,
+            "label_index": ingest["label_index"],
+            "aum_threshold": threshold,
+            "flagged": combined["flagged"],
+        }
 
     return run_recorded("train", config, [config.data], base, body)

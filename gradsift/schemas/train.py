@@ -45,6 +45,12 @@ class TrainConfig(_Config):
     score_epoch: int = Field(
         1, ge=1, description="Early epoch whose checkpoint gives EL2N and GraNd (Paul et al. use an early epoch)."
     )
+    aum_threshold_samples: bool = Field(
+        False,
+        description="AUM threshold samples (Pleiss et al. 2020): each seed relabels a random N/(C+1) of the samples "
+        "to a fake class; the 99th percentile of their AUM is the threshold below which a sample is flagged as "
+        "mislabelled (recorded in the run's note). Those samples get no scores from that seed.",
+    )
     vog_normalise: Literal["class", "dataset"] = Field("class", description="VoG z-normalisation: per class or all.")
     score_batch_size: int = Field(64, ge=1, description="Samples per forward when scoring checkpoints.")
     ray: RayConfig = Field(default_factory=RayConfig)

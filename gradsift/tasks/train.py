@@ -319,13 +319,33 @@ def load_train_data(cfg: TrainConfig, base_model: str, rows: list[dict], label_i
     return TrainData(rows, label_index, emb)
 
 
+THRESHOLD_LABEL = "__threshold__"
+
+
+def threshold_samples(rows: list[dict], label_index: dict, seed: int) -> tuple[list[dict], dict, np.ndarray]:
+    """Pleiss et al. 2020 threshold samples: N/(C+1) samples (chosen with ``seed``) are relabelled to a
+    fake extra class, mislabelled by construction; returns (rows, label index with that class, mask)."""
+    n, c = len(rows), len(label_index)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng([seed, 7]).choice(n, n // (c + 1), replace=False)] = True
+    rows = [{**r, "label": THRESHOLD_LABEL} if m else r for r, m in zip(rows, mask, strict=True)]
+    return rows, {**label_index, THRESHOLD_LABEL: c}, mask
+
+
 def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: int, label_index: dict | None) -> dict:
     """One seed of a train run, resumably: train (dynamics parts and checkpoints), then its per-seed
-    scores as the staging part ``_seed_scores/seed<k>`` (the flow combines seeds). Returns small metadata."""
+    scores as the staging part ``_seed_scores/seed<k>`` (the flow combines seeds). Returns small metadata.
+
+    With ``cfg.aum_threshold_samples`` the seed's threshold samples get no scores (NaN) and the seed's
+    AUM threshold (99th percentile of their AUM) is returned."""
     staging = Store(cfg.store).staging(run_id)
     part, train_run_id = f"seed{seed}", f"{run_id}-seed{seed}"
     if not staging.has_part("_seed_scores", part):
         rows = staging.read("samples").to_pylist()
+        ids = [r["sample_id"] for r in rows]
+        fake = np.zeros(len(rows), dtype=bool)
+        if cfg.aum_threshold_samples and label_index:
+            rows, label_index, fake = threshold_samples(rows, label_index, seed)
         data = load_train_data(cfg, base_model, rows, label_index)
         _, infos = train(
             cfg,
@@ -339,10 +359,18 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
         proxies = [build_proxy(cfg, base_model, data, seed, info) for info in infos]
         scores = checkpoint_scores(proxies, [c.lr for c in infos], cfg.score_epoch - 1, cfg.score_batch_size)
         dynamics = pa.concat_tables([pq.read_table(p) for p in sorted(staging.dir.glob(f"dynamics/{part}-epoch*"))])
-        ids = [r["sample_id"] for r in rows]
         scores.update(visit_scores(dynamics, ids))
+        threshold = dyn.aum_threshold(scores["aum"][fake]) if fake.any() else np.nan
+        scores = {k: np.where(fake, np.nan, v.astype(np.float64)) for k, v in scores.items()}
+        scores["aum_threshold"] = np.full(len(ids), threshold)
         staging.write_part("_seed_scores", part, pa.table({"sample_id": ids, **scores}))
-    return {"seed": seed, "train_run_id": train_run_id, "checkpoints": len(list_checkpoints(cfg.store, train_run_id))}
+    threshold = pq.read_table(staging.part_path("_seed_scores", part), columns=["aum_threshold"])[0][0].as_py()
+    return {
+        "seed": seed,
+        "train_run_id": train_run_id,
+        "checkpoints": len(list_checkpoints(cfg.store, train_run_id)),
+        "aum_threshold": None if np.isnan(threshold) else threshold,
+    }
 
 
 def evaluate_selections(
