@@ -164,9 +164,7 @@ def load_model(
             path, local_files_only=True, trust_remote_code=False, dtype=dtype, **kwargs
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, dtype=dtype
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.eval(), tokenizer
