@@ -1,7 +1,7 @@
 """Score-based pruning and planted label noise on AG News (or SST-2) with the frozen MiniLM encoder.
 
-Runs the project's own flows: ``train`` (frozen encoder, head trained with per-visit dynamics, 3
-seeds on Ray) -> ``select`` (per score, drop easy, stratified by label; random baseline) ->
+Runs the project's own flows: ``train`` (frozen encoder, head trained with per-visit dynamics,
+--proxy-seeds seeds on Ray) -> ``select`` (per score, drop easy, stratified by label; random baseline) ->
 ``evaluate`` (retrain from the same start on every selection, 3 seeds, held-out accuracy), then a
 second ``train`` on a copy of the training file with 10% of labels flipped (seeded) and the AUROC
 with which each score ranks the flipped samples first. Prints a table and JSON; writes the plot.
@@ -59,12 +59,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--head-hidden", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="Retraining seeds and random selections per fraction.")
+    parser.add_argument(
+        "--proxy-seeds",
+        type=int,
+        default=0,
+        help="Proxy-training seeds whose scores are averaged (EL2N, AUM, ...; Paul et al. average over 10); "
+        "default: --seeds.",
+    )
     parser.add_argument(
         "--finetune-rows",
         type=int,
         default=0,
         help="Instead: full fine-tuning of MiniLM on the first N training rows, label-noise study only.",
+    )
+    parser.add_argument(
+        "--aum-threshold-samples",
+        action="store_true",
+        help="Label-noise study only, with AUM threshold samples (Pleiss et al.): also the precision and recall "
+        "of the samples flagged below the threshold.",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -79,6 +92,7 @@ def main() -> None:
     train_file, eval_file = args.data / "train.tsv", args.data / ("dev.tsv" if sst2 else "test.tsv")
     store = str(args.work / "store")
     seeds = list(range(args.seeds))
+    proxy_seeds = list(range(args.proxy_seeds or args.seeds))
     common = {
         "store": store,
         "model": "minilm",
@@ -91,10 +105,14 @@ def main() -> None:
         "embed_cache": str(args.embed_cache),
     }
     if args.finetune_rows:
-        return finetune_noise(args, train_file, source, store, common)
+        torch.set_num_threads(os.cpu_count() or 1)  # one in-process training: all cores
+        common = {**common, "mode": "finetune", "lr": args.lr, "batch_size": 16, "score_batch_size": 32}
+        return noise_only(args, train_file, source, store, common, proxy_seeds)
+    if args.aum_threshold_samples:
+        return noise_only(args, train_file, source, store, {**common, "aum_threshold_samples": True}, proxy_seeds)
     times = {}
     t = time.perf_counter()
-    train = train_flow(TrainConfig(data={"path": str(train_file), **source}, seeds=seeds, **common))
+    train = train_flow(TrainConfig(data={"path": str(train_file), **source}, seeds=proxy_seeds, **common))
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
     selections = [select_flow(SelectConfig(store=store, scores_run=train["run_id"], score=None, seeds=seeds))]
@@ -115,7 +133,9 @@ def main() -> None:
     )
     times["evaluate"] = time.perf_counter() - t
 
-    noisy_run, aurocs, n_flipped, times["train_noisy"] = noise_study(args, train_file, source, store, common, seeds)
+    noisy_run, aurocs, n_flipped, times["train_noisy"] = noise_study(
+        args, train_file, source, store, common, proxy_seeds
+    )
     print(ev["summary"])
     print_aurocs(aurocs)
     print(
@@ -150,6 +170,7 @@ def noise_study(args, train_file: Path, source: dict, store: str, common: dict, 
         "SELECT m.line, s.* FROM scores s JOIN samples m USING (dataset, sample_id) "
         f"WHERE s.run_id = '{run['run_id']}'",
     ).to_pandas()
+    table = table[table["aum"].notna()]  # threshold samples in every seed have no scores
     is_flipped = table["line"].isin(flipped).to_numpy()
     oriented = {
         "el2n": table["el2n"],
@@ -161,22 +182,23 @@ def noise_study(args, train_file: Path, source: dict, store: str, common: dict, 
         "final loss": table["loss"],
     }
     aurocs = {k: round(auroc(np.asarray(v, dtype=float), is_flipped), 4) for k, v in oriented.items()}
+    if run.get("aum_threshold") is not None:
+        flagged = (table["aum"] < run["aum_threshold"]).to_numpy()
+        hits = int((flagged & is_flipped).sum())
+        aurocs["threshold flags: precision"] = round(hits / max(int(flagged.sum()), 1), 4)
+        aurocs["threshold flags: recall"] = round(hits / int(is_flipped.sum()), 4)
     return run, aurocs, int(is_flipped.sum()), seconds
 
 
 def print_aurocs(aurocs: dict) -> None:
     print("\nplanted 10% label noise: AUROC of each score ranking the flipped samples first")
     for k, v in aurocs.items():
-        print(f"  {k:18s} {v:.4f}")
+        print(f"  {k:28s} {v:.4f}")
 
 
-def finetune_noise(args, train_file: Path, source: dict, store: str, common: dict) -> None:
-    """Full fine-tuning of the encoder (all weights) on the first ``--finetune-rows`` rows, noise study only."""
-    torch.set_num_threads(os.cpu_count() or 1)  # one in-process training: all cores
-    common = {**common, "mode": "finetune", "lr": args.lr, "batch_size": 16, "score_batch_size": 32}
-    run, aurocs, n_flipped, seconds = noise_study(
-        args, train_file, source, store, common, list(range(args.seeds)), args.finetune_rows
-    )
+def noise_only(args, train_file: Path, source: dict, store: str, common: dict, seeds: list[int]) -> None:
+    """The label-noise study alone (full fine-tuning on the first ``--finetune-rows`` rows, or threshold samples)."""
+    run, aurocs, n_flipped, seconds = noise_study(args, train_file, source, store, common, seeds, args.finetune_rows)
     print_aurocs(aurocs)
     print(json.dumps({"noisy_run": run["run_id"], "auroc": aurocs, "flipped": n_flipped, "seconds": round(seconds, 1)}))
 
