@@ -6,6 +6,8 @@ Chromium (Debian package ``chromium``) take screenshots:
 
     docs/prefect_ui_deployment.png     the nightly deployment: its cron schedule and entrypoint
     docs/prefect_ui_run.png            its finished run: stages as task runs, the report artifact
+    docs/prefect_ui_artifacts.png      the artifacts: the run report, the stage-counts table, the curation report
+    docs/prefect_ui_report.png         the run-report artifact: counts and the SQL that reproduces each figure
 
 Run from the repository root: ``.venv/bin/python docs/screenshot_ui.py``.
 """
@@ -35,7 +37,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--hide-scrollbars",
     "--window-size=1400,900",
-    "--virtual-time-budget=20000",
+    "--virtual-time-budget=60000",  # artifact pages render late
 ]
 
 
@@ -65,6 +67,9 @@ def main() -> None:
         print(f"run {run.name}: {len(artifacts)} artifacts ({', '.join(a.type for a in artifacts)})")
         screenshot(f"{ui}/deployments/deployment/{deployment.id}", ROOT / "docs" / "prefect_ui_deployment.png")
         screenshot(f"{ui}/runs/flow-run/{run.id}", ROOT / "docs" / "prefect_ui_run.png")
+        screenshot(f"{ui}/artifacts", ROOT / "docs" / "prefect_ui_artifacts.png")
+        report = next(a for a in artifacts if a.key == "run-report")
+        screenshot(f"{ui}/artifacts/artifact/{report.id}", ROOT / "docs" / "prefect_ui_report.png")
 
 
 if __name__ == "__main__":
