@@ -55,8 +55,9 @@ def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: 
     return [row for rows in run_jobs(evaluate_selections, calls, config.ray) for row in rows]
 
 
-def plot_curves(table: pa.Table, path: Path, title: str) -> Path:
-    """Accuracy vs fraction kept: mean over seeds with a min-max band, one line per score/drop."""
+def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy") -> Path:
+    """``metric`` (accuracy, or loss for causal LMs) vs fraction kept: mean over seeds with a min-max band,
+    one line per score/drop."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +65,7 @@ def plot_curves(table: pa.Table, path: Path, title: str) -> Path:
 
     rows = table.to_pylist()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    full = [r["accuracy"] for r in rows if r["score"] == "all"]
+    full = [r[metric] for r in rows if r["score"] == "all"]
     if full:
         ax.axhline(np.mean(full), color="black", ls=":", lw=1, label=f"all data ({np.mean(full):.4f})")
     lines = sorted({(r["score"], r["drop"]) for r in rows if r["score"] != "all"})
@@ -72,7 +73,7 @@ def plot_curves(table: pa.Table, path: Path, title: str) -> Path:
         by_fraction: dict[float, list[float]] = defaultdict(list)
         for r in rows:
             if (r["score"], r["drop"]) == (score, drop):
-                by_fraction[round(r["fraction_kept"], 3)].append(r["accuracy"])
+                by_fraction[round(r["fraction_kept"], 3)].append(r[metric])
         xs = sorted(by_fraction)
         mean = [np.mean(by_fraction[x]) for x in xs]
         label = score if score == "random" else f"{score} (drop {drop})"
@@ -80,7 +81,7 @@ def plot_curves(table: pa.Table, path: Path, title: str) -> Path:
         lo, hi = [min(by_fraction[x]) for x in xs], [max(by_fraction[x]) for x in xs]
         ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
     ax.set_xlabel("fraction of training data kept")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel(f"held-out {metric}")
     ax.invert_xaxis()
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -92,12 +93,12 @@ def plot_curves(table: pa.Table, path: Path, title: str) -> Path:
     return path
 
 
-def summary_markdown(table: pa.Table) -> str:
-    """Mean and spread of held-out accuracy per selection line and fraction, as a markdown table."""
+def summary_markdown(table: pa.Table, metric: str = "accuracy") -> str:
+    """Mean and spread of the held-out ``metric`` per selection line and fraction, as a markdown table."""
     acc: dict[tuple, list[float]] = defaultdict(list)
     for r in table.to_pylist():
-        acc[(r["score"], r["drop"], round(r["fraction_kept"], 2))].append(r["accuracy"])
-    lines = ["| score | drop | kept | accuracy (mean) | min | max | seeds |", "|---|---|---|---|---|---|---|"]
+        acc[(r["score"], r["drop"], round(r["fraction_kept"], 2))].append(r[metric])
+    lines = [f"| score | drop | kept | {metric} (mean) | min | max | seeds |", "|---|---|---|---|---|---|---|"]
     for (score, drop, frac), values in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
         lines.append(
             f"| {score} | {drop} | {frac:.2f} | {np.mean(values):.4f} | {min(values):.4f} | {max(values):.4f} | "
@@ -116,12 +117,13 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     train = TrainConfig.model_validate_json(train_row["config"])
     base = train_row["model"]
     train_parts = [str(p) for p in store.committed_parts("samples", config.train_run)]
+    classification = train.task == "classification"
     labels = sorted({r for p in train_parts for r in pq.read_table(p, columns=["label"])["label"].to_pylist()})
-    label_index = {label: i for i, label in enumerate(labels)}
+    label_index = {label: i for i, label in enumerate(labels)} if classification else None
     kept, info = _selections(store, config.selection_runs)
 
     def body(recorder) -> dict:
-        ingest_stage(ingest_config(config.store, base, config.eval_data, True), recorder.staging)
+        ingest_stage(ingest_config(config.store, base, config.eval_data, classification), recorder.staging)
         eval_parts = [str(p) for p in recorder.staging.parts("samples")]
         jobs = [(name, ids, seed) for name, ids in sorted(kept.items()) for seed in config.seeds]
         if config.include_full:
@@ -130,9 +132,10 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         meta = {**info, "all": {"score": "all", "drop": "", "fraction_kept": 1.0}}
         table = pa.Table.from_pylist([{**r, **meta[r["selection"]]} for r in rows], schema=EVALUATIONS)
         recorder.staging.write_part("evaluations", "evaluate", table)
-        plot = Path(config.plot) if config.plot else store.root / "reports" / recorder.run_id / "accuracy.png"
-        plot_curves(table, plot, f"{Path(config.eval_data.path).parent.name}: retrained on selections")
-        markdown = summary_markdown(table)
+        metric = "accuracy" if classification else "loss"  # a causal LM is judged by its held-out loss
+        plot = Path(config.plot) if config.plot else store.root / "reports" / recorder.run_id / f"{metric}.png"
+        plot_curves(table, plot, f"{Path(config.eval_data.path).parent.name}: retrained on selections", metric)
+        markdown = summary_markdown(table, metric)
         create_markdown_artifact(
             f"# gradsift evaluate `{recorder.run_id}`\n\ntrain run `{config.train_run}`, held-out "
             f"`{config.eval_data.path}`\n\n{markdown}\n\nplot: `{plot}`\n",
