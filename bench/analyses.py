@@ -105,12 +105,12 @@ def main() -> None:
 
 def _count_cut(cfg, folder: Path) -> None:
     """How many pairs have a chosen or rejected sample longer than max_tokens (they keep their last tokens)."""
-    from gradsift.flows.analyze import _pair_rows
+    from gradsift.flows.analyze import pair_rows
     from gradsift.tasks.batching import encode_causal
     from gradsift.tasks.models import load_tokenizer
 
     tok, n = load_tokenizer(str(folder)), cfg.model.max_tokens
-    rows = _pair_rows(cfg)
+    rows = pair_rows(cfg)
     lens = [(len(encode_causal(tok, p, c, None)[0]), len(encode_causal(tok, p, r, None)[0])) for _, p, c, r in rows]
     cut = sum(max(a, b) > n for a, b in lens)
     print(f"pairs: {len(rows)}, cut to the last {n} tokens: {cut} ({cut / len(rows):.1%})", flush=True)

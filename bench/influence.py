@@ -38,7 +38,7 @@ def main() -> None:
     from gradsift.storage.store import write_parquet_atomic
     from gradsift.tasks.influence import FeatureSource, Targets
     from gradsift.tasks.influence_pool import group_shards, stream_influence
-    from gradsift.tasks.scoring import _features_table
+    from gradsift.tasks.scoring import features_table
 
     tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-influence-"))
     rng = np.random.default_rng(0)
@@ -57,7 +57,7 @@ def main() -> None:
             {"checkpoint": "c", "dataset": "train", "sample_id": s, "feature": f}
             for s, f in zip(ids, feats, strict=True)
         ]
-        write_parquet_atomic(_features_table(recs, args.k), tmp / "features" / f"{name}.parquet")
+        write_parquet_atomic(features_table(recs, args.k), tmp / "features" / f"{name}.parquet")
         shards.append(name)
         rows[name] = n
     print(f"generated {args.n} x {args.k} float16 features in {len(shards)} shards in {time.perf_counter() - t0:.1f}s")

@@ -29,6 +29,17 @@ from gradsift.env import configure_environment
 configure_environment()
 
 
+def _gsm8k(path: Path, domain: str, max_chars: int) -> tuple[int, list[dict]]:
+    """(records in the file, prompt/response rows of at most ``max_chars`` characters) of a gsm8k split."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [
+        {"prompt": f"Question: {r['question']}\nAnswer: ", "response": r["answer"], "domain": domain}
+        for r in recs
+        if len(r["question"]) + len(r["answer"]) + 19 <= max_chars
+    ]
+    return len(recs), rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -47,22 +58,12 @@ def prep(data: Path, work: Path, per_domain: int, targets: int, max_chars: int, 
         rng.shuffle(rows)
         out += rows[:per_domain]
         counts[domain] = (len(recs), len(rows), min(per_domain, len(rows)))
-    recs = [json.loads(line) for line in (data / "gsm8k/train.jsonl").read_text().splitlines() if line.strip()]
-    rows = [
-        {"prompt": f"Question: {r['question']}\nAnswer: ", "response": r["answer"], "domain": "math"}
-        for r in recs
-        if len(r["question"]) + len(r["answer"]) + 19 <= max_chars
-    ]
+    n_recs, rows = _gsm8k(data / "gsm8k/train.jsonl", "math", max_chars)
     rng.shuffle(rows)
     out += rows[:per_domain]
-    counts["math"] = (len(recs), len(rows), min(per_domain, len(rows)))
+    counts["math"] = (n_recs, len(rows), min(per_domain, len(rows)))
     rng.shuffle(out)
-    recs = [json.loads(line) for line in (data / "gsm8k/test.jsonl").read_text().splitlines() if line.strip()]
-    test = [
-        {"prompt": f"Question: {r['question']}\nAnswer: ", "response": r["answer"], "domain": "target"}
-        for r in recs
-        if len(r["question"]) + len(r["answer"]) + 19 <= max_chars
-    ]
+    _, test = _gsm8k(data / "gsm8k/test.jsonl", "target", max_chars)
     rng.shuffle(test)
     work.mkdir(parents=True, exist_ok=True)
     _write_jsonl(work / "mixture.jsonl", out)

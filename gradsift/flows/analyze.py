@@ -73,7 +73,8 @@ def _records(config: AnalyzeConfig, limit: int | None) -> list[tuple[int, dict]]
     return rows[:limit] if limit else rows
 
 
-def _pair_rows(config: AnalyzeConfig) -> list[tuple[int, str, str, str]]:
+def pair_rows(config: AnalyzeConfig) -> list[tuple[int, str, str, str]]:
+    """(line, prompt, chosen, rejected) of every usable pair in ``config.pairs`` (hh-rlhf dialogues are split)."""
     from gradsift.tasks.entanglement import split_dialogue
 
     pc = config.pairs
@@ -92,7 +93,7 @@ def _pair_rows(config: AnalyzeConfig) -> list[tuple[int, str, str, str]]:
 def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     """Entanglement of every pair, chunks fanned out as Ray tasks."""
     staging = store.staging(run_id)
-    rows = _pair_rows(config)
+    rows = pair_rows(config)
     n_chunks = max(1, min(len(rows), 4 * config.ray.num_actors))
     size = -(-len(rows) // n_chunks)
     refs = [_pairs_chunk.remote(config, rows[i : i + size]) for i in range(0, len(rows), size)]

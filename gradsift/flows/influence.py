@@ -79,7 +79,7 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
         subtask,
         t_keys["sample_id"],
     )
-    rows = {s: pq.ParquetFile(staging.part_path("samples", s)).metadata.num_rows for s in train_shards}
+    rows = {s: staging.count_rows("samples", s) for s in train_shards}
     blocks = group_shards(train_shards, rows, target.block_rows)
     logger.info(
         "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), len(subtask), len(blocks)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -146,7 +145,7 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
         "shards_scored": result.shards_scored,
         "shards_resumed": result.shards_skipped - len(reused),
         "shards_reused": len(reused),
-        "rows": _count_rows(staging, "scores"),
+        "rows": staging.count_rows("scores"),
         "rows_scored": result.rows,
         "seconds": round(result.seconds, 2),
         "parameter_set": result.parameter_set,
@@ -156,7 +155,3 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
     )
     staging.mark_done("score", info)
     return info
-
-
-def _count_rows(staging: RunStaging, table: str) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in staging.parts(table))

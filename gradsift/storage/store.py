@@ -114,6 +114,11 @@ class RunStaging:
     def parts(self, table: str) -> list[Path]:
         return sorted((self.dir / table).glob("*.parquet"))
 
+    def count_rows(self, table: str, part: str | None = None) -> int:
+        """Rows of one staged part, or of every part of ``table``, from the Parquet footers."""
+        paths = [self.part_path(table, part)] if part is not None else self.parts(table)
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
     def read(self, table: str) -> pa.Table | None:
         parts = self.parts(table)
         if not parts:
@@ -147,7 +152,7 @@ class RunStaging:
         for table_dir in sorted(p for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith("_")):
             dest = self.store.tables / table_dir.name / f"run_id={self.run_id}"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            rows += sum(pq.ParquetFile(p).metadata.num_rows for p in table_dir.glob("*.parquet"))
+            rows += self.count_rows(table_dir.name)
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(table_dir, dest)

@@ -200,7 +200,7 @@ class CheckpointFeaturizer:
     def featurize(self, samples: pa.Table) -> dict[str, pa.Table]:
         """Rows of ``features`` for one shard: checkpoint "<step>:grad" and "<step>:adam"."""
         from gradsift.tasks.models import task_of
-        from gradsift.tasks.scoring import _features_table
+        from gradsift.tasks.scoring import features_table
 
         task = task_of(self.model.get_base_model())
         items = [encode_row(r, self.tokenizer, task, self.label_index) for r in samples.to_pylist()]
@@ -216,7 +216,7 @@ class CheckpointFeaturizer:
                         {"checkpoint": f"{self.name}:{kind}", "dataset": it.dataset, "sample_id": it.sample_id}
                         | {"feature": f}
                     )
-        return {kind: _features_table(r, proj.feature_dim) for kind, r in rows.items()}
+        return {kind: features_table(r, proj.feature_dim) for kind, r in rows.items()}
 
 
 # --------------------------------------------------------------------------------------------

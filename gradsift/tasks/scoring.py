@@ -78,11 +78,12 @@ class ShardScorer:
         }
         if features:
             dim = len(features[0]["feature"])
-            tables["features"] = _features_table(features, dim)
+            tables["features"] = features_table(features, dim)
         return tables
 
 
-def _features_table(rows: list[dict], dim: int) -> pa.Table:
+def features_table(rows: list[dict], dim: int) -> pa.Table:
+    """Rows of (checkpoint, dataset, sample_id, feature [dim]) as a ``features`` table (float16 fixed-size lists)."""
     import numpy as np
 
     flat = np.stack([r["feature"] for r in rows]).astype(np.float16).reshape(-1)
