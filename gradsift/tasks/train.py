@@ -139,13 +139,17 @@ def build_proxy(cfg: TrainConfig, base_model: str, data: TrainData, seed: int, i
             task_type = "SEQ_CLS" if num_labels else "CAUSAL_LM"
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, task_type=task_type))
     task: TaskType = "classification" if num_labels else "causal_lm"
-    items = [_truncate(encode_row(r, tokenizer, task, data.label_index), cfg.max_length) for r in data.rows]
-    return HFProxy(model, tokenizer, task, items, cfg.lora)
+    return HFProxy(model, tokenizer, task, _encode(cfg, data, tokenizer, task), cfg.lora)
 
 
-def _truncate(item: Encoded, n: int) -> Encoded:
-    target = item.target if isinstance(item.target, int) else item.target[:n]
-    return Encoded(item.dataset, item.sample_id, item.input_ids[:n], target)
+def _encode(cfg: TrainConfig, data: TrainData, tokenizer, task: TaskType) -> list[Encoded]:
+    """The samples' tokens and targets, cut to ``cfg.max_length``."""
+    items = [encode_row(r, tokenizer, task, data.label_index) for r in data.rows]
+    n = cfg.max_length
+    return [
+        Encoded(it.dataset, it.sample_id, it.input_ids[:n], it.target if isinstance(it.target, int) else it.target[:n])
+        for it in items
+    ]
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -304,7 +308,7 @@ def rebind(proxy: Proxy, cfg: TrainConfig, data: TrainData) -> Proxy:
     """The same trained model over other samples (e.g. held-out data for ``evaluate``)."""
     if isinstance(proxy, HeadProxy):
         return HeadProxy(proxy.model, data.embeddings, data.labels)
-    items = [_truncate(encode_row(r, proxy.tokenizer, proxy.task, data.label_index), cfg.max_length) for r in data.rows]
+    items = _encode(cfg, data, proxy.tokenizer, proxy.task)
     return HFProxy(proxy.model, proxy.tokenizer, proxy.task, items, proxy.lora)
 
 
