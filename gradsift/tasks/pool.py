@@ -20,7 +20,7 @@ from gradsift.schemas.config import ModelConfig, RayConfig
 from gradsift.schemas.engine import EngineConfig
 from gradsift.storage.store import Store
 
-SCORE_TABLES = ("scores", "layer_stats", "features")
+SCORE_TABLES = ("features", "layer_stats", "scores")  # write order: a shard is done once its scores part exists
 
 
 def ensure_ray(config: RayConfig) -> str:
@@ -48,15 +48,11 @@ class ScoringActor:
     def parameter_set(self) -> dict:
         return self.scorer.parameter_set()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def score_shard(self, shard: str) -> dict:
         start = time.perf_counter()
         samples = pq.read_table(self.staging.part_path("samples", shard))
         tables = self.scorer.score(samples)
-        # features and layer stats first, scores last: a shard counts as done when its scores part exists
-        for name in sorted(tables, key=lambda t: t == "scores"):
+        for name in (t for t in SCORE_TABLES if t in tables):
             self.staging.write_part(name, shard, tables[name])
         return {
             "shard": shard,
@@ -104,23 +100,25 @@ def score_shards(
         ).remote(str(store.root), run_id, model.model_dump(), engine.model_dump(), label_index, seed)
         for _ in range(n_actors)
     ]
-    parameter_set = ray.get(actors[0].parameter_set.remote())
-    queue = list(todo)
-    running: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
-    for actor in actors:
-        if queue:
-            running[actor.score_shard.remote(queue.pop(0))] = actor
-    rows = done = 0
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1)
-        actor = running.pop(ready[0])
-        info = ray.get(ready[0])
-        rows += info["rows"]
-        done += 1
-        if on_shard_done:
-            on_shard_done(info, done, len(todo))
-        if queue:
-            running[actor.score_shard.remote(queue.pop(0))] = actor
-    for actor in actors:
-        ray.kill(actor)
+    try:  # release the actors explicitly on failure too, rather than relying on handle collection
+        parameter_set = ray.get(actors[0].parameter_set.remote())
+        queue = list(todo)
+        running: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
+        for actor in actors:
+            if queue:
+                running[actor.score_shard.remote(queue.pop(0))] = actor
+        rows = done = 0
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ready[0])
+            info = ray.get(ready[0])
+            rows += info["rows"]
+            done += 1
+            if on_shard_done:
+                on_shard_done(info, done, len(todo))
+            if queue:
+                running[actor.score_shard.remote(queue.pop(0))] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     return PoolResult(done, skipped, rows, time.perf_counter() - start, parameter_set)
