@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,9 +78,6 @@ class Store:
     def runs(self) -> list[dict]:
         return [pq.read_table(p).to_pylist()[0] for p in sorted((self.tables / "runs").glob("*.parquet"))]
 
-    def completed_runs(self) -> list[dict]:
-        return [r for r in self.runs() if r["status"] == "completed"]
-
     def staging(self, run_id: str) -> RunStaging:
         return RunStaging(self, run_id)
 
@@ -125,10 +121,6 @@ class RunStaging:
             return None
         return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
 
-    def iter_parts(self, table: str) -> Iterator[tuple[str, Path]]:
-        for path in self.parts(table):
-            yield path.stem, path
-
     # ----- stage markers (resume) -------------------------------------------------------------
     def mark_done(self, stage: str, info: dict | None = None) -> None:
         marker = self.dir / "_stages" / stage
@@ -158,6 +150,3 @@ class RunStaging:
             os.replace(table_dir, dest)
         shutil.rmtree(self.dir, ignore_errors=True)
         return rows
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradsift.schemas.config import DataSource
-from gradsift.schemas.tables import QUARANTINE, SAMPLES
+from gradsift.schemas.tables import QUARANTINE
 
 
 class IngestError(RuntimeError):
@@ -38,9 +38,6 @@ class IngestResult:
     dataset: str
     samples: list[dict] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
-
-    def samples_table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.samples, schema=SAMPLES)
 
     def quarantine_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.quarantine, schema=QUARANTINE)
