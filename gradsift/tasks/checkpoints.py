@@ -85,20 +85,28 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[nn.Module, object, dict, dict
 
     Frozen-encoder checkpoints give the head (input: mean-pooled embeddings of ``meta["base_model"]``).
     """
+    return (*load_checkpoint_model(info), load_optimizer_state(info), info.meta)
+
+
+def load_optimizer_state(info: CheckpointInfo) -> dict:
+    """The AdamW ``state_dict`` saved with a checkpoint."""
+    return torch.load(info.path / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_model(info: CheckpointInfo) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of one checkpoint, without its optimizer state; see ``load_checkpoint``."""
     meta = info.meta
-    optimizer_state = torch.load(info.path / "optimizer.pt", map_location="cpu", weights_only=True)
     model_dir = info.path / "model"
     if meta.get("mode") == "frozen":
         from safetensors.torch import load_file
 
         model = build_head(meta["input_dim"], meta["num_labels"], meta.get("head_hidden", 0))
         model.load_state_dict(load_file(model_dir / "head.safetensors"))
-        return model.eval(), load_tokenizer(meta["base_model"]), optimizer_state, meta
+        return model.eval(), load_tokenizer(meta["base_model"])
     if meta.get("lora"):
         from peft import PeftModel
 
         base, tokenizer = load_model(meta["base_model"], meta.get("num_labels"), seed=meta.get("base_seed", 0))
         model = PeftModel.from_pretrained(base, model_dir, is_trainable=True)
-        return model.eval(), tokenizer, optimizer_state, meta
-    model, tokenizer = load_model(str(model_dir), meta.get("num_labels"))
-    return model, tokenizer, optimizer_state, meta
+        return model.eval(), tokenizer
+    return load_model(str(model_dir), meta.get("num_labels"))

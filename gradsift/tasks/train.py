@@ -25,7 +25,13 @@ from gradsift.schemas.train import TrainConfig
 from gradsift.storage.store import Store
 from gradsift.tasks import dynamics as dyn
 from gradsift.tasks.batching import Encoded, collate, encode_row
-from gradsift.tasks.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint, save_checkpoint
+from gradsift.tasks.checkpoints import (
+    CheckpointInfo,
+    list_checkpoints,
+    load_checkpoint_model,
+    load_optimizer_state,
+    save_checkpoint,
+)
 from gradsift.tasks.embed import build_head
 from gradsift.tasks.engine import PerSampleGradients
 from gradsift.tasks.models import TaskType, forward_logits, load_model, per_sample_loss
@@ -124,13 +130,13 @@ def build_proxy(cfg: TrainConfig, base_model: str, data: TrainData, seed: int, i
     num_labels = len(data.label_index) if data.label_index else None
     if cfg.mode == "frozen":
         model = (
-            load_checkpoint(info)[0]
+            load_checkpoint_model(info)[0]
             if info
             else build_head(data.embeddings.shape[1], num_labels, cfg.head_hidden, seed=seed)
         )
         return HeadProxy(model, data.embeddings, data.labels)
     if info:
-        model, tokenizer = load_checkpoint(info)[:2]
+        model, tokenizer = load_checkpoint_model(info)
     else:
         model, tokenizer = load_model(base_model, num_labels, seed=seed)
         if cfg.lora:
@@ -181,7 +187,7 @@ def train(
     proxy = build_proxy(cfg, base_model, data, seed, done[-1] if done else None)
     optimizer = _optimizer(cfg, proxy.model)
     if done:
-        optimizer.load_state_dict(load_checkpoint(done[-1])[2])
+        optimizer.load_state_dict(load_optimizer_state(done[-1]))
     n, bs = len(proxy), cfg.batch_size
     per_epoch = -(-n // bs)
     total = per_epoch * cfg.epochs
