@@ -49,23 +49,25 @@ def el2n(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def visit_stats(logits: Tensor, labels: Tensor, task: TaskType) -> dict[str, Tensor]:
+def visit_stats(logits: Tensor, labels: Tensor, task: TaskType, loss: Tensor | None = None) -> dict[str, Tensor]:
     """What the dynamics log keeps each time a sample is seen: loss, pred, correct, margin, el2n ([B] each).
 
     Classification: pred is the argmax class, correct is pred == label. Causal LM: pred is -1,
     correct means at least half of the target tokens are the argmax, margin and el2n are token means.
+    ``loss``: the per-sample loss when the caller has it already (the training step), else computed here.
     """
     flat_logits, flat_labels, owner = _token_view(logits, labels, task)
     n = labels.shape[0]
-    hit = (flat_logits.argmax(-1) == flat_labels).float()
+    argmax = flat_logits.argmax(-1)
+    hit = (argmax == flat_labels).float()
     if task == "classification":
-        pred = flat_logits.argmax(-1)
+        pred = argmax
         correct = hit.bool()
     else:
         pred = torch.full((n,), -1, dtype=torch.long, device=labels.device)
         correct = _per_sample_mean(hit, owner, n) >= 0.5
     return {
-        "loss": per_sample_loss(logits, labels, task),
+        "loss": per_sample_loss(logits, labels, task) if loss is None else loss.detach(),
         "pred": pred,
         "correct": correct,
         "margin": _per_sample_mean(margin(flat_logits, flat_labels), owner, n),

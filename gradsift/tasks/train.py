@@ -208,7 +208,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.mean().backward()
             optimizer.step()
-            stats = dyn.visit_stats(logits.detach(), labels, proxy.task)
+            stats = dyn.visit_stats(logits.detach(), labels, proxy.task, loss)
             log["idx"].append(idx)
             log["step"].append(np.full(len(idx), step + 1))
             for key in ("loss", "correct", "margin", "pred", "el2n"):
