@@ -27,17 +27,14 @@ def _save(fig, path: Path) -> str:
 
 def plot_score_histograms(influence: pa.Table, path: Path) -> str:
     """One histogram per (target, method) of the training samples' influence scores, by dataset."""
-    keys = sorted(
-        {(t, m) for t, m in zip(*(influence.column(c).to_pylist() for c in ("target", "method")), strict=True)}
-    )
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
     rows = influence.to_pydict()
+    by_key: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for t, m, ds, s in zip(rows["target"], rows["method"], rows["dataset"], rows["score"], strict=True):
+        by_key.setdefault((t, m), {}).setdefault(ds, []).append(s)
+    keys = sorted(by_key)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
     for ax, (t, m) in zip(axes[0], keys, strict=True):
-        by_ds: dict[str, list[float]] = {}
-        for tt, mm, ds, s in zip(rows["target"], rows["method"], rows["dataset"], rows["score"], strict=True):
-            if (tt, mm) == (t, m):
-                by_ds.setdefault(ds, []).append(s)
-        for ds, vals in sorted(by_ds.items()):
+        for ds, vals in sorted(by_key[(t, m)].items()):
             ax.hist(vals, bins=40, alpha=0.55, label=ds)
         ax.set_title(f"{m} influence on {t}")
         ax.set_xlabel("score")
