@@ -80,8 +80,12 @@ def _completed(store: Store, run_id: str) -> bool:
     return bool(row) and row["status"] == "completed"
 
 
+def _committed_part(store: Store, run_id: str, table: str, part: str) -> Path:
+    return store.tables / table / f"run_id={run_id}" / f"{part}.parquet"
+
+
 def _link_part(store: Store, prior_run: str, table: str, part: str, staging: RunStaging) -> bool:
-    src = store.tables / table / f"run_id={prior_run}" / f"{part}.parquet"
+    src = _committed_part(store, prior_run, table, part)
     if not src.exists():
         return False
     dest = staging.part_path(table, part)
@@ -105,7 +109,7 @@ def reuse_ingest(store: Store, staging: RunStaging, key: str) -> dict | None:
     if prior == staging.run_id or not _completed(store, prior):
         return None
     parts = [("samples", shard) for shard in entry["shards"]] + [("quarantine", entry["dataset"])]
-    if not all((store.tables / t / f"run_id={prior}" / f"{p}.parquet").exists() for t, p in parts):
+    if not all(_committed_part(store, prior, t, p).exists() for t, p in parts):
         return None
     for table, part in parts:
         _link_part(store, prior, table, part, staging)
@@ -131,7 +135,7 @@ def reuse_scores(store: Store, staging: RunStaging, shards: list[str], key: str)
         if staging.has_part("scores", shard):
             continue
         prior = next((run for run, done in priors if shard in done), None)
-        if prior and (store.tables / "scores" / f"run_id={prior}" / f"{shard}.parquet").exists():
+        if prior and _committed_part(store, prior, "scores", shard).exists():
             for table in SCORE_PARTS:  # features are absent when the run computed none
                 _link_part(store, prior, table, shard, staging)
             reused.append(shard)
