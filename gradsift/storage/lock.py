@@ -102,14 +102,14 @@ class StoreLock:
 
 def current_holder(store: Store) -> dict | None:
     """The live holder of a store's lock, or None when no run holds it (for `gradsift status`)."""
-    path = store.root / ".writer.lock"
-    if not path.exists():
+    lock = StoreLock(store, "", wait=0)
+    if not lock.path.exists():
         return None
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(lock.path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return StoreLock(store, "").holder() or {}
+        return lock.holder() or {}
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
