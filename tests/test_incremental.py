@@ -45,3 +45,9 @@ def test_new_file_scores_only_new_rows_and_config_change_rescores(tmp_path, ray_
         f" AND b.run_id = '{second['run_id']}' AND a.loss = b.loss AND a.grad_norm = b.grad_norm",
     ).to_pylist()[0]
     assert reused["n"] == 40
+
+    # a new run (only its report settings differ) whose every shard is reused still records its parameter set
+    with use_prefect_server():
+        all_reused = score_flow(score_config(store.root, [old, new], report={"top_n": 3}))
+    assert (all_reused["score"]["rows_scored"], all_reused["score"]["shards_scored"]) == (0, 0)
+    assert all_reused["score"]["parameter_set"] == rescored["score"]["parameter_set"] is not None

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import gradsift
 from gradsift.schemas.config import DataSource, RunConfig
-from gradsift.storage.store import RunStaging, Store
+from gradsift.storage.store import RunStaging, Store, write_json_atomic
 from gradsift.tasks.models import model_fingerprint
-
-SCORE_PARTS = ("features", "layer_stats", "scores")  # scores last: a shard counts as done once it exists
+from gradsift.tasks.pool import SCORE_TABLES
 
 
 def _digest(payload: dict) -> str:
@@ -66,13 +65,6 @@ def scoring_key(config: RunConfig, label_index: dict[str, int] | None) -> str:
 
 def _index_path(store: Store, kind: str, name: str) -> Path:
     return store.root / "index" / kind / f"{name}.json"
-
-
-def _write_entry(path: Path, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, path)
 
 
 def _completed(store: Store, run_id: str) -> bool:
@@ -118,7 +110,7 @@ def reuse_ingest(store: Store, staging: RunStaging, key: str) -> dict | None:
 
 def record_ingest(store: Store, key: str, entry: dict) -> None:
     """Remember which run ingested a source (``entry``: run_id, dataset, shards, counts, labels)."""
-    _write_entry(_index_path(store, "ingest", key), entry)
+    write_json_atomic(entry, _index_path(store, "ingest", key))
 
 
 def reuse_scores(store: Store, staging: RunStaging, shards: list[str], key: str) -> list[str]:
@@ -136,12 +128,22 @@ def reuse_scores(store: Store, staging: RunStaging, shards: list[str], key: str)
             continue
         prior = next((run for run, done in priors if shard in done), None)
         if prior and _committed_part(store, prior, "scores", shard).exists():
-            for table in SCORE_PARTS:  # features are absent when the run computed none
+            for table in SCORE_TABLES:  # features are absent when the run computed none
                 _link_part(store, prior, table, shard, staging)
             reused.append(shard)
     return reused
 
 
-def record_scores(store: Store, run_id: str, key: str, shards: list[str]) -> None:
+def record_scores(store: Store, run_id: str, key: str, shards: list[str], parameter_set: dict | None) -> None:
     """Remember that ``run_id`` scored ``shards`` under ``key`` (used once the run has completed)."""
-    _write_entry(_index_path(store, "scoring", run_id), {"run_id": run_id, "key": key, "shards": shards})
+    entry = {"run_id": run_id, "key": key, "shards": shards, "parameter_set": parameter_set}
+    write_json_atomic(entry, _index_path(store, "scoring", run_id))
+
+
+def known_parameter_set(store: Store, key: str) -> dict | None:
+    """The parameter set recorded for ``key`` by any run (a run that reused every shard loaded no model)."""
+    for path in (store.root / "index" / "scoring").glob("*.json"):
+        entry = json.loads(path.read_text())
+        if entry["key"] == key and entry.get("parameter_set"):
+            return entry["parameter_set"]
+    return None

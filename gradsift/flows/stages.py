@@ -11,7 +11,15 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gradsift.flows.incremental import ingest_key, record_ingest, record_scores, reuse_ingest, reuse_scores, scoring_key
+from gradsift.flows.incremental import (
+    ingest_key,
+    known_parameter_set,
+    record_ingest,
+    record_scores,
+    reuse_ingest,
+    reuse_scores,
+    scoring_key,
+)
 from gradsift.flows.runs import file_digest
 from gradsift.schemas.config import RunConfig
 from gradsift.schemas.tables import SAMPLES
@@ -140,7 +148,8 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
             config.seed,
             on_done,
         )
-    record_scores(store, run_id, key, shards)
+    parameter_set = result.parameter_set or known_parameter_set(store, key)
+    record_scores(store, run_id, key, shards, parameter_set)
     info = {
         "shards_scored": result.shards_scored,
         "shards_resumed": result.shards_skipped - len(reused),
@@ -148,7 +157,7 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
         "rows": staging.count_rows("scores"),
         "rows_scored": result.rows,
         "seconds": round(result.seconds, 2),
-        "parameter_set": result.parameter_set,
+        "parameter_set": parameter_set,
     }
     logger.info(
         "scored %d shards (%d already done) in %.1fs", result.shards_scored, result.shards_skipped, result.seconds

@@ -43,6 +43,14 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None
     os.replace(tmp, path)
 
 
+def write_json_atomic(data: dict, path: Path) -> None:
+    """Write ``data`` as JSON via a temp file and rename (markers and index entries)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -123,11 +131,7 @@ class RunStaging:
 
     # ----- stage markers (resume) -------------------------------------------------------------
     def mark_done(self, stage: str, info: dict | None = None) -> None:
-        marker = self.dir / "_stages" / stage
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.tmp")
-        tmp.write_text(json.dumps(info or {}))
-        os.replace(tmp, marker)
+        write_json_atomic(info or {}, self.dir / "_stages" / stage)
 
     def stage_info(self, stage: str) -> dict | None:
         marker = self.dir / "_stages" / stage
