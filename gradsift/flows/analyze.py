@@ -12,7 +12,7 @@ import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.flows.runs import RunRecorder, run_id_for
+from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.schemas.config import AnalyzeConfig, DataSource
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES
@@ -135,30 +135,17 @@ def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
 @flow(name="gradsift-analyze", log_prints=True)
 def analyze_flow(config: AnalyzeConfig) -> dict:
     """Run one analysis (``config.pairs`` or ``config.fast_slow``) on ``config.data`` as a committed run."""
-    store = Store(config.store).ensure()
     kind = "pairs" if config.pairs is not None else "fast_slow"
-    run_id = run_id_for(f"analyze-{kind}", config, [DataSource(path=config.data)])
-    recorder = RunRecorder(store, run_id, f"analyze-{kind}", config, config.model.name_or_path, config.model.checkpoint)
-    prior = recorder.previous()
-    if prior and prior["status"] == "completed":
-        return {"run_id": run_id, "status": "already completed", "store": str(store.root)}
-    recorder.start()
-    try:
+
+    def body(recorder: RunRecorder) -> dict:
         ensure_ray(config.ray)
-        result = (pairs_stage if kind == "pairs" else fast_slow_stage)(config, store, run_id)
-        staging = store.staging(run_id)
+        result = (pairs_stage if kind == "pairs" else fast_slow_stage)(config, recorder.store, recorder.run_id)
+        staging = recorder.staging
         tables = {t: staging.read(t) for t in ("pair_scores", "layer_curves")}
         summaries = {"Layer differences": staging.read("layer_diffs")} if kind == "fast_slow" else {}
-        page, _ = write_report(store.root / "reports" / run_id, run_id, tables, summaries)
-        rows = recorder.complete(None)
-    except BaseException as err:
-        recorder.fail(err)
-        raise
-    return {
-        "run_id": run_id,
-        "status": "completed",
-        "store": str(store.root),
-        "rows": rows,
-        kind: result,
-        "report": str(page),
-    }
+        page, _ = write_report(recorder.store.root / "reports" / recorder.run_id, recorder.run_id, tables, summaries)
+        return {kind: result, "report": str(page)}
+
+    model = config.model
+    sources = [DataSource(path=config.data)]
+    return run_recorded(f"analyze-{kind}", config, sources, model.name_or_path, body, model.checkpoint)

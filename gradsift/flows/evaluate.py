@@ -16,12 +16,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.flows.stages import ingest_stage
-from gradsift.flows.train import ingest_config, run_jobs, run_recorded
+from gradsift.flows.runs import run_recorded
+from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.schemas.tables import EVALUATIONS
 from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 from gradsift.storage.catalog import query
 from gradsift.storage.store import Store
+from gradsift.tasks.pool import run_jobs
 from gradsift.tasks.train import evaluate_selections
 
 

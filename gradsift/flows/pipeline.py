@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from gradsift.flows.runs import RunRecorder, run_id_for
+from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_stage, score_stage
 from gradsift.schemas.config import RunConfig
 from gradsift.storage.store import Store
@@ -21,36 +20,23 @@ def run_pipeline(
     flow: str, config: RunConfig, extra_stages: dict[str, Stage] | None = None, score: bool = True
 ) -> dict:
     """ingest -> score (unless ``score`` is false) -> extra stages, in one run written to staging and committed whole."""
-    logger = get_run_logger()
-    store = Store(config.store).ensure()
-    run_id = run_id_for(flow, config, config.ingest.sources)
-    recorder = RunRecorder(store, run_id, flow, config, config.model.name_or_path, config.model.checkpoint)
-    prior = recorder.previous()
-    if prior and prior["status"] == "completed":
-        logger.info("run %s already completed with these inputs and config: nothing to do", run_id)
-        return {
-            "run_id": run_id,
-            "status": "already completed",
-            "store": str(store.root),
-            "rows": prior["rows_written"],
-        }
-    recorder.start()
-    results: dict = {"run_id": run_id, "store": str(store.root)}
-    try:
+
+    def body(recorder: RunRecorder) -> dict:
+        results: dict = {"run_id": recorder.run_id, "store": str(recorder.store.root)}
         results["ingest"] = ingest_stage(config, recorder.staging)
         if score:
-            results["score"] = score_stage(config, store, run_id, results["ingest"])
+            results["score"] = score_stage(config, recorder.store, recorder.run_id, results["ingest"])
         for name, stage in (extra_stages or {}).items():
             start = time.perf_counter()
-            results[name] = stage(config, store, run_id, results)
+            results[name] = stage(config, recorder.store, recorder.run_id, results)
             results.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 2)
-        rows = recorder.complete(results.get("score", {}).get("parameter_set"))
-    except BaseException as err:
-        recorder.fail(err)
-        raise
-    results["rows"] = rows
-    results["status"] = "completed"
-    _publish(results)
+        results["parameter_set"] = results.get("score", {}).get("parameter_set")
+        return results
+
+    model = config.model
+    results = run_recorded(flow, config, config.ingest.sources, model.name_or_path, body, model.checkpoint)
+    if results["status"] == "completed":
+        _publish(results)
     return results
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+from prefect import get_run_logger
 from pydantic import BaseModel
 
 import gradsift
@@ -98,3 +100,33 @@ class RunRecorder:
         build_catalog(self.store)
         self.lock.release()
         return rows
+
+
+def run_recorded(
+    flow: str, config: BaseModel, sources: list[DataSource], model: str, body: Callable, checkpoint: str = ""
+) -> dict:
+    """Run ``body(recorder) -> results`` as one recorded run, committed whole or marked failed.
+
+    A completed run with this id (same flow, config, inputs, weights) is not redone. A ``parameter_set``
+    in the results is recorded in ``runs``.
+    """
+    store = Store(config.store).ensure()
+    run_id = run_id_for(flow, config, sources)
+    recorder = RunRecorder(store, run_id, flow, config, model, checkpoint)
+    prior = recorder.previous()
+    if prior and prior["status"] == "completed":
+        get_run_logger().info("run %s already completed with these inputs and config: nothing to do", run_id)
+        return {
+            "run_id": run_id,
+            "status": "already completed",
+            "store": str(store.root),
+            "rows": prior["rows_written"],
+        }
+    recorder.start()
+    try:
+        result = body(recorder)
+        rows = recorder.complete(result.get("parameter_set"))
+    except BaseException as err:
+        recorder.fail(err)
+        raise
+    return {"run_id": run_id, "status": "completed", "store": str(store.root), **result, "rows": rows}

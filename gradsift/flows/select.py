@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from prefect import flow
 
-from gradsift.flows.train import run_recorded
+from gradsift.flows.runs import run_recorded
 from gradsift.schemas.train import SelectConfig
 from gradsift.storage.catalog import query
 from gradsift.storage.store import Store, write_parquet_atomic

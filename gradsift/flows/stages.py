@@ -21,13 +21,22 @@ from gradsift.flows.incremental import (
     scoring_key,
 )
 from gradsift.flows.runs import file_digest
-from gradsift.schemas.config import RunConfig
+from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
 from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
 from gradsift.tasks.batching import count_tokens
 from gradsift.tasks.ingest import ingest_source, shard_samples
 from gradsift.tasks.models import load_tokenizer, task_of_folder
 from gradsift.tasks.pool import ensure_ray, score_shards
+
+
+def ingest_config(store: str, model: str, source: DataSource, classification: bool) -> RunConfig:
+    """The RunConfig that lets the ingest stage read one source for training or evaluation."""
+    return RunConfig(
+        store=store,
+        model=ModelConfig(name_or_path=model, num_labels=1 if classification else None, max_tokens=1_000_000),
+        ingest=IngestConfig(sources=[source]),
+    )
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -9,70 +9,28 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
-from gradsift.flows.runs import RunRecorder, run_id_for
-from gradsift.flows.stages import ingest_stage
-from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
+from gradsift.flows.runs import RunRecorder, run_recorded
+from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import TrainConfig
-from gradsift.storage.store import Store
 from gradsift.tasks.dynamics import zscore
 from gradsift.tasks.models import minilm_path
-from gradsift.tasks.pool import ensure_ray
+from gradsift.tasks.pool import run_jobs
 from gradsift.tasks.train import load_train_data, train_and_score_seed
 
 
 def resolve_model(name: str) -> str:
     """'minilm' -> the packaged all-MiniLM-L6-v2 folder; anything else as given."""
     return str(minilm_path()) if name == "minilm" else name
-
-
-def ingest_config(store: str, model: str, source: DataSource, classification: bool) -> RunConfig:
-    """The RunConfig that lets the shared ingest stage read one source for training or evaluation."""
-    return RunConfig(
-        store=store,
-        model=ModelConfig(name_or_path=model, num_labels=1 if classification else None, max_tokens=1_000_000),
-        ingest=IngestConfig(sources=[source]),
-    )
-
-
-def run_recorded(flow_name: str, config: BaseModel, sources: list[DataSource], model: str, body: Callable) -> dict:
-    """Run ``body(recorder)`` as one recorded run: a completed run with this config is not redone."""
-    store = Store(config.store).ensure()
-    run_id = run_id_for(flow_name, config, sources)
-    recorder = RunRecorder(store, run_id, flow_name, config, model, "")
-    prior = recorder.previous()
-    if prior and prior["status"] == "completed":
-        get_run_logger().info("run %s already completed with this config: nothing to do", run_id)
-        return {"run_id": run_id, "status": "already completed", "store": str(store.root)}
-    recorder.start()
-    try:
-        result = body(recorder)
-        result["rows"] = recorder.complete(None)
-    except BaseException as err:
-        recorder.fail(err)
-        raise
-    return {"run_id": run_id, "status": "completed", "store": str(store.root), **result}
-
-
-def run_jobs(fn: Callable, jobs: list[tuple], ray_config) -> list:
-    """``fn(*job)`` for each job: in process for one job, else as Ray tasks of one CPU each."""
-    if len(jobs) == 1:
-        return [fn(*jobs[0])]
-    ensure_ray(ray_config)
-    remote = ray.remote(num_cpus=1, max_retries=1)(fn)
-    return ray.get([remote.remote(*job) for job in jobs])
 
 
 @task(name="embed", cache_policy=NO_CACHE)

@@ -122,3 +122,12 @@ def score_shards(
         for actor in actors:
             ray.kill(actor)
     return PoolResult(done, skipped, rows, time.perf_counter() - start, parameter_set)
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], ray_config: RayConfig) -> list:
+    """``fn(*job)`` for each job: in process for one job, else as Ray tasks of one CPU each."""
+    if len(jobs) == 1:
+        return [fn(*jobs[0])]
+    ensure_ray(ray_config)
+    remote = ray.remote(num_cpus=1, max_retries=1)(fn)
+    return ray.get([remote.remote(*job) for job in jobs])
