@@ -371,6 +371,7 @@ def evaluate(
     train_run: Annotated[str, typer.Option(help=_help("EvaluateConfig", "train_run"))],
     selection_run: Annotated[list[str], typer.Option(help="A select run to evaluate (repeat the option).")],
     seeds: SeedsOpt = "0,1,2",
+    budget: Annotated[str, typer.Option(help=_help("EvaluateConfig", "budget"))] = "epochs",
     plot: Annotated[Path | None, typer.Option(help=_help("EvaluateConfig", "plot"))] = None,
     text_field: TextOpt = "text",
     label_field: LabelOpt = "label",
@@ -390,6 +391,7 @@ def evaluate(
             selection_runs=selection_run,
             eval_data=_source(eval_data, text_field, label_field, columns),
             seeds=[int(x) for x in seeds.split(",")],
+            budget=budget,
             plot=str(plot) if plot else None,
             **({"ray": {"address": ray_address}} if ray_address else {}),
         )

@@ -117,18 +117,26 @@ def test_lora_causal_lm_train(tmp_path, prefect_harness):
     scores = query(Store(cfg.store), "SELECT el2n, grand, aum, vog, self_influence FROM scores").to_pandas()
     assert len(scores) == 16 and scores.notna().all().all()
 
-    # a causal LM is evaluated by its held-out loss after retraining on a selection
+    # a causal LM is evaluated by its held-out loss after retraining on a selection; at equal compute
+    # (budget="steps") the half kept trains twice the epochs
     from gradsift.flows.evaluate import evaluate_flow
     from gradsift.flows.select import select_flow
     from gradsift.schemas.train import EvaluateConfig, SelectConfig
 
     rnd = select_flow(SelectConfig(store=cfg.store, scores_run=result["run_id"], score=None, fractions=[0.5]))
     ev = evaluate_flow(
-        EvaluateConfig(store=cfg.store, train_run=result["run_id"], selection_runs=[rnd["run_id"]],
-                       eval_data={"path": str(data)}, seeds=[0], ray={"num_actors": 1})  # fmt: skip
+        EvaluateConfig(
+            store=cfg.store,
+            train_run=result["run_id"],
+            selection_runs=[rnd["run_id"]],
+            eval_data={"path": str(data)},
+            seeds=[0],
+            ray={"num_actors": 1},
+            budget="steps",
+        )
     )
-    rows = query(Store(cfg.store), "SELECT score, n_train, loss FROM evaluations ORDER BY score").to_pylist()
-    assert [(r["score"], r["n_train"]) for r in rows] == [("all", 16), ("random", 8)]
+    rows = query(Store(cfg.store), "SELECT score, n_train, epochs, loss FROM evaluations ORDER BY score").to_pylist()
+    assert [(r["score"], r["n_train"], r["epochs"]) for r in rows] == [("all", 16, 2), ("random", 8, 4)]
     assert all(0 < r["loss"] < 10 for r in rows) and ev["plot"].endswith("loss.png")
 
 

@@ -52,7 +52,7 @@ def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], di
 def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: tuple, label_index, jobs) -> list:
     """Every (selection, seed) retraining, in as many Ray tasks as the config has actors."""
     groups = [jobs[i :: config.ray.num_actors] for i in range(min(config.ray.num_actors, len(jobs)))]
-    calls = [(train, base, parts[0], parts[1], label_index, group) for group in groups]
+    calls = [(train, base, parts[0], parts[1], label_index, group, config.budget) for group in groups]
     return [row for rows in run_jobs(evaluate_selections, calls, config.ray) for row in rows]
 
 
@@ -139,7 +139,7 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         markdown = summary_markdown(table, metric)
         create_markdown_artifact(
             f"# gradsift evaluate `{recorder.run_id}`\n\ntrain run `{config.train_run}`, held-out "
-            f"`{config.eval_data.path}`\n\n{markdown}\n\nplot: `{plot}`\n",
+            f"`{config.eval_data.path}`, budget: equal {config.budget}\n\n{markdown}\n\nplot: `{plot}`\n",
             key="evaluate-report",
         )
         return {"evaluations": table.num_rows, "plot": str(plot), "summary": markdown}

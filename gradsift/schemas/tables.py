@@ -205,6 +205,7 @@ EVALUATIONS = pa.schema(
         ("fraction_kept", pa.float64()),
         ("seed", pa.int32()),
         ("n_train", pa.int64()),
+        ("epochs", pa.int32()),  # epochs retrained: the train run's, or more under budget="steps"
         ("accuracy", pa.float64()),
         ("loss", pa.float64()),
     ]

@@ -86,5 +86,11 @@ class EvaluateConfig(_Config):
     eval_data: DataSource = Field(description="Held-out data with the same labels.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Retraining seeds per selection.")
     include_full: bool = Field(True, description="Also train on all data (fraction kept 1.0).")
+    budget: Literal["epochs", "steps"] = Field(
+        "epochs",
+        description="epochs: every selection trains for the train run's epochs (a pruned set costs less); steps: "
+        "as many optimiser steps as all data (epochs scaled by all/kept), so selections are compared at equal "
+        "compute.",
+    )
     plot: str | None = Field(None, description="Where to write the accuracy-vs-fraction plot (default in the store).")
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -383,8 +384,22 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
     }
 
 
+def budget_epochs(epochs: int, n_all: int, n_kept: int, budget: Literal["epochs", "steps"]) -> int:
+    """Epochs to retrain a selection of ``n_kept`` of ``n_all`` samples: the same ``epochs`` (a pruned set
+    costs less), or under ``budget="steps"`` about as many optimiser steps as all data (epochs * all / kept)."""
+    if budget == "epochs" or n_kept >= n_all:
+        return epochs
+    return max(1, round(epochs * n_all / max(n_kept, 1)))
+
+
 def evaluate_selections(
-    cfg: TrainConfig, base_model: str, train_parts: list[str], eval_parts: list[str], label_index: dict, jobs: list
+    cfg: TrainConfig,
+    base_model: str,
+    train_parts: list[str],
+    eval_parts: list[str],
+    label_index: dict,
+    jobs: list,
+    budget: Literal["epochs", "steps"] = "epochs",
 ) -> list[dict]:
     """Retrain from the same start (the seed's initialisation) on each selection and measure held-out
     accuracy and loss. ``jobs``: (selection, kept sample ids or None for all, seed). Returns one row each."""
@@ -394,10 +409,19 @@ def evaluate_selections(
     out = []
     for selection, kept_ids, seed in jobs:
         data = train_data if kept_ids is None else train_data.subset(np.isin(ids, list(kept_ids)))
-        proxy, _ = train(cfg, base_model, data, seed)
-        accuracy, loss = evaluate(rebind(proxy, cfg, eval_data))
+        epochs = budget_epochs(cfg.epochs, len(ids), len(data.rows), budget)
+        run_cfg = cfg if epochs == cfg.epochs else cfg.model_copy(update={"epochs": epochs})
+        proxy, _ = train(run_cfg, base_model, data, seed)
+        accuracy, loss = evaluate(rebind(proxy, run_cfg, eval_data))
         out.append(
-            {"selection": selection, "seed": seed, "n_train": len(data.rows), "accuracy": accuracy, "loss": loss}
+            {
+                "selection": selection,
+                "seed": seed,
+                "n_train": len(data.rows),
+                "epochs": epochs,
+                "accuracy": accuracy,
+                "loss": loss,
+            }
         )
     return out
 
