@@ -74,6 +74,17 @@ def main() -> None:
         help="Instead: full fine-tuning of MiniLM on the first N training rows, label-noise study only.",
     )
     parser.add_argument(
+        "--budget",
+        choices=["epochs", "steps"],
+        default="epochs",
+        help="Retraining budget of the evaluation: the same epochs for every selection, or the same optimiser steps.",
+    )
+    parser.add_argument(
+        "--no-gradient-scores",
+        action="store_true",
+        help="Proxy training without GraNd, VoG and self-influence (forward and dynamics scores only).",
+    )
+    parser.add_argument(
         "--aum-threshold-samples",
         action="store_true",
         help="Label-noise study only, with AUM threshold samples (Pleiss et al.): also the precision and recall "
@@ -103,6 +114,7 @@ def main() -> None:
         "batch_size": 32,
         "score_epoch": 2,
         "embed_cache": str(args.embed_cache),
+        "gradient_scores": not args.no_gradient_scores,
     }
     if args.finetune_rows:
         torch.set_num_threads(os.cpu_count() or 1)  # one in-process training: all cores
@@ -128,6 +140,7 @@ def main() -> None:
             selection_runs=[s["run_id"] for s in selections],
             eval_data={"path": str(eval_file), **source},
             seeds=seeds,
+            budget=args.budget,
             plot=str(args.plot),
         )
     )
@@ -181,7 +194,9 @@ def noise_study(args, train_file: Path, source: dict, store: str, common: dict, 
         "self_influence": table["self_influence"],
         "final loss": table["loss"],
     }
-    aurocs = {k: round(auroc(np.asarray(v, dtype=float), is_flipped), 4) for k, v in oriented.items()}
+    aurocs = {
+        k: round(auroc(np.asarray(v, dtype=float), is_flipped), 4) for k, v in oriented.items() if v.notna().all()
+    }
     if run.get("aum_threshold") is not None:
         flagged = (table["aum"] < run["aum_threshold"]).to_numpy()
         hits = int((flagged & is_flipped).sum())

@@ -163,6 +163,31 @@ def test_aum_threshold_samples(tmp_path, prefect_harness):
     assert nulls.to_pylist()[0] == {k: 48 // 3 for k in nulls.column_names}  # N/(C+1) threshold samples
 
 
+def test_without_gradient_scores(tmp_path, prefect_harness):
+    """gradient_scores=false: forward and dynamics scores only; selecting by a gradient score says why not."""
+    from gradsift.flows.select import select_flow
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import SelectConfig, TrainConfig
+
+    cfg = TrainConfig(
+        store=str(tmp_path / "store"),
+        data={"path": str(_toy_jsonl(tmp_path / "toy.jsonl", n=16))},
+        model="tiny",
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        gradient_scores=False,
+    )
+    run = train_flow(cfg)["run_id"]
+    s = Store(cfg.store)
+    row = query(s, "SELECT count(el2n) AS el2n, count(aum) AS aum, count(loss) AS loss, count(grand) AS grand, "
+                   "count(vog) AS vog, count(self_influence) AS si FROM scores").to_pylist()[0]  # fmt: skip
+    assert row == {"el2n": 16, "aum": 16, "loss": 16, "grand": 0, "vog": 0, "si": 0}
+    with pytest.raises(ValueError, match="no grand scores.*gradient_scores=false"):
+        select_flow(SelectConfig(store=cfg.store, scores_run=run, score="grand"))
+    assert select_flow(SelectConfig(store=cfg.store, scores_run=run, score="aum", fractions=[0.5]))["selections"]
+
+
 @pytest.mark.parametrize("name", ["sst2", "agnews"])
 def test_frozen_minilm_small_real_data(name, tmp_path, shared_data, prefect_harness):
     """A few hundred real rows with the real encoder: frozen mode, scores, selection, evaluation."""

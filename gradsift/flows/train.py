@@ -70,7 +70,8 @@ def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: floa
     missing = ~scored.any(axis=0)
     groups = samples["label"].to_numpy() if config.vog_normalise == "class" else None
     vog = np.full(len(samples), np.nan)
-    vog[~missing] = zscore(mean["vog"][~missing], None if groups is None else groups[~missing])
+    if config.gradient_scores:
+        vog[~missing] = zscore(mean["vog"][~missing], None if groups is None else groups[~missing])
     table = pa.table(
         {
             "checkpoint": [f"{run_id}-seed*"] * len(samples),

@@ -51,6 +51,12 @@ class TrainConfig(_Config):
         "to a fake class; the 99th percentile of their AUM is the threshold below which a sample is flagged as "
         "mislabelled (recorded in the run's note). Those samples get no scores from that seed.",
     )
+    gradient_scores: bool = Field(
+        True,
+        description="Compute GraNd, VoG and TracIn self-influence (a per-sample gradient pass and an "
+        "embedding-gradient pass per checkpoint, costing about two training epochs each); false keeps only the "
+        "forward and dynamics scores (EL2N, loss, forgetting, AUM) and leaves those three null.",
+    )
     vog_normalise: Literal["class", "dataset"] = Field("class", description="VoG z-normalisation: per class or all.")
     score_batch_size: int = Field(64, ge=1, description="Samples per forward when scoring checkpoints.")
     ray: RayConfig = Field(default_factory=RayConfig)

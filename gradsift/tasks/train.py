@@ -277,25 +277,28 @@ def _eval_logits(proxy: Proxy, idx: np.ndarray) -> tuple[Tensor, Tensor]:
 
 
 def checkpoint_scores(
-    proxies: list[Proxy], lrs: list[float], score_index: int, batch_size: int
+    proxies: list[Proxy], lrs: list[float], score_index: int, batch_size: int, gradients: bool = True
 ) -> dict[str, np.ndarray]:
     """Scores that need the checkpoints of one seed (proxies in checkpoint order, lrs their step sizes):
 
     el2n, grand at checkpoint ``score_index``; vog (raw) and self_influence over all checkpoints;
-    loss at the last checkpoint. [N] each."""
+    loss at the last checkpoint. [N] each. Without ``gradients`` only the forward scores (el2n, loss)
+    are computed; grand, vog and self_influence are NaN."""
     n = len(proxies[0])
-    out = {k: np.zeros(n) for k in ("el2n", "grand", "vog", "self_influence", "loss")}
+    out = {k: np.zeros(n) if gradients else np.full(n, np.nan) for k in ("grand", "vog", "self_influence")}
+    out |= {k: np.zeros(n) for k in ("el2n", "loss")}
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        norms = torch.stack([p.grad_norms(idx) for p in proxies])  # [K, B]
-        input_grads = [p.input_grads(idx) for p in proxies]
         logits, labels = _eval_logits(proxies[score_index], idx)
         last_logits, _ = _eval_logits(proxies[-1], idx)
         out["el2n"][idx] = dyn.visit_stats(logits, labels, proxies[0].task)["el2n"].numpy()
-        out["grand"][idx] = norms[score_index].numpy()
-        out["self_influence"][idx] = dyn.tracin_self_influence(lrs, norms.numpy())
-        out["vog"][idx] = dyn.vog([g for g, _ in input_grads], input_grads[0][1]).numpy()
         out["loss"][idx] = per_sample_loss(last_logits, labels, proxies[0].task).numpy()
+        if gradients:
+            norms = torch.stack([p.grad_norms(idx) for p in proxies])  # [K, B]
+            input_grads = [p.input_grads(idx) for p in proxies]
+            out["grand"][idx] = norms[score_index].numpy()
+            out["self_influence"][idx] = dyn.tracin_self_influence(lrs, norms.numpy())
+            out["vog"][idx] = dyn.vog([g for g, _ in input_grads], input_grads[0][1]).numpy()
     return out
 
 
@@ -368,7 +371,9 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
             lambda epoch, table: staging.write_part("dynamics", f"{part}-epoch{epoch:03d}", table),
         )
         proxies = [build_proxy(cfg, base_model, data, seed, info) for info in infos]
-        scores = checkpoint_scores(proxies, [c.lr for c in infos], cfg.score_epoch - 1, cfg.score_batch_size)
+        scores = checkpoint_scores(
+            proxies, [c.lr for c in infos], cfg.score_epoch - 1, cfg.score_batch_size, cfg.gradient_scores
+        )
         dynamics = pa.concat_tables([pq.read_table(p) for p in sorted(staging.dir.glob(f"dynamics/{part}-epoch*"))])
         scores.update(visit_scores(dynamics, ids))
         threshold = dyn.aum_threshold(scores["aum"][fake]) if fake.any() else np.nan
