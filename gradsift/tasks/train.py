@@ -9,6 +9,7 @@ pre-computed embeddings. ``train`` runs AdamW with a per-step learning rate, log
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,10 +181,13 @@ def train(
     store_root: str | None = None,
     train_run_id: str | None = None,
     on_epoch: Callable[[int, pa.Table], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[Proxy, list[CheckpointInfo]]:
     """Train one seed for ``cfg.epochs``. With ``store_root``/``train_run_id`` it checkpoints after every
     epoch and resumes after the last checkpoint found; ``on_epoch(epoch, dynamics rows)`` gets the
-    visit log of each epoch. The data order of an epoch depends only on (seed, epoch)."""
+    visit log of each epoch; ``say`` (e.g. print) gets progress lines. The data order of an epoch depends
+    only on (seed, epoch)."""
+    say = say or (lambda _: None)
     done = list_checkpoints(store_root, train_run_id) if store_root else []
     proxy = build_proxy(cfg, base_model, data, seed, done[-1] if done else None)
     optimizer = _optimizer(cfg, proxy.model)
@@ -193,7 +197,11 @@ def train(
     per_epoch = -(-n // bs)
     total = per_epoch * cfg.epochs
     rows = data.rows
+    name = train_run_id or f"seed {seed}"
+    if len(done) < cfg.epochs:
+        say(f"{name}: {n} samples, epochs {len(done) + 1}-{cfg.epochs} of {cfg.epochs}, {per_epoch} steps each")
     for epoch in range(len(done) + 1, cfg.epochs + 1):
+        started = time.perf_counter()
         proxy.model.train()
         torch.manual_seed(seed * 100_003 + epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)
@@ -214,6 +222,13 @@ def train(
             log["step"].append(np.full(len(idx), step + 1))
             for key in ("loss", "correct", "margin", "pred", "el2n"):
                 log[key].append(stats[key].numpy())
+            if per_epoch >= 200 and (b + 1) % (per_epoch // 4) == 0 and b + 1 < per_epoch:
+                say(f"{name}: epoch {epoch}/{cfg.epochs} step {b + 1}/{per_epoch} ({_eta(started, b + 1, per_epoch)})")
+        say(
+            f"{name}: epoch {epoch}/{cfg.epochs} done in {time.perf_counter() - started:.0f} s, "
+            f"mean loss {np.concatenate(log['loss']).mean():.4f}, accuracy on visits "
+            f"{np.concatenate(log['correct']).mean():.4f}"
+        )
         if on_epoch:
             on_epoch(epoch, _dynamics_table(log, rows, epoch, train_run_id or f"seed{seed}"))
         if store_root:
@@ -236,6 +251,11 @@ def train(
             done.append(save_checkpoint(store_root, train_run_id, proxy.model, optimizer, proxy.tokenizer, meta))
     proxy.model.eval()
     return proxy, done
+
+
+def _eta(started: float, done: int, total: int) -> str:
+    left = (time.perf_counter() - started) / done * (total - done)
+    return f"about {left / 60:.1f} min left in the epoch"
 
 
 def _dynamics_table(log: dict[str, list], rows: list[dict], epoch: int, checkpoint: str) -> pa.Table:
@@ -369,8 +389,11 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
             cfg.store,
             train_run_id,
             lambda epoch, table: staging.write_part("dynamics", f"{part}-epoch{epoch:03d}", table),
+            say=print,
         )
         proxies = [build_proxy(cfg, base_model, data, seed, info) for info in infos]
+        what = "gradient and forward scores" if cfg.gradient_scores else "forward scores only"
+        print(f"{train_run_id}: scoring {len(ids)} samples at {len(infos)} checkpoints ({what})")
         scores = checkpoint_scores(
             proxies, [c.lr for c in infos], cfg.score_epoch - 1, cfg.score_batch_size, cfg.gradient_scores
         )
