@@ -253,6 +253,11 @@ def train(
     return proxy, done
 
 
+def _say(line: str) -> None:
+    """A progress line, flushed at once (Ray forwards a worker's stdout only as it is written)."""
+    print(line, flush=True)
+
+
 def _eta(started: float, done: int, total: int) -> str:
     left = (time.perf_counter() - started) / done * (total - done)
     return f"about {left / 60:.1f} min left in the epoch"
@@ -389,11 +394,11 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
             cfg.store,
             train_run_id,
             lambda epoch, table: staging.write_part("dynamics", f"{part}-epoch{epoch:03d}", table),
-            say=print,
+            say=_say,
         )
         proxies = [build_proxy(cfg, base_model, data, seed, info) for info in infos]
         what = "gradient and forward scores" if cfg.gradient_scores else "forward scores only"
-        print(f"{train_run_id}: scoring {len(ids)} samples at {len(infos)} checkpoints ({what})")
+        _say(f"{train_run_id}: scoring {len(ids)} samples at {len(infos)} checkpoints ({what})")
         scores = checkpoint_scores(
             proxies, [c.lr for c in infos], cfg.score_epoch - 1, cfg.score_batch_size, cfg.gradient_scores
         )
