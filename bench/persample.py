@@ -45,6 +45,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-samples", type=int, default=None, help="samples timed in the naive loop (extrapolated)")
     ap.add_argument("--verbose", action="store_true", help="print every repeat's time")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the torch.profiler top operators (by self device time on CUDA, self CPU time on CPU) and "
+        "the operator count of one training step and one engine call: where the engine's time above a step goes",
+    )
     args = ap.parse_args()
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -77,6 +83,22 @@ def timed(fn, device: str, repeats: int) -> tuple[float, float, object]:
     if VERBOSE:
         print("  times:", " ".join(f"{t:.3f}" for t in times))
     return statistics.median(times), peak, out
+
+
+def profile_table(name: str, fn, device: str, rows: int = 15) -> None:
+    """One profiled call of ``fn`` after a warm-up: operator count and the top ``rows`` operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(f"\n== profile: {name}: {sum(e.count for e in events)} operator calls")
+    print(events.table(sort_by=key, row_limit=rows))
 
 
 def main() -> None:
@@ -139,6 +161,9 @@ def main() -> None:
     for name, s, mem in rows:
         print(f"{name:<78} {s:9.3f} {b / s:10.2f} {s / train_s:8.2f} {mem:9.0f}")
     print(f"engine grad_norm vs naive loop: max rel err {rel:.2e}")
+    if args.profile:
+        profile_table("training step", train_step, dev)
+        profile_table("engine (default features)", lambda: eng.compute(batch), dev)
     print(json.dumps({
         "engine_over_train_step": engine_s / train_s,
         "naive_over_engine": naive_s / engine_s,
