@@ -135,7 +135,8 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         recorder.staging.write_part("evaluations", "evaluate", table)
         metric = "accuracy" if classification else "loss"  # a causal LM is judged by its held-out loss
         plot = Path(config.plot) if config.plot else store.root / "reports" / recorder.run_id / f"{metric}.png"
-        plot_curves(table, plot, f"{Path(config.eval_data.path).parent.name}: retrained on selections", metric)
+        title = f"{Path(config.eval_data.path).parent.name}: retrained on selections, equal {config.budget}"
+        plot_curves(table, plot, title, metric)
         markdown = summary_markdown(table, metric)
         create_markdown_artifact(
             f"# gradsift evaluate `{recorder.run_id}`\n\ntrain run `{config.train_run}`, held-out "
