@@ -8,24 +8,27 @@ Rerunning the same config resumes (finished seeds and epochs are skipped) or doe
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import TrainConfig
 from gradsift.tasks.dynamics import zscore
+from gradsift.tasks.embed import cached_embeddings
 from gradsift.tasks.models import minilm_path
 from gradsift.tasks.pool import run_jobs
-from gradsift.tasks.train import load_train_data, train_and_score_seed
+from gradsift.tasks.train import embed_cache_dir, train_and_score_seed
 
 
 def resolve_model(name: str) -> str:
@@ -35,9 +38,25 @@ def resolve_model(name: str) -> str:
 
 @task(name="embed", cache_policy=NO_CACHE)
 def embed_stage(config: TrainConfig, base: str, staging) -> int:
-    """Frozen mode: embed every sample once into the cache, so that the seeds only read it."""
-    rows = staging.read("samples").to_pylist()
-    return len(load_train_data(config, base, rows, None).embeddings)
+    """Frozen mode: embed every sample once into the cache (with a progress bar), so that the seeds only read it."""
+    texts = staging.read("samples").column("text").to_pylist()
+    cache = embed_cache_dir(config)
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        job = bar.add_task("embed", total=None)
+        emb = cached_embeddings(
+            cache,
+            base,
+            texts,
+            config.max_length,
+            progress=lambda done, total: bar.update(job, completed=done, total=total),
+        )
+        embedded = bar.tasks[0].completed
+    get_run_logger().info(
+        "embeddings: %d texts, %d new (%.0f s), the rest from the cache %s", len(texts), embedded,
+        time.perf_counter() - started, cache,
+    )  # fmt: skip
+    return len(emb)
 
 
 @task(name="train-seeds", cache_policy=NO_CACHE)

@@ -60,10 +60,16 @@ def _digest(*parts: str) -> str:
 
 
 def cached_embeddings(
-    cache_dir: str | Path, encoder_path: str, texts: Sequence[str], max_length: int = 128, batch_size: int = 64
+    cache_dir: str | Path,
+    encoder_path: str,
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """``embed_texts`` through a Parquet cache: ``<cache>/<encoder digest>/<part>.parquet`` rows of
-    (text key, embedding); only texts missing from the cache are embedded (then added as a new part)."""
+    (text key, embedding); only texts missing from the cache are embedded (then added as a new part).
+    ``progress(done, total)`` follows the texts being embedded."""
     folder = Path(cache_dir).expanduser() / _digest(str(Path(encoder_path).resolve()), str(max_length))
     keys = [_digest(t) for t in texts]
     known: dict[str, np.ndarray] = {}
@@ -74,7 +80,15 @@ def cached_embeddings(
         known.update(zip(table.column("key").to_pylist(), vectors, strict=True))
     missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in known}.items())
     if missing:
-        emb = embed_texts(encoder_path, [t for _, t in missing], batch_size=batch_size, max_length=max_length)
+        done = 0
+
+        def on_batch(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, len(missing))
+
+        emb = embed_texts(encoder_path, [t for _, t in missing], batch_size, max_length, on_batch)
         flat = pa.array(emb.reshape(-1), type=pa.float32())
         table = pa.table(
             {"key": [k for k, _ in missing], "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}

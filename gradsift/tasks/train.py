@@ -347,14 +347,18 @@ def rebind(proxy: Proxy, cfg: TrainConfig, data: TrainData) -> Proxy:
     return HFProxy(proxy.model, proxy.tokenizer, proxy.task, items, proxy.lora)
 
 
+def embed_cache_dir(cfg: TrainConfig) -> str:
+    """Where frozen-mode embeddings are cached: ``cfg.embed_cache`` or ``<store>/embeddings``."""
+    return cfg.embed_cache or str(Path(cfg.store) / "embeddings")
+
+
 def load_train_data(cfg: TrainConfig, base_model: str, rows: list[dict], label_index: dict | None) -> TrainData:
     """Rows plus, in frozen mode, their cached embeddings (computed once per text and encoder)."""
     if cfg.mode != "frozen":
         return TrainData(rows, label_index)
     from gradsift.tasks.embed import cached_embeddings
 
-    cache = cfg.embed_cache or str(Path(cfg.store) / "embeddings")
-    emb = cached_embeddings(cache, base_model, [r["text"] for r in rows], max_length=cfg.max_length)
+    emb = cached_embeddings(embed_cache_dir(cfg), base_model, [r["text"] for r in rows], max_length=cfg.max_length)
     return TrainData(rows, label_index, emb)
 
 
