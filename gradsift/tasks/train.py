@@ -444,12 +444,17 @@ def evaluate_selections(
     eval_data = load_train_data(cfg, base_model, _read_rows(eval_parts), label_index)
     ids = np.array([r["sample_id"] for r in train_data.rows])
     out = []
-    for selection, kept_ids, seed in jobs:
+    for k, (selection, kept_ids, seed) in enumerate(jobs, 1):
+        started = time.perf_counter()
         data = train_data if kept_ids is None else train_data.subset(np.isin(ids, list(kept_ids)))
         epochs = budget_epochs(cfg.epochs, len(ids), len(data.rows), budget)
         run_cfg = cfg if epochs == cfg.epochs else cfg.model_copy(update={"epochs": epochs})
         proxy, _ = train(run_cfg, base_model, data, seed)
         accuracy, loss = evaluate(rebind(proxy, run_cfg, eval_data))
+        _say(
+            f"retrained {k}/{len(jobs)}: {selection} seed {seed}, {len(data.rows)} samples x {epochs} epochs: "
+            f"held-out accuracy {accuracy:.4f}, loss {loss:.4f} ({time.perf_counter() - started:.0f} s)"
+        )
         out.append(
             {
                 "selection": selection,
