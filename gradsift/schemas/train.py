@@ -8,6 +8,9 @@ from pydantic import Field
 
 from gradsift.schemas.config import DataSource, RayConfig, _Config
 
+Budget = Literal["epochs", "steps"]
+"""Retraining budget of a selection: the train run's epochs, or as many optimiser steps as all data."""
+
 SCORE_NAMES = ("el2n", "grand", "forgetting", "aum", "vog", "self_influence", "loss")
 
 
@@ -92,7 +95,7 @@ class EvaluateConfig(_Config):
     eval_data: DataSource = Field(description="Held-out data with the same labels.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Retraining seeds per selection.")
     include_full: bool = Field(True, description="Also train on all data (fraction kept 1.0).")
-    budget: Literal["epochs", "steps"] = Field(
+    budget: Budget = Field(
         "epochs",
         description="epochs: every selection trains for the train run's epochs (a pruned set costs less); steps: "
         "as many optimiser steps as all data (epochs scaled by all/kept), so selections are compared at equal "

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import DYNAMICS
-from gradsift.schemas.train import TrainConfig
+from gradsift.schemas.train import Budget, TrainConfig
 from gradsift.storage.store import Store
 from gradsift.tasks import dynamics as dyn
 from gradsift.tasks.batching import Encoded, collate, encode_row
@@ -197,7 +196,7 @@ def train(
     per_epoch = -(-n // bs)
     total = per_epoch * cfg.epochs
     rows = data.rows
-    name = train_run_id or f"seed {seed}"
+    name = train_run_id or f"seed{seed}"
     if len(done) < cfg.epochs:
         say(f"{name}: {n} samples, epochs {len(done) + 1}-{cfg.epochs} of {cfg.epochs}, {per_epoch} steps each")
     for epoch in range(len(done) + 1, cfg.epochs + 1):
@@ -230,7 +229,7 @@ def train(
             f"{np.concatenate(log['correct']).mean():.4f}"
         )
         if on_epoch:
-            on_epoch(epoch, _dynamics_table(log, rows, epoch, train_run_id or f"seed{seed}"))
+            on_epoch(epoch, _dynamics_table(log, rows, epoch, name))
         if store_root:
             proxy.model.eval()
             meta = {
@@ -421,12 +420,10 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
     }
 
 
-def budget_epochs(epochs: int, n_all: int, n_kept: int, budget: Literal["epochs", "steps"]) -> int:
+def budget_epochs(epochs: int, n_all: int, n_kept: int, budget: Budget) -> int:
     """Epochs to retrain a selection of ``n_kept`` of ``n_all`` samples: the same ``epochs`` (a pruned set
     costs less), or under ``budget="steps"`` about as many optimiser steps as all data (epochs * all / kept)."""
-    if budget == "epochs" or n_kept >= n_all:
-        return epochs
-    return max(1, round(epochs * n_all / max(n_kept, 1)))
+    return epochs if budget == "epochs" else round(epochs * n_all / max(n_kept, 1))
 
 
 def evaluate_selections(
@@ -436,7 +433,7 @@ def evaluate_selections(
     eval_parts: list[str],
     label_index: dict,
     jobs: list,
-    budget: Literal["epochs", "steps"] = "epochs",
+    budget: Budget = "epochs",
 ) -> list[dict]:
     """Retrain from the same start (the seed's initialisation) on each selection and measure held-out
     accuracy and loss. ``jobs``: (selection, kept sample ids or None for all, seed). Returns one row each."""
@@ -448,7 +445,7 @@ def evaluate_selections(
         started = time.perf_counter()
         data = train_data if kept_ids is None else train_data.subset(np.isin(ids, list(kept_ids)))
         epochs = budget_epochs(cfg.epochs, len(ids), len(data.rows), budget)
-        run_cfg = cfg if epochs == cfg.epochs else cfg.model_copy(update={"epochs": epochs})
+        run_cfg = cfg.model_copy(update={"epochs": epochs})
         proxy, _ = train(run_cfg, base_model, data, seed)
         accuracy, loss = evaluate(rebind(proxy, run_cfg, eval_data))
         _say(
