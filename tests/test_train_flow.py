@@ -256,3 +256,12 @@ def test_training_resumes_after_the_last_checkpoint(tmp_path):
     assert epochs_run == [1, 2, 2] and len(list_checkpoints(tmp_path / "a", "r-seed0")) == 2
     for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_score_epoch_after_the_last_epoch_is_refused(tmp_path):
+    from pydantic import ValidationError
+
+    from gradsift.schemas.train import TrainConfig
+
+    with pytest.raises(ValidationError, match="score_epoch 2 is after the last epoch \\(1\\)"):
+        TrainConfig(data={"path": str(tmp_path)}, epochs=1, score_epoch=2)

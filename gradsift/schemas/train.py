@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gradsift.schemas.config import DataSource, RayConfig, _Config
 
@@ -63,6 +63,15 @@ class TrainConfig(_Config):
     vog_normalise: Literal["class", "dataset"] = Field("class", description="VoG z-normalisation: per class or all.")
     score_batch_size: int = Field(64, ge=1, description="Samples per forward when scoring checkpoints.")
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _score_epoch_reached(self) -> TrainConfig:
+        if self.score_epoch > self.epochs:
+            raise ValueError(
+                f"score_epoch {self.score_epoch} is after the last epoch ({self.epochs}): set score_epoch to at "
+                f"most {self.epochs} or train for more epochs"
+            )
+        return self
 
 
 class SelectConfig(_Config):
