@@ -100,6 +100,11 @@ def main() -> None:
     )
     parser.add_argument("--max-length", type=int, default=128, help="Tokens per sample (fine-tuning cost).")
     parser.add_argument("--noise-only", action="store_true", help="Only the planted label-noise study.")
+    parser.add_argument("--no-noise", action="store_true", help="Only the pruning curve.")
+    parser.add_argument(
+        "--fractions", default="0.85,0.7,0.55,0.4", help="Fractions kept on the curve (comma-separated)."
+    )
+    parser.add_argument("--scores", default=",".join(SCORES), help="Scores on the curve (comma-separated).")
     parser.add_argument(
         "--budget",
         choices=["epochs", "steps"],
@@ -161,10 +166,10 @@ def main() -> None:
     train = train_flow(TrainConfig(data={"path": str(train_file), **source}, seeds=proxy_seeds, **common))
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    selections = [select_flow(SelectConfig(store=store, scores_run=train["run_id"], score=None, seeds=seeds))]
-    selections += [
-        select_flow(SelectConfig(store=store, scores_run=train["run_id"], score=s, drop="easy")) for s in SCORES
-    ]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    select = {"store": store, "scores_run": train["run_id"], "fractions": fractions}
+    selections = [select_flow(SelectConfig(**select, score=None, seeds=seeds))]
+    selections += [select_flow(SelectConfig(**select, score=s, drop="easy")) for s in args.scores.split(",")]
     times["select"] = time.perf_counter() - t
     t = time.perf_counter()
     ev = evaluate_flow(
@@ -180,22 +185,15 @@ def main() -> None:
     )
     times["evaluate"] = time.perf_counter() - t
 
-    noisy_run, aurocs, n_flipped, times["train_noisy"] = noise_study(
-        args, train_file, source, store, common, proxy_seeds
-    )
     print(ev["summary"])
-    print_aurocs(aurocs)
-    print(
-        json.dumps(
-            {
-                "train_run": train["run_id"],
-                "noisy_run": noisy_run["run_id"],
-                "auroc": aurocs,
-                "flipped": n_flipped,
-                "seconds": {k: round(v, 1) for k, v in times.items()},
-            }
+    result = {"train_run": train["run_id"]}
+    if not args.no_noise:
+        noisy_run, aurocs, n_flipped, times["train_noisy"] = noise_study(
+            args, train_file, source, store, common, proxy_seeds
         )
-    )
+        print_aurocs(aurocs)
+        result |= {"noisy_run": noisy_run["run_id"], "auroc": aurocs, "flipped": n_flipped}
+    print(json.dumps(result | {"seconds": {k: round(v, 1) for k, v in times.items()}}))
 
 
 def noise_study(args, train_file: Path, source: dict, store: str, common: dict, seeds: list[int]):
