@@ -374,6 +374,7 @@ def evaluate(
     selection_run: Annotated[list[str], typer.Option(help="A select run to evaluate (repeat the option).")],
     seeds: SeedsOpt = "0,1,2",
     budget: Annotated[str, typer.Option(help=_help("EvaluateConfig", "budget"))] = "epochs",
+    include_full: Annotated[bool, typer.Option(help=_help("EvaluateConfig", "include_full"))] = True,
     plot: Annotated[Path | None, typer.Option(help=_help("EvaluateConfig", "plot"))] = None,
     text_field: TextOpt = "text",
     label_field: LabelOpt = "label",
@@ -394,6 +395,7 @@ def evaluate(
             eval_data=_source(eval_data, text_field, label_field, columns),
             seeds=[int(x) for x in seeds.split(",")],
             budget=budget,
+            include_full=include_full,
             plot=str(plot) if plot else None,
             **({"ray": {"address": ray_address}} if ray_address else {}),
         )

@@ -103,7 +103,9 @@ class EvaluateConfig(_Config):
     selection_runs: list[str] = Field(description="run_ids of select runs whose selections are evaluated.")
     eval_data: DataSource = Field(description="Held-out data with the same labels.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Retraining seeds per selection.")
-    include_full: bool = Field(True, description="Also train on all data (fraction kept 1.0).")
+    include_full: bool = Field(
+        True, description="Also train on all data (fraction kept 1.0); off when an earlier evaluate has it."
+    )
     budget: Budget = Field(
         "epochs",
         description="epochs: every selection trains for the train run's epochs (a pruned set costs less); steps: "
