@@ -58,7 +58,7 @@ def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: 
 
 def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy") -> Path:
     """``metric`` (accuracy, or loss for causal LMs) vs fraction kept: mean over seeds with a min-max band,
-    one line per score/drop."""
+    one line per score/drop (a colour per score, dashed where hard samples were dropped; random in gray)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,6 +70,9 @@ def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy
     if full:
         ax.axhline(np.mean(full), color="black", ls=":", lw=1, label=f"all data ({np.mean(full):.4f})")
     lines = sorted({(r["score"], r["drop"]) for r in rows if r["score"] != "all"})
+    scores = sorted({score for score, _ in lines if score != "random"})
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # tab10's gray is random's
+    colour = {score: palette[i % len(palette)] for i, score in enumerate(scores)} | {"random": "gray"}
     for score, drop in lines:
         by_fraction: dict[float, list[float]] = defaultdict(list)
         for r in rows:
@@ -78,9 +81,10 @@ def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy
         xs = sorted(by_fraction)
         mean = [np.mean(by_fraction[x]) for x in xs]
         label = score if score == "random" else f"{score} (drop {drop})"
-        (line,) = ax.plot(xs, mean, marker="o", label=label, color="gray" if score == "random" else None)
+        style = "--" if drop == "hard" else "-"
+        ax.plot(xs, mean, marker="o", ls=style, label=label, color=colour[score])
         lo, hi = [min(by_fraction[x]) for x in xs], [max(by_fraction[x]) for x in xs]
-        ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=colour[score])
     ax.set_xlabel("fraction of training data kept")
     ax.set_ylabel(f"held-out {metric}")
     ax.invert_xaxis()
