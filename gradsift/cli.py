@@ -521,7 +521,8 @@ def status(
     store: StoreOpt = Path("store"),
     limit: Annotated[int, typer.Option(help="Runs shown, newest first.")] = 10,
 ) -> None:
-    """Last runs in the store (state, rows written, times) and the run holding the writer lock, if any."""
+    """Last runs in the store (state, rows written, times) and the run holding the writer lock, if any. A run
+    recorded as running that does not hold the lock died mid-run: it shows as interrupted."""
     from gradsift.storage.lock import current_holder
     from gradsift.storage.store import Store
 
@@ -529,15 +530,22 @@ def status(
     runs = sorted(st.runs(), key=lambda r: r["started_at"] or r["finished_at"], reverse=True)[:limit]
     if not runs:
         _fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
+    holder = current_holder(st)
+    live = None if holder is None else holder.get("run_id", "?")  # "?": held, but by a holder that left no name
     table = Table("run_id", "flow", "status", "started", "seconds", "rows written", "note", title=f"runs in {st.root}")
+    interrupted = False
     for r in runs:
         seconds = (r["finished_at"] - r["started_at"]).total_seconds() if r["finished_at"] and r["started_at"] else None
         started = r["started_at"].strftime("%Y-%m-%d %H:%M:%S") if r["started_at"] else ""
+        state = r["status"]
+        if state == "running" and live not in ("?", r["run_id"]):
+            state, interrupted = "interrupted", True
         table.add_row(
-            r["run_id"], r["flow"], r["status"], started, _cell(seconds), _cell(r["rows_written"]), _cell(r["note"])
+            r["run_id"], r["flow"], state, started, _cell(seconds), _cell(r["rows_written"]), _cell(r["note"])
         )
     console.print(table)
-    holder = current_holder(st)
+    if interrupted:
+        console.print("interrupted: the process died mid-run; the same command again resumes it from what it staged")
     if holder is not None:
         console.print(
             f"writer lock held by run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')})"

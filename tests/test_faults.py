@@ -87,6 +87,9 @@ def test_sigkilled_flow_resumes_to_the_same_tables(tmp_path, ray_local):
     scored_before = len(list((staged / "scores").glob("*.parquet")))
     assert 0 < done <= scored_before < 12, "the kill should land mid-run"
     assert store.read_run(staged.name)["status"] == "running"  # what a crash leaves behind
+    status_cmd = [GRADSIFT, "status", "--store", str(store.root)]
+    status = subprocess.run(status_cmd, env={**env, "COLUMNS": "200"}, capture_output=True, text=True)
+    assert re.search(rf"{staged.name}.*interrupted", status.stdout), status.stdout + status.stderr
 
     start = time.perf_counter()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
