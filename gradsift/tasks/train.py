@@ -314,7 +314,7 @@ def checkpoint_scores(
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         logits, labels = _eval_logits(proxies[score_index], idx)
-        last_logits = logits if score_index in (-1, len(proxies) - 1) else _eval_logits(proxies[-1], idx)[0]
+        last_logits = logits if score_index == len(proxies) - 1 else _eval_logits(proxies[-1], idx)[0]
         out["el2n"][idx] = dyn.visit_stats(logits, labels, proxies[0].task)["el2n"].numpy()
         out["loss"][idx] = per_sample_loss(last_logits, labels, proxies[0].task).numpy()
         if gradients:
