@@ -66,13 +66,27 @@ def _summary(result: dict, store: Path) -> None:
         console.print(f'  gradsift query --store {store} "{sql}"', soft_wrap=True, highlight=False)
 
 
+def _config_problem(err: ValueError) -> str:
+    """A config error as one line per field ("score.engine.typo: Extra inputs are not permitted")."""
+    from pydantic import ValidationError
+
+    if not isinstance(err, ValidationError):
+        return str(err)
+    lines = [f"invalid configuration ({err.error_count()} problem{'s' if err.error_count() > 1 else ''}):"]
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        given = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r:.60})"
+        lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}{given}")
+    return "\n".join(lines)
+
+
 def _build_config(data: dict):
     from gradsift.schemas.config import NightlyConfig
 
     try:
         return NightlyConfig.model_validate(data)
     except ValueError as err:
-        _fail(str(err))
+        _fail(_config_problem(err))
 
 
 @app.command()
@@ -114,7 +128,7 @@ def _load_nightly(config: Path, store: Path | None, ray_address: str | None):
     try:
         cfg = NightlyConfig.from_toml(config)
     except (OSError, ValueError) as err:
-        _fail(f"{config}: {err}")
+        _fail(f"{config}: {_config_problem(err) if isinstance(err, ValueError) else err}")
     updates = {"store": str(store.resolve())} if store else {}
     if ray_address:
         updates["ray"] = cfg.ray.model_copy(update={"address": ray_address})
@@ -133,17 +147,39 @@ PromptOpt = Annotated[str, typer.Option(help="Prompt field name.")]
 ResponseOpt = Annotated[str, typer.Option(help="Response field name.")]
 TextOpt = Annotated[str, typer.Option(help="Text field name (no prompt/response).")]
 LabelOpt = Annotated[str, typer.Option(help="Label field name.")]
+ColumnsOpt = Annotated[
+    str | None, typer.Option(help="Column names of a CSV/TSV without a header, comma-separated (e.g. text,label).")
+]
 NumLabelsOpt = Annotated[int | None, typer.Option(help="Classifier: number of classes.")]
+ClassesOpt = Annotated[
+    str | None, typer.Option("--labels", help="Classifier: class names in index order, comma-separated.")
+]
 MaxTokensOpt = Annotated[int, typer.Option(help="Quarantine samples longer than this many tokens.")]
 ShardOpt = Annotated[int, typer.Option(help="Samples per shard (the unit of work and resume).")]
+BadFileOpt = Annotated[
+    str, typer.Option(help="A file that cannot be read at all: skip (reported in quarantine, line 0) or fail.")
+]
 
 
-def _data_config(data, model, store, prompt, response, text, label, num_labels, max_tokens, shard_size) -> dict:
+def _data_config(
+    data, model, store, prompt, response, text, label, num_labels, labels, columns, max_tokens, shard_size, on_bad_file
+) -> dict:
     fields = {"prompt": prompt, "response": response, "text": text, "label": label}
+    if columns:
+        fields["columns"] = columns.split(",")
     return {
         "store": str(store),
-        "model": {"name_or_path": model, "num_labels": num_labels, "max_tokens": max_tokens},
-        "ingest": {"sources": [{"path": str(p), **fields} for p in data], "shard_size": shard_size},
+        "model": {
+            "name_or_path": model,
+            "num_labels": num_labels,
+            "labels": labels.split(",") if labels else None,
+            "max_tokens": max_tokens,
+        },
+        "ingest": {
+            "sources": [{"path": str(p), **fields} for p in data],
+            "shard_size": shard_size,
+            "on_bad_file": on_bad_file,
+        },
     }
 
 
@@ -157,11 +193,15 @@ def ingest(
     text_field: TextOpt = "text",
     label_field: LabelOpt = "label",
     num_labels: NumLabelsOpt = None,
+    labels: ClassesOpt = None,
+    columns: ColumnsOpt = None,
     max_tokens: MaxTokensOpt = 512,
     shard_size: ShardOpt = 256,
+    on_bad_file: BadFileOpt = "skip",
 ) -> None:
     """Ingest DATA files into samples and quarantine (the model's tokenizer counts tokens); no scoring."""
-    fields = (prompt_field, response_field, text_field, label_field, num_labels, max_tokens, shard_size)
+    fields = (prompt_field, response_field, text_field, label_field, num_labels, labels, columns, max_tokens)
+    fields += (shard_size, on_bad_file)
     _run_flow("ingest", _build_config(_data_config(data, model, store, *fields)))
 
 
@@ -175,14 +215,18 @@ def score(
     text_field: TextOpt = "text",
     label_field: LabelOpt = "label",
     num_labels: NumLabelsOpt = None,
+    labels: ClassesOpt = None,
+    columns: ColumnsOpt = None,
     max_tokens: MaxTokensOpt = 512,
     shard_size: ShardOpt = 256,
+    on_bad_file: BadFileOpt = "skip",
     feature_dim: Annotated[int, typer.Option(help="Projected gradient feature dimension (0: none).")] = 8192,
     num_actors: Annotated[int, typer.Option(help="Ray scoring actors.")] = 2,
     ray_address: RayOpt = None,
 ) -> None:
     """Ingest DATA files and score every sample: loss, grad norm, layer stats, projected features."""
-    fields = (prompt_field, response_field, text_field, label_field, num_labels, max_tokens, shard_size)
+    fields = (prompt_field, response_field, text_field, label_field, num_labels, labels, columns, max_tokens)
+    fields += (shard_size, on_bad_file)
     config = _data_config(data, model, store, *fields)
     config["score"] = {"engine": {"feature_dim": feature_dim}}
     config["ray"] = {"num_actors": num_actors, **({"address": ray_address} if ray_address else {})}
@@ -266,9 +310,6 @@ def _source(path: Path, text_field: str, label_field: str, columns: str | None) 
 
 TextOpt = Annotated[str, typer.Option(help="Text field (or column) name.")]
 LabelOpt = Annotated[str, typer.Option(help="Label field (or column) name.")]
-ColumnsOpt = Annotated[
-    str | None, typer.Option(help="Column names of a CSV/TSV without a header, comma-separated (e.g. text,label).")
-]
 SeedsOpt = Annotated[str, typer.Option(help="Seeds, comma-separated.")]
 
 

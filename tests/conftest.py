@@ -42,3 +42,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs the shared evaluation data at {SHARED_DATA} (absent in a fresh clone)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 1-layer BERT sequence classifier (2 classes) with MiniLM's real tokenizer, saved as a model folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from gradsift.tasks.models import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = BertTokenizerFast.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

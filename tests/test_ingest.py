@@ -95,7 +95,7 @@ def test_chat_messages(tmp_path):
     [
         ("missing.jsonl", None, "cannot read file"),
         ("list.json", b'{"not": "a list"}', "must hold a list"),
-        ("broken.json", b"[{", "not valid UTF-8 JSON"),
+        ("broken.json", b"[{", "not valid JSON"),
         ("bad.parquet", b"PAR1 nope", "not a readable Parquet file"),
         ("data.xml", b"<a/>", "unknown file type"),
     ],
@@ -115,3 +115,33 @@ def test_shards_are_fixed_size_and_deterministic(tmp_path):
     assert [len(rows) for _, rows in shards] == [4, 4, 2]
     assert shards == shard_samples(r.samples, "d", 4)
     assert all(row["shard"] == name for name, rows in shards for row in rows)
+
+
+def test_hostile_corpus_every_bad_row_quarantined_with_its_category(tmp_path):
+    from hostile_corpus import check_quarantine, write_corpus
+
+    from gradsift.flows.stages import _unreadable_file
+    from gradsift.tasks.ingest import LabelRule
+
+    corpus = write_corpus(tmp_path, labelled=True)
+    samples, quarantine, notes = [], [], []
+    for path in corpus.files:
+        source = DataSource(path=str(path))
+        try:
+            result = ingest_source(source, count_chars, 200, LabelRule(required=True, classes=("0", "1")))
+        except IngestError as err:
+            result = _unreadable_file(source, err)
+        samples += result.samples
+        quarantine += result.quarantine
+        notes += result.notes
+    check_quarantine(corpus, samples, quarantine)
+    assert any("UTF-16 LE byte-order mark" in n for n in notes) and any("UTF-8 byte-order mark" in n for n in notes)
+    assert {s["text"] for s in samples} >= {"utf-16 text one", "utf-8 with a byte-order mark"}
+
+
+def test_csv_lines_are_physical_lines(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('text,label\n"two\nlines",1\nthird row,0\n\nlast,1,extra\n')
+    r = ingest(path)
+    assert [(s["text"], s["line"]) for s in r.samples] == [("two\nlines", 2), ("third row", 4)]
+    assert [(q["line"], q["reason"][:13]) for q in r.quarantine] == [(6, "wrong columns")]

@@ -20,22 +20,6 @@ def _toy_jsonl(path, n=48):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    from gradsift.tasks.models import minilm_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = BertTokenizerFast.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, ray_local):
     from gradsift.flows.evaluate import evaluate_flow
     from gradsift.flows.select import select_flow

@@ -17,8 +17,8 @@ from gradsift.schemas.config import AnalyzeConfig, DataSource
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES
 from gradsift.storage.store import Store
-from gradsift.tasks.ingest import read_rows
 from gradsift.tasks.pool import ensure_ray
+from gradsift.tasks.readers import read_rows
 from gradsift.tasks.report import write_report
 
 

@@ -128,7 +128,8 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     kept, info = _selections(store, config.selection_runs)
 
     def body(recorder) -> dict:
-        ingest_stage(ingest_config(config.store, base, config.eval_data, classification), recorder.staging)
+        held_out = ingest_config(config.store, base, config.eval_data, classification, labels if classification else None)
+        ingest_stage(held_out, recorder.staging)
         eval_parts = [str(p) for p in recorder.staging.parts("samples")]
         jobs = [(name, ids, seed) for name, ids in sorted(kept.items()) for seed in config.seeds]
         if config.include_full:

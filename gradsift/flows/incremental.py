@@ -44,7 +44,10 @@ def ingest_key(config: RunConfig, source: DataSource, file_hash: str) -> str:
             "shard_size": config.ingest.shard_size,
             "tokenizer": model.name_or_path,
             "max_tokens": model.max_tokens,
+            "max_row_bytes": config.ingest.max_row_bytes,
+            "task": model.task,
             "num_labels": model.num_labels,
+            "labels": model.labels,
             "code": gradsift.__version__,
         }
     )
@@ -100,7 +103,7 @@ def reuse_ingest(store: Store, staging: RunStaging, key: str) -> dict | None:
     prior = entry["run_id"]
     if prior == staging.run_id or not _completed(store, prior):
         return None
-    parts = [("samples", shard) for shard in entry["shards"]] + [("quarantine", entry["dataset"])]
+    parts = [("samples", shard) for shard in entry["shards"]] + [("quarantine", entry["quarantine_part"])]
     if not all(_committed_part(store, prior, t, p).exists() for t, p in parts):
         return None
     for table, part in parts:
@@ -109,7 +112,7 @@ def reuse_ingest(store: Store, staging: RunStaging, key: str) -> dict | None:
 
 
 def record_ingest(store: Store, key: str, entry: dict) -> None:
-    """Remember which run ingested a source (``entry``: run_id, dataset, shards, counts, labels)."""
+    """Remember which run ingested a source (``entry``: run_id, dataset, shards, quarantine_part, counts, labels)."""
     write_json_atomic(entry, _index_path(store, "ingest", key))
 
 

@@ -32,10 +32,14 @@ def code_version() -> str:
 
 
 def file_digest(path: str) -> str:
+    """Content hash of an input file; a path that cannot be read hashes its error (ingest reports it)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as err:
+        return f"unreadable:{type(err).__name__}:{err.strerror}"
     return h.hexdigest()
 
 

@@ -3,6 +3,7 @@ coarse, drive Ray directly inside them). Each stage is resumable through its sta
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pyarrow as pa
@@ -25,18 +26,50 @@ from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunCo
 from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
 from gradsift.tasks.batching import count_tokens
-from gradsift.tasks.ingest import ingest_source, shard_samples
-from gradsift.tasks.models import load_tokenizer, task_of_folder
+from gradsift.tasks.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
+from gradsift.tasks.models import TaskType, load_tokenizer, task_of_folder
 from gradsift.tasks.pool import ensure_ray, score_shards
 
 
-def ingest_config(store: str, model: str, source: DataSource, classification: bool) -> RunConfig:
-    """The RunConfig that lets the ingest stage read one source for training or evaluation."""
+def ingest_config(
+    store: str, model: str, source: DataSource, classification: bool, labels: list[str] | None = None
+) -> RunConfig:
+    """The RunConfig that lets the ingest stage read one source for training (``labels`` None: the label set
+    is the data's) or evaluation (``labels``: the trained classes; other rows are quarantined)."""
+    task = "classification" if classification else "causal_lm"
     return RunConfig(
         store=store,
-        model=ModelConfig(name_or_path=model, num_labels=1 if classification else None, max_tokens=1_000_000),
+        model=ModelConfig(name_or_path=model, task=task, labels=labels, max_tokens=1_000_000),
         ingest=IngestConfig(sources=[source]),
     )
+
+
+def resolve_task(model: ModelConfig) -> TaskType:
+    return model.task if model.task != "auto" else task_of_folder(model.name_or_path, model.num_labels)
+
+
+def label_rule(model: ModelConfig, task: TaskType) -> LabelRule:
+    """The label set of a run, fixed by its config before any row is read (see ``ModelConfig.labels``)."""
+    if task != "classification":
+        return LabelRule()
+    if model.labels is not None:
+        return LabelRule(required=True, classes=tuple(model.labels))
+    if model.num_labels is not None:
+        return LabelRule(required=True, classes=tuple(str(i) for i in range(model.num_labels)))
+    return LabelRule(required=True)
+
+
+def _unreadable_file(source: DataSource, err: IngestError) -> IngestResult:
+    """A skipped file as a result: no samples, one quarantine row at line 0 naming the file and the problem."""
+    result = IngestResult(source.name)
+    reason = f"unreadable file: {str(err).removeprefix(source.path + ': ')}"
+    result.quarantine.append({"dataset": source.name, "source": source.path, "line": 0, "reason": reason, "raw": ""})
+    return result
+
+
+def _label_index(rule: LabelRule, found: set[str]) -> dict[str, int]:
+    """Class index of each label: the rule's classes in order, else the labels found, sorted."""
+    return {label: i for i, label in enumerate(rule.classes if rule.classes is not None else sorted(found))}
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -50,25 +83,36 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
     if done is not None:
         get_run_logger().info("ingest already done for this run: %d samples, skipping", done["samples"])
         return done
+    logger = get_run_logger()
     tokenizer = load_tokenizer(config.model.name_or_path)
-    task_type = task_of_folder(config.model.name_or_path, config.model.num_labels)
+    task_type = resolve_task(config.model)
+    labels = label_rule(config.model, task_type)
 
     def n_tokens(prompt, response, text):
         return count_tokens(tokenizer, task_type, prompt, response, text)
 
     start = time.perf_counter()
     shards: list[str] = []
-    labels: set[str] = set()
+    found: set[str] = set()
     n_samples = n_quarantined = n_reused = 0
     for source in config.ingest.sources:
         key = ingest_key(config, source, file_digest(source.path))
         entry = reuse_ingest(staging.store, staging, key)
         if entry is None:
-            result = ingest_source(source, n_tokens, config.model.max_tokens)
+            try:
+                result = ingest_source(source, n_tokens, config.model.max_tokens, labels, config.ingest.max_row_bytes)
+            except IngestError as err:
+                if config.ingest.on_bad_file == "fail":
+                    raise
+                logger.warning("skipping %s (ingest.on_bad_file = 'skip'): %s", source.path, err)
+                result = _unreadable_file(source, err)
+            for note in result.notes:
+                logger.info(note)
             entry = {
                 "run_id": staging.run_id,
                 "dataset": result.dataset,
                 "shards": [],
+                "quarantine_part": f"{result.dataset}-{hashlib.sha256(f'{source.path}:{key}'.encode()).hexdigest()[:12]}",
                 "samples": len(result.samples),
                 "quarantined": len(result.quarantine),
                 "labels": sorted({s["label"] for s in result.samples if s["label"] is not None}),
@@ -76,19 +120,17 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
             for name, rows in shard_samples(result.samples, result.dataset, config.ingest.shard_size):
                 staging.write_part("samples", name, pa.Table.from_pylist(rows, schema=SAMPLES))
                 entry["shards"].append(name)
-            staging.write_part("quarantine", result.dataset, result.quarantine_table())
+            staging.write_part("quarantine", entry["quarantine_part"], result.quarantine_table())
             record_ingest(staging.store, key, entry)
             action = "ingested"
         else:
             n_reused += entry["samples"]
             action = f"unchanged since run {entry['run_id']}, reused"
         shards += entry["shards"]
-        labels.update(entry["labels"])
+        found.update(entry["labels"])
         n_samples += entry["samples"]
         n_quarantined += entry["quarantined"]
-        get_run_logger().info(
-            "%s %s: %d samples, %d quarantined", action, source.path, entry["samples"], entry["quarantined"]
-        )
+        logger.info("%s %s: %d samples, %d quarantined", action, source.path, entry["samples"], entry["quarantined"])
     info = {
         "samples": n_samples,
         "samples_reused": n_reused,
@@ -96,8 +138,13 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "shards": shards,
         "task": task_type,
-        "label_index": {label: i for i, label in enumerate(sorted(labels))} if task_type == "classification" else None,
+        "label_index": _label_index(labels, found) if task_type == "classification" else None,
     }
+    if config.ingest.sources and n_samples == 0:
+        raise IngestError(
+            f"no usable rows in {', '.join(s.path for s in config.ingest.sources)}: {n_quarantined} quarantined "
+            "(see the reasons above, or in the quarantine table)"
+        )
     staging.mark_done("ingest", info)
     return info
 

@@ -49,10 +49,32 @@ class ModelConfig(_Config):
     """Which model scores the data."""
 
     name_or_path: str = Field("tiny", description="'tiny' (a small random Llama) or a local Hugging Face model folder.")
-    num_labels: int | None = Field(None, description="For a sequence classifier: number of classes.")
+    task: Literal["auto", "causal_lm", "classification"] = Field(
+        "auto",
+        description="auto: a sequence classifier when num_labels or labels is set or the folder holds one, "
+        "else a causal LM.",
+    )
+    num_labels: int | None = Field(None, ge=1, description="For a sequence classifier: number of classes.")
+    labels: list[str] | None = Field(
+        None,
+        description="Class names in index order (sets num_labels). Without them a classifier's labels must be "
+        "the integers 0..num_labels-1. Rows with another label are quarantined at ingest.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype on GPU.")
     max_tokens: int = Field(512, ge=8, description="Samples longer than this after tokenisation are quarantined.")
     checkpoint: str = Field("final", description="Name of the checkpoint being scored (stored with each row).")
+
+    @model_validator(mode="after")
+    def _labels_fix_num_labels(self) -> ModelConfig:
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels) or not self.labels:
+                raise ValueError(f"labels must be distinct class names, got {self.labels}")
+            if self.num_labels not in (None, len(self.labels)):
+                raise ValueError(f"num_labels {self.num_labels} does not match the {len(self.labels)} labels given")
+            self.num_labels = len(self.labels)
+        if self.task == "causal_lm" and self.num_labels is not None:
+            raise ValueError("task causal_lm takes no num_labels or labels")
+        return self
 
 
 class RayConfig(_Config):
@@ -74,6 +96,14 @@ class IngestConfig(_Config):
 
     sources: list[DataSource] = Field(default_factory=list, description="Input files.")
     shard_size: int = Field(256, ge=1, description="Samples per shard (the unit of scoring work and resume).")
+    on_bad_file: Literal["skip", "fail"] = Field(
+        "skip",
+        description="A file that cannot be read at all: skip it (a quarantine row at line 0 names it and the run "
+        "goes on with the other files) or fail the run.",
+    )
+    max_row_bytes: int = Field(
+        4 << 20, ge=1024, description="Rows (lines, records) longer than this many bytes are quarantined unparsed."
+    )
 
 
 class ScoreConfig(_Config):
@@ -105,10 +135,13 @@ class RunConfig(_Config):
         path = Path(path)
         data = tomllib.loads(path.read_text())
         base = path.parent.resolve()
-        for src in data.get("ingest", {}).get("sources", []):
-            src["path"] = str((base / src["path"]).resolve()) if not Path(src["path"]).is_absolute() else src["path"]
-        if "store" in data and not Path(data["store"]).is_absolute():
-            data["store"] = str(base / data["store"])
+        ingest = data.get("ingest")
+        sources = ingest.get("sources") if isinstance(ingest, dict) else None
+        for src in sources if isinstance(sources, list) else []:  # wrong shapes are left to validation to name
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                src["path"] = str((base / src["path"]).resolve())
+        if isinstance(data.get("store"), str):
+            data["store"] = str((base / data["store"]).resolve())
         return cls.model_validate(data)
 
 

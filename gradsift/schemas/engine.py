@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class EngineConfig(BaseModel):
     """What the per-sample gradient engine computes, and how."""
+
+    model_config = ConfigDict(extra="forbid")
 
     parameters: Literal["all", "lora"] = Field(
         "all",

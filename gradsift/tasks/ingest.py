@@ -1,36 +1,24 @@
-"""Ingest: files -> validated samples with content-hash ids, plus quarantine rows with reasons.
+"""Ingest: raw rows (tasks.readers) -> validated samples with content-hash ids, plus quarantine rows.
 
-A bad row never stops ingest: it becomes a quarantine row naming what is wrong. A file that cannot
-be read at all raises ``IngestError`` naming the file and the problem.
+A bad row never stops ingest: it becomes a quarantine row whose reason starts with its category
+("missing field", "wrong type", "invalid text", "unknown label", "over-long", "tokenizer error", ...)
+and says what is wrong. A file that cannot be read at all raises ``IngestError`` naming the file.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradsift.schemas.config import DataSource
 from gradsift.schemas.tables import QUARANTINE
+from gradsift.tasks.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
 
-
-class IngestError(RuntimeError):
-    """A whole input file cannot be read."""
-
-
-@dataclass
-class RawRow:
-    line: int
-    record: dict | None  # None when the row could not be parsed
-    raw: str
-    error: str | None = None
+__all__ = ["IngestError", "IngestResult", "LabelRule", "ingest_source", "render_messages", "shard_samples"]
 
 
 @dataclass
@@ -38,102 +26,31 @@ class IngestResult:
     dataset: str
     samples: list[dict] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def quarantine_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.quarantine, schema=QUARANTINE)
 
 
-def detect_format(source: DataSource) -> str:
-    if source.format != "auto":
-        return source.format
-    name = source.path.lower()
-    for ext, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv"), (".parquet", "parquet")):
-        if name.endswith(ext) or name.endswith(ext + ".gz"):
-            return fmt
-    raise IngestError(f"{source.path}: unknown file type; use .jsonl .json .csv .tsv .parquet or set format=")
+@dataclass(frozen=True)
+class LabelRule:
+    """The label set, fixed before any row is read: a row outside it is quarantined at ingest, never a
+    scoring crash. ``classes`` None with ``required``: every present label is accepted (a proxy model's
+    head is sized from the data)."""
 
+    required: bool = False
+    classes: tuple[str, ...] | None = None
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise IngestError(f"{path}: cannot read file: {err.strerror or err}") from err
-    if path.suffix == ".gz":
-        import gzip
-
-        try:
-            data = gzip.decompress(data)
-        except OSError as err:
-            raise IngestError(f"{path}: not a valid gzip file: {err}") from err
-    return data
-
-
-def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def read_rows(source: DataSource) -> Iterator[RawRow]:
-    """Parse a file into rows; per-row problems are reported on the row, not raised."""
-    path = Path(source.path)
-    fmt = detect_format(source)
-    if fmt == "parquet":
-        try:
-            records = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for corrupt files
-            raise IngestError(f"{path}: not a readable Parquet file: {err}") from err
-        for i, rec in enumerate(records, start=1):
-            yield RawRow(i, rec, json.dumps(rec, default=str))
-        return
-    data = _read_bytes(path)
-    if fmt == "json":
-        try:
-            records = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise IngestError(f"{path}: not valid UTF-8 JSON ({err}); for one record per line use .jsonl") from err
-        if not isinstance(records, list):
-            raise IngestError(f"{path}: a .json file must hold a list of records, found {type(records).__name__}")
-        for i, rec in enumerate(records, start=1):
-            raw = json.dumps(rec, ensure_ascii=False)
-            yield RawRow(i, rec, raw) if isinstance(rec, dict) else RawRow(i, None, raw, "record is not an object")
-        return
-    if fmt == "jsonl":
-        for i, line in enumerate(data.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield RawRow(
-                    i, None, line.decode("utf-8", "replace"), f"undecodable bytes: {err.reason} at byte {err.start}"
-                )
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield RawRow(i, None, text, f"invalid JSON: {err.msg} at column {err.colno}")
-                continue
-            yield RawRow(i, rec, text) if isinstance(rec, dict) else RawRow(i, None, text, "record is not an object")
-        return
-    # csv / tsv
-    text = data.decode("utf-8", "surrogateescape")
-    reader = csv.reader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
-    header = source.columns
-    for i, cells in enumerate(reader, start=1):
-        if header is None:
-            header = cells
-            continue
-        raw = ("\t" if fmt == "tsv" else ",").join(cells)
-        if _has_surrogates(raw):
-            yield RawRow(
-                i,
-                None,
-                raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                "undecodable bytes (not UTF-8)",
+    def problem(self, label: str | None, field_name: str | None) -> str | None:
+        if label is None:
+            return f"missing label: a classifier needs field {field_name!r} on every row" if self.required else None
+        if self.classes is not None and label not in self.classes:
+            shown = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
+            return (
+                f"unknown label: {label!r} is not one of the {len(self.classes)} classes ({shown}); "
+                "name the classes with model.labels (--labels)"
             )
-        elif len(cells) != len(header):
-            yield RawRow(i, None, raw, f"expected {len(header)} columns ({', '.join(header)}), found {len(cells)}")
-        else:
-            yield RawRow(i, dict(zip(header, cells, strict=True)), raw)
+        return None
 
 
 def render_messages(messages: list) -> tuple[str, str]:
@@ -149,6 +66,22 @@ def render_messages(messages: list) -> tuple[str, str]:
 def content_hash(*parts: str | None) -> str:
     """sample_id: a content hash of the sample's text fields and label."""
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def _record_json(record: dict) -> str:
+    """The record as JSON text for the ``record`` column; text that is no valid Unicode is refused."""
+    try:
+        raw = json.dumps(record, ensure_ascii=False, default=str)
+    except RecursionError as err:
+        raise ValueError("invalid record: nested too deep") from err
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"invalid text: a lone surrogate \\u{ord(raw[err.start]):04x} (an unpaired UTF-16 escape in the JSON) "
+            f"at character {err.start} of the record; it is no valid Unicode"
+        ) from err
+    return raw
 
 
 def _field(record: dict, name: str | None):
@@ -189,11 +122,16 @@ def _sample_from_record(record: dict, source: DataSource) -> tuple[str | None, s
 
 
 def ingest_source(
-    source: DataSource, count_tokens: Callable[[str | None, str | None, str], int], max_tokens: int
+    source: DataSource,
+    count_tokens: Callable[[str | None, str | None, str], int],
+    max_tokens: int,
+    labels: LabelRule = LabelRule(),
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> IngestResult:
     """Validate every row of one file: samples with content-hash ids, and quarantine rows with reasons.
 
-    ``count_tokens(prompt, response, text)`` gives the length the sample will have when scored.
+    ``count_tokens(prompt, response, text)`` gives the length the sample will have when scored; an
+    exception it raises quarantines the row ("tokenizer error").
     """
     result = IngestResult(source.name)
     seen_content: dict[str, int] = {}
@@ -204,12 +142,15 @@ def ingest_source(
             {"dataset": source.name, "source": source.path, "line": row.line, "reason": reason, "raw": row.raw[:10_000]}
         )
 
-    for row in read_rows(source):
+    rows = open_rows(source, max_row_bytes)
+    result.notes = rows.notes
+    for row in rows.rows:
         if row.record is None:
             reject(row, row.error or "unreadable row")
             continue
         rec = row.record
         try:
+            record_json = _record_json(rec)
             prompt, response, text = _sample_from_record(rec, source)
         except ValueError as err:
             reject(row, str(err))
@@ -219,8 +160,15 @@ def ingest_source(
             reject(row, f"wrong type: field {source.label!r} is {type(label).__name__}, expected a string or integer")
             continue
         label = None if label is None else str(label)
+        if problem := labels.problem(label, source.label):
+            reject(row, problem)
+            continue
         domain = _field(rec, source.domain) or source.constant_domain or source.name
-        n_tokens = count_tokens(prompt, response, text)
+        try:
+            n_tokens = count_tokens(prompt, response, text)
+        except Exception as err:  # a tokenizer's own failure on one row must not stop the file
+            reject(row, f"tokenizer error: {type(err).__name__}: {err}"[:500])
+            continue
         if n_tokens > max_tokens:
             reject(row, f"over-long: {n_tokens} tokens > max_tokens {max_tokens}")
             continue
@@ -249,7 +197,7 @@ def ingest_source(
                 "n_tokens": n_tokens,
                 "source": source.path,
                 "line": row.line,
-                "record": json.dumps(rec, ensure_ascii=False, default=str),
+                "record": record_json,
             }
         )
     return result
