@@ -454,18 +454,35 @@ def query(
     format: Annotated[str, typer.Option("--format", help="table, csv, json or parquet.")] = "table",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
     limit: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+    timeout: Annotated[
+        float | None, typer.Option(help="Interrupt the query after this many seconds (default: no limit).")
+    ] = None,
 ) -> None:
-    """Run read-only SQL over the tables (runs, samples, quarantine, scores, layer_stats, features, ...)."""
+    """Run one read-only SELECT over the tables (runs, samples, quarantine, scores, layer_stats, features, ...).
+
+    Anything else (COPY, EXPORT, INSTALL/LOAD, ATTACH, SET, CREATE, INSERT, ...) and files outside the store's
+    tables are refused; Ctrl-C or --timeout interrupts a running query."""
     import duckdb
 
-    from gradsift.storage.catalog import ReadOnlyQueryError
+    from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError
     from gradsift.storage.catalog import query as run_query
     from gradsift.storage.store import Store
 
     if format not in {"table", "csv", "json", "parquet"}:
         _fail(f"unknown --format {format!r}: use table, csv, json or parquet")
+    if timeout is not None and not timeout > 0:
+        _fail(f"--timeout must be a positive number of seconds, got {timeout:g}")
     try:
-        result = run_query(Store(store), sql)
+        result = run_query(Store(store), sql, timeout=timeout)
+    except KeyboardInterrupt:
+        console.print("[bold red]query interrupted[/] (Ctrl-C); nothing was written")
+        raise typer.Exit(130) from None
+    except QueryTimeoutError:
+        console.print(
+            f"[bold red]query timed out[/] after --timeout {timeout:g} s and was interrupted: "
+            "narrow the query or raise --timeout"
+        )
+        raise typer.Exit(124) from None
     except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error) as err:
         _fail(str(err))
     if format == "parquet":

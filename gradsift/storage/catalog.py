@@ -8,6 +8,9 @@ Derived tables show rows of completed runs only.
 from __future__ import annotations
 
 import os
+import re
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -88,30 +91,148 @@ def build_catalog(store: Store) -> Path:
 
 
 class ReadOnlyQueryError(RuntimeError):
-    """A statement tried to change the catalog."""
+    """A statement that ``query`` refuses: anything but one read-only SELECT (see ``check_read_only``)."""
+
+
+class QueryTimeoutError(RuntimeError):
+    """A query ran past its ``timeout`` and was interrupted."""
+
+
+# What query() runs: one SELECT (DESCRIBE, SHOW, SUMMARIZE, FROM-first, VALUES, PIVOT ... IN (...) parse as SELECT),
+# or EXPLAIN [ANALYZE] of one. Everything else is refused by statement type, before it runs.
+_EXPLAIN = re.compile(r"\s*EXPLAIN(?:\s+ANALYZE)?\s+(.*)", re.IGNORECASE | re.DOTALL)
+_REFUSED_HINT = (
+    "gradsift query is read-only: it runs one SELECT (or EXPLAIN SELECT) over the catalog's tables; tables change "
+    "through flows (gradsift score / nightly / select)"
+)
+
+
+def _statement_type(statement) -> duckdb.StatementType | None:
+    try:
+        return statement.type
+    except ValueError:  # a type the Python client has no name for (e.g. UPDATE EXTENSIONS is 29)
+        return None
+
+
+def _is_select(statements: list) -> bool:
+    return len(statements) == 1 and _statement_type(statements[0]) == duckdb.StatementType.SELECT
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str):
+    """The one statement of ``sql`` if it is a read-only SELECT, else ``ReadOnlyQueryError``.
+
+    Uses DuckDB's own parser (a parse error is DuckDB's ``ParserException``). Exactly one statement per call:
+    ``SELECT 1; SELECT 2`` is refused rather than run in part.
+    """
+    statements = con.extract_statements(sql)
+    if not statements:
+        raise ReadOnlyQueryError('no SQL statement to run: give one SELECT, e.g. "SELECT count(*) FROM scores"')
+    if len(statements) > 1:
+        raise ReadOnlyQueryError(f"{_REFUSED_HINT}. Refused: {len(statements)} statements; give one at a time")
+    statement = statements[0]
+    kind = _statement_type(statement)
+    if kind == duckdb.StatementType.SELECT:
+        return statement
+    if kind == duckdb.StatementType.EXPLAIN:
+        inner = _EXPLAIN.fullmatch(statement.query)
+        if inner and _is_select(con.extract_statements(inner.group(1))):
+            return statement
+        raise ReadOnlyQueryError(f"{_REFUSED_HINT}. Refused: EXPLAIN of anything but one SELECT")
+    name = kind.name if kind is not None else "one DuckDB's Python client has no name for"
+    hint = " (a PIVOT needs an explicit IN (...) list to be a single SELECT)" if name == "MULTI" else ""
+    raise ReadOnlyQueryError(f"{_REFUSED_HINT}. Refused statement type: {name}{hint}")
 
 
 def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
+    """A private, locked-down DuckDB connection over ``catalog.duckdb``.
+
+    A fresh in-memory instance (so concurrent readers in one process never share, or fight over, its settings)
+    attaches the catalog READ_ONLY, then: files only under ``<store>/tables/`` (what the views read), no other
+    file, network or extension access (``enable_external_access=false``, no extension autoinstall or autoload),
+    no Python replacement scans, and ``lock_configuration=true`` so no statement can undo any of it.
+    ``allowed_directories`` can only be set on a started database and before external access is off, so it
+    and the two after it are SETs; the rest are connect-time config.
+    """
     if not store.catalog_path.exists():
         raise FileNotFoundError(
             f"no catalog at {store.catalog_path}: run a flow first (e.g. `gradsift demo` or `gradsift score`) "
             "or point --store at an existing store"
         )
-    return duckdb.connect(str(store.catalog_path), read_only=True)
-
-
-def query(store: Store, sql: str) -> pa.Table:
-    """Run read-only SQL against the catalog and return an Arrow table."""
-    con = connect_readonly(store)
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "python_enable_replacements": False,
+        },
+    )
     try:
-        relation = con.sql(sql)
-        return relation.to_arrow_table() if relation is not None else pa.table({})
-    except duckdb.Error as err:
-        if "read-only" in str(err).lower():
-            raise ReadOnlyQueryError(
-                "the catalog is read-only: gradsift query runs SELECTs only. Tables change through flows "
-                f"(gradsift score / nightly / select). DuckDB said: {err}"
-            ) from err
-        raise
-    finally:
+        con.execute(f"ATTACH '{_sql_path(store.catalog_path)}' AS catalog (READ_ONLY)")
+        con.execute("USE catalog")
+        con.execute(f"SET allowed_directories = ['{_sql_path(store.tables)}{os.sep}']")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
         con.close()
+        raise
+    return con
+
+
+def _refusal(store: Store, err: BaseException) -> BaseException:
+    """DuckDB's refusals of a SELECT (a file outside the store, a locked setting) as gradsift's own error."""
+    text = str(err)
+    if isinstance(err, duckdb.PermissionException):
+        return ReadOnlyQueryError(
+            f"gradsift query reads only the store's tables under {store.tables}{os.sep}: no other files, network "
+            f"or extensions. DuckDB said: {text}"
+        )
+    if isinstance(err, duckdb.Error) and ("configuration has been locked" in text or "read-only" in text.lower()):
+        return ReadOnlyQueryError(f"{_REFUSED_HINT}; settings are locked. DuckDB said: {text}")
+    return err
+
+
+def query(store: Store, sql: str, timeout: float | None = None) -> pa.Table:
+    """Run one read-only SELECT against the catalog and return an Arrow table.
+
+    Refuses anything else with ``ReadOnlyQueryError`` (see ``check_read_only``). The query runs in a worker
+    thread so that Ctrl-C (``KeyboardInterrupt``, re-raised once DuckDB has stopped) and ``timeout`` seconds
+    (``QueryTimeoutError``) interrupt it at once instead of when DuckDB next returns to Python.
+    """
+    con = connect_readonly(store)
+    done = threading.Event()  # not Thread.join: a Ctrl-C inside join() can mark a running thread as stopped
+    done.set()
+    try:
+        statement = check_read_only(con, sql)
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["table"] = con.sql(statement).to_arrow_table()
+            except BaseException as err:  # handed to the waiting thread
+                outcome["error"] = err
+            finally:
+                done.set()
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done.clear()
+        threading.Thread(target=run, name="gradsift-query", daemon=True).start()
+        try:
+            while not done.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise QueryTimeoutError(f"query interrupted after its timeout of {timeout:g} s")
+                done.wait(0.1 if left is None else min(0.1, left))
+        except BaseException:  # KeyboardInterrupt or the timeout: stop DuckDB, give the worker time to notice
+            con.interrupt()
+            done.wait(10)
+            raise
+        if "error" in outcome:
+            err = outcome["error"]
+            refused = _refusal(store, err)
+            if refused is err:
+                raise err
+            raise refused from err
+        return outcome["table"]
+    finally:
+        if done.is_set():  # else DuckDB ignored the interrupt for 10 s: leave the daemon worker to process exit
+            con.close()
