@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gradsift.env import configure_environment, state_dir
@@ -36,8 +38,36 @@ EXAMPLE_QUERIES = [
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
+
+
+def _failure(err: BaseException) -> tuple[BaseException, str]:
+    """The real error behind a failed run and its message: a Ray task's error is its cause; an OSError reads
+    ``path: reason``."""
+    from gradsift.flows.retry import root_cause
+
+    err = root_cause(err)
+    if isinstance(err, OSError) and err.strerror:
+        return err, f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return err, str(err)
+
+
+@contextmanager
+def _reported():
+    """Inside: a failure the user can act on (a bad model folder or config, an unreadable input, a locked
+    store, an OSError such as a full disk; also when a Ray task raised it) is an ``error:`` line and exit 2;
+    any other failure keeps its traceback."""
+    from gradsift.storage.lock import StoreLocked
+    from gradsift.tasks.ingest import IngestError
+
+    try:
+        yield
+    except Exception as err:
+        cause, message = _failure(err)
+        if not isinstance(cause, ValueError | OSError | IngestError | StoreLocked):  # ModelFolderError: ValueError
+            raise
+        _fail(message)
 
 
 def _summary(result: dict, store: Path) -> None:
@@ -234,9 +264,6 @@ def score(
 
 
 def _run_flow(kind: str, config) -> None:
-    from gradsift.storage.lock import StoreLocked
-    from gradsift.tasks.ingest import IngestError
-
     if kind == "ingest":
         from gradsift.flows.score import ingest_flow as flow_fn
     elif kind == "score":
@@ -245,10 +272,8 @@ def _run_flow(kind: str, config) -> None:
         from gradsift.flows.influence import influence_flow as flow_fn
     else:
         from gradsift.flows.nightly import nightly_flow as flow_fn
-    try:
+    with _reported():
         result = flow_fn(config)
-    except (IngestError, StoreLocked) as err:
-        _fail(str(err))
     _summary(result, Path(config.store))
 
 
@@ -286,7 +311,8 @@ def analyze(
         )
     except ValueError as err:
         _fail(str(err))
-    result = analyze_flow(cfg)
+    with _reported():
+        result = analyze_flow(cfg)
     console.print(f"run {result['run_id']}: {result['status']}; report {result.get('report', '-')}")
     table = "pair_scores" if kind == "pairs" else "layer_diffs"
     console.print(f'Try: gradsift query --store {store} "SELECT * FROM {table} LIMIT 20"', highlight=False)
@@ -363,7 +389,8 @@ def train(
         )
     except ValueError as err:
         _fail(str(err))
-    result = train_flow(cfg)
+    with _reported():
+        result = train_flow(cfg)
     console.print(f"train run {result['run_id']}: {result['status']}")
     console.print(
         f"Try: gradsift query --store {store} \"SELECT * FROM scores WHERE run_id = '{result['run_id']}' "
@@ -401,9 +428,10 @@ def select(
             stratify=stratify,
             seeds=[int(x) for x in seeds.split(",")],
         )
-        result = select_flow(cfg)
     except ValueError as err:
         _fail(str(err))
+    with _reported():
+        result = select_flow(cfg)
     console.print(f"select run {result['run_id']}: {result['status']}; {', '.join(result.get('selections', []))}")
     console.print(f"manifests: {Path(store) / 'manifests' / result['run_id']}", highlight=False)
 
@@ -440,9 +468,10 @@ def evaluate(
             plot=str(plot) if plot else None,
             **({"ray": {"address": ray_address}} if ray_address else {}),
         )
-        result = evaluate_flow(cfg)
     except ValueError as err:
         _fail(str(err))
+    with _reported():
+        result = evaluate_flow(cfg)
     console.print(result.get("summary", ""), highlight=False)
     console.print(f"plot: {result.get('plot', '-')}", highlight=False)
 

@@ -12,6 +12,7 @@ import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from gradsift.flows.retry import retry_transient
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.schemas.config import AnalyzeConfig, DataSource
 from gradsift.schemas.engine import EngineConfig
@@ -89,7 +90,7 @@ def pair_rows(config: AnalyzeConfig) -> list[tuple[int, str, str, str]]:
     return out
 
 
-@task(name="pairs", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="pairs", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     """Entanglement of every pair, chunks fanned out as Ray tasks."""
     staging = store.staging(run_id)
@@ -103,7 +104,7 @@ def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     return {"rows": len(rows)}
 
 
-@task(name="fast-slow", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="fast-slow", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     """Nuclear-norm layer curves per variant (one Ray task each) and their early/middle/late differences."""
     from gradsift.tasks.layer_curves import gsm8k_variants, third_diffs

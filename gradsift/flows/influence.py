@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from gradsift.flows.pipeline import run_pipeline
+from gradsift.flows.retry import retry_transient
 from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
 from gradsift.storage.store import RunStaging, Store
@@ -55,7 +56,7 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
     return sources
 
 
-@task(name="influence", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="influence", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
     """Influence of every training sample on the target set (LESS / TracIn / cosine), streamed on Ray."""
     logger = get_run_logger()
@@ -129,7 +130,7 @@ def _topk_table(name: str, method: str, res, t_keys: dict) -> pa.Table:
     )
 
 
-@task(name="select", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="select", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def select_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
     """The preset "top p% for target T": keep the training samples with the highest influence."""
     if config.target is None:
@@ -151,7 +152,7 @@ def select_stage(config: NightlyConfig, store: Store, run_id: str, results: dict
     return {"selection": name, "kept": result.n_kept, "rows": len(result.ids)}
 
 
-@task(name="mixture", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="mixture", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def mixture_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
     """Domain weights alpha ~ prior exp(eta sum_c a_{c,d}) (DGA / DoGE) and a budget sampled with them."""
     if config.mixture is None or config.target is None:
@@ -213,7 +214,7 @@ def weighted_sample(
     return SelectionResult(ids_a, kept, rank, reason)
 
 
-@task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="report", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def report_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
     """HTML + PNG report under <store>/reports/<run_id>/ and a Prefect markdown artifact."""
     if not config.report.enabled:

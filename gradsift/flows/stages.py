@@ -21,6 +21,7 @@ from gradsift.flows.incremental import (
     reuse_scores,
     scoring_key,
 )
+from gradsift.flows.retry import retry_transient
 from gradsift.flows.runs import file_digest
 from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
 from gradsift.schemas.tables import SAMPLES
@@ -72,7 +73,7 @@ def _label_index(rule: LabelRule, found: set[str]) -> dict[str, int]:
     return {label: i for i, label in enumerate(rule.classes if rule.classes is not None else sorted(found))}
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
     """Validate and shard every source into the run's staging folder; bad rows go to quarantine.
 
@@ -149,7 +150,7 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
     return info
 
 
-@task(name="score", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="score", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> dict:
     """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors.
 

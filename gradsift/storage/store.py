@@ -15,10 +15,12 @@ visible, and rerunning the same command finds the finished parts and skips them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,27 +30,39 @@ import pyarrow.parquet as pq
 from gradsift.schemas.tables import RUNS
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
-    """Write ``table`` to ``path`` via a temp file and rename: readers see all of it or nothing."""
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename onto ``path``. A failed write leaves no temp file; a full disk raises
+    ``OSError(ENOSPC)`` naming ``path`` (pyarrow's and write()'s own errors name no file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from err
+        raise
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
+    """Write ``table`` to ``path`` via a temp file and rename: readers see all of it or nothing."""
     vector_cols = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
-    pq.write_table(
-        table,
-        tmp,
-        row_group_size=row_group_size or (1024 if vector_cols else None),
-        use_dictionary=[f.name for f in table.schema if f.name not in vector_cols],
-        compression="zstd",
+    _write_atomic(
+        path,
+        lambda tmp: pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group_size or (1024 if vector_cols else None),
+            use_dictionary=[f.name for f in table.schema if f.name not in vector_cols],
+            compression="zstd",
+        ),
     )
-    os.replace(tmp, path)
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
     """Write ``data`` as JSON via a temp file and rename (markers and index entries)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data)))
 
 
 def utc_now() -> datetime:

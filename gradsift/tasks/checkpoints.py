@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gradsift.tasks.embed import build_head
-from gradsift.tasks.models import load_model, load_tokenizer
+from gradsift.tasks.models import check_model_folder, load_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ def load_checkpoint_model(info: CheckpointInfo) -> tuple[nn.Module, object]:
     if meta.get("lora"):
         from peft import PeftModel
 
+        adapter = check_model_folder(model_dir, config_name="adapter_config.json")
         base, tokenizer = load_model(meta["base_model"], meta.get("num_labels"), seed=meta.get("base_seed", 0))
-        model = PeftModel.from_pretrained(base, model_dir, is_trainable=True)
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=True, local_files_only=True)
         return model.eval(), tokenizer
     return load_model(str(model_dir), meta.get("num_labels"))

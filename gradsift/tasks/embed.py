@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gradsift.storage.store import write_parquet_atomic
+from gradsift.tasks.models import SAFE_LOAD, check_model_folder
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,9 @@ def embed_texts(
     """Mean-pooled last hidden states of a local Hugging Face encoder, float32 [N, H]."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(encoder_path, local_files_only=True)
-    model = AutoModel.from_pretrained(encoder_path, local_files_only=True).eval()
+    path = check_model_folder(encoder_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(path, **SAFE_LOAD).eval()
     order = np.argsort([len(t) for t in texts], kind="stable")  # less padding
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     for start in range(0, len(texts), batch_size):

@@ -7,6 +7,7 @@ No prefect or ray imports.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,84 @@ def task_of(model: nn.Module) -> TaskType:
     if name.endswith("ForCausalLM"):
         return "causal_lm"
     raise ValueError(f"unsupported model class {name}: use a causal LM or a sequence classifier")
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a model folder before transformers sees it
+
+
+class ModelFolderError(ValueError):
+    """A model folder gradsift refuses to load: missing, not a model, asking for its own code, or pickle weights."""
+
+
+CUSTOM_CODE_FIELDS = ("auto_map", "custom_pipelines")  # keys by which a folder asks transformers to import its .py
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "adapter_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
+# Every from_pretrained of a checked folder's weights: local files, no code from the folder, safetensors only.
+SAFE_LOAD = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True}
+HOW_TO_SAVE = "model.save_pretrained(FOLDER, safe_serialization=True) and tokenizer.save_pretrained(FOLDER) make one"
+
+
+def _custom_code(data: object) -> tuple[str, object] | None:
+    """The first custom-code field anywhere in a parsed config (sub-configs too), with its value."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in CUSTOM_CODE_FIELDS and value:
+                return key, value
+            if found := _custom_code(value):
+                return found
+    elif isinstance(data, list):
+        for value in data:
+            if found := _custom_code(value):
+                return found
+    return None
+
+
+def check_model_folder(name_or_path: str | Path, config_name: str = "config.json") -> Path:
+    """The folder, checked before any transformers (or peft) call; raises ``ModelFolderError``.
+
+    It must be a local folder with ``config_name`` (``adapter_config.json`` for a LoRA adapter); none of its
+    configs may ask for the folder's own code (``auto_map``: transformers would import a .py from it); its
+    weights must be safetensors (pickle weights can run code when loaded). gradsift never downloads.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelFolderError(
+            f"model {str(name_or_path)!r}: no such folder ({path.absolute()}); gradsift never downloads models: "
+            f"pass 'tiny' or a local Hugging Face model folder ({HOW_TO_SAVE})"
+        )
+    if not path.is_dir() or not (path / config_name).is_file():
+        what = "is not a folder" if not path.is_dir() else f"has no {config_name}"
+        raise ModelFolderError(
+            f"model {str(name_or_path)!r} {what}: not a Hugging Face model folder; gradsift never downloads "
+            f"models: {HOW_TO_SAVE}"
+        )
+    for name in CODE_CONFIGS:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ModelFolderError(f"{file} is not a readable JSON file: {err}") from None
+        if found := _custom_code(data):
+            field, value = found
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 200 else shown[:200] + "..."
+            raise ModelFolderError(
+                f"{file} asks for custom code ({field}: {shown}): gradsift never runs a model folder's own code; "
+                f"remove {field} or convert the model to a built-in transformers class"
+            )
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelFolderError(
+                f"{path} holds only {', '.join(pickles)} weights: gradsift loads only safetensors (pickle files can "
+                "run code when loaded); convert to safetensors once, where you trust the file: "
+                "e.g. AutoModelForCausalLM.from_pretrained(FOLDER).save_pretrained(FOLDER, safe_serialization=True)"
+            )
+        raise ModelFolderError(f"{path} has no model weights (*.safetensors): {HOW_TO_SAVE}")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,33 +219,19 @@ def load_model(
     """
     if name_or_path == "tiny":
         return build_llama(seed=seed).to(dtype), byte_tokenizer()
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is not 'tiny' nor a local Hugging Face model folder with a "
-            "config.json; gradsift never downloads models: save one with save_pretrained() and pass its path"
-        )
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    path = check_model_folder(name_or_path)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tokenizer = _load_tokenizer(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     architectures = config.architectures or []
     is_classifier = num_labels is not None or any(a.endswith("ForSequenceClassification") for a in architectures)
     torch.manual_seed(seed)  # a freshly added classification head is seeded
     if is_classifier:
         kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, dtype=dtype, **kwargs
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(path, **SAFE_LOAD, dtype=dtype, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        model = AutoModelForCausalLM.from_pretrained(path, **SAFE_LOAD, dtype=dtype)
     return model.eval(), tokenizer
 
 
@@ -180,12 +245,17 @@ def minilm_path() -> Path:
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer alone (ingest counts tokens without loading weights)."""
+    """The tokenizer alone (ingest counts tokens without loading weights); the folder is checked whole."""
     if name_or_path == "tiny":
         return byte_tokenizer()
+    return _load_tokenizer(check_model_folder(name_or_path))
+
+
+def _load_tokenizer(path: Path):
+    """The tokenizer of a checked folder, with a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -195,11 +265,12 @@ def task_of_folder(name_or_path: str, num_labels: int | None) -> TaskType:
     """Task type of a model folder from its config, without loading weights."""
     if name_or_path == "tiny":
         return "causal_lm"
+    path = check_model_folder(name_or_path)  # first, so that a bad folder fails at ingest, not on the workers
     if num_labels is not None:
         return "classification"
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(Path(name_or_path).expanduser(), local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     archs = config.architectures or []
     return "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
 
