@@ -28,7 +28,7 @@ from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
 from gradsift.tasks.batching import count_tokens
 from gradsift.tasks.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
-from gradsift.tasks.models import TaskType, load_tokenizer, task_of_folder
+from gradsift.tasks.models import TaskType, head_of_folder, load_tokenizer
 from gradsift.tasks.pool import ensure_ray, score_shards
 
 
@@ -45,19 +45,21 @@ def ingest_config(
     )
 
 
-def resolve_task(model: ModelConfig) -> TaskType:
-    return model.task if model.task != "auto" else task_of_folder(model.name_or_path, model.num_labels)
-
-
-def label_rule(model: ModelConfig, task: TaskType) -> LabelRule:
-    """The label set of a run, fixed by its config before any row is read (see ``ModelConfig.labels``)."""
+def label_rule(model: ModelConfig) -> tuple[TaskType, LabelRule]:
+    """The task and label set of a run, fixed by its config (and model folder) before any row is read:
+    ``model.labels``, else the integers 0..C-1 of ``num_labels`` or (task auto) of a classifier folder's head, else
+    (``task = "classification"``: a proxy whose head is sized from the data) whatever labels the rows carry."""
+    if model.task == "auto":
+        task, classes = head_of_folder(model.name_or_path, model.num_labels)
+    else:  # an explicit classification task sizes its head from num_labels or, without it, from the data
+        task, classes = model.task, model.num_labels
     if task != "classification":
-        return LabelRule()
+        return task, LabelRule()
     if model.labels is not None:
-        return LabelRule(required=True, classes=tuple(model.labels))
-    if model.num_labels is not None:
-        return LabelRule(required=True, classes=tuple(str(i) for i in range(model.num_labels)))
-    return LabelRule(required=True)
+        return task, LabelRule(required=True, classes=tuple(model.labels))
+    if classes is not None:
+        return task, LabelRule(required=True, classes=tuple(str(i) for i in range(classes)))
+    return task, LabelRule(required=True)
 
 
 def _unreadable_file(source: DataSource, err: IngestError) -> IngestResult:
@@ -86,8 +88,7 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
         return done
     logger = get_run_logger()
     tokenizer = load_tokenizer(config.model.name_or_path)
-    task_type = resolve_task(config.model)
-    labels = label_rule(config.model, task_type)
+    task_type, labels = label_rule(config.model)
 
     def n_tokens(prompt, response, text):
         return count_tokens(tokenizer, task_type, prompt, response, text)

@@ -51,8 +51,9 @@ class ModelConfig(_Config):
     name_or_path: str = Field("tiny", description="'tiny' (a small random Llama) or a local Hugging Face model folder.")
     task: Literal["auto", "causal_lm", "classification"] = Field(
         "auto",
-        description="auto: a sequence classifier when num_labels or labels is set or the folder holds one, "
-        "else a causal LM.",
+        description="auto: a sequence classifier when num_labels or labels is set or the folder holds one (its "
+        "head's classes), else a causal LM; classification without num_labels or labels: the classes are the "
+        "labels found in the data.",
     )
     num_labels: int | None = Field(None, ge=1, description="For a sequence classifier: number of classes.")
     labels: list[str] | None = Field(

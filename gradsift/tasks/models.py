@@ -227,8 +227,8 @@ def load_model(
     architectures = config.architectures or []
     is_classifier = num_labels is not None or any(a.endswith("ForSequenceClassification") for a in architectures)
     torch.manual_seed(seed)  # a freshly added classification head is seeded
-    if is_classifier:
-        kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    if is_classifier:  # a head of another size than the folder's is replaced by a fresh one
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels is not None else {}
         model = AutoModelForSequenceClassification.from_pretrained(path, **SAFE_LOAD, dtype=dtype, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **SAFE_LOAD, dtype=dtype)
@@ -263,16 +263,23 @@ def _load_tokenizer(path: Path):
 
 def task_of_folder(name_or_path: str, num_labels: int | None) -> TaskType:
     """Task type of a model folder from its config, without loading weights."""
+    return head_of_folder(name_or_path, num_labels)[0]
+
+
+def head_of_folder(name_or_path: str, num_labels: int | None) -> tuple[TaskType, int | None]:
+    """(task type, number of classes) of a model folder from its config, without loading weights; the
+    classes are ``num_labels`` when given, else a sequence-classifier folder's own head size."""
     if name_or_path == "tiny":
-        return "causal_lm"
+        return "causal_lm", None
     path = check_model_folder(name_or_path)  # first, so that a bad folder fails at ingest, not on the workers
     if num_labels is not None:
-        return "classification"
+        return "classification", num_labels
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    archs = config.architectures or []
-    return "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return "classification", config.num_labels
+    return "causal_lm", None
 
 
 def model_fingerprint(name_or_path: str) -> str:
