@@ -6,7 +6,7 @@ pretrained causal LM installs offline. Usage: .venv/bin/python bench/analyses.py
 
 Memory on a small CPU box: each Ray task holds micro_batch x parameters float32 materialised gradients
 (exact) plus activations of micro_batch x max_tokens; --micro-batch 4 --max-tokens 256 --actors 1 keeps
-the pairs run to one worker of a few hundred MB. Pairs longer than --max-tokens keep their last tokens;
+the pairs run to one worker of a few hundred MB. Pairs longer than --max-tokens keep the prompt end and the response start;
 the script reports how many were cut. --docs copies the report PNGs there.
 """
 
@@ -104,16 +104,15 @@ def main() -> None:
 
 
 def _count_cut(cfg, folder: Path) -> None:
-    """How many pairs have a chosen or rejected sample longer than max_tokens (they keep their last tokens)."""
+    """How many pairs are longer than max_tokens (they keep the prompt's end and the responses' start)."""
     from gradsift.flows.analyze import pair_rows
-    from gradsift.tasks.batching import encode_causal
+    from gradsift.tasks.entanglement import encode_pair
     from gradsift.tasks.models import load_tokenizer
 
     tok, n = load_tokenizer(str(folder)), cfg.model.max_tokens
-    rows = pair_rows(cfg)
-    lens = [(len(encode_causal(tok, p, c, None)[0]), len(encode_causal(tok, p, r, None)[0])) for _, p, c, r in rows]
-    cut = sum(max(a, b) > n for a, b in lens)
-    print(f"pairs: {len(rows)}, cut to the last {n} tokens: {cut} ({cut / len(rows):.1%})", flush=True)
+    rows, bad = pair_rows(cfg)
+    cut = sum(encode_pair(tok, p, c, r, n)[2] for _, p, c, r in rows)
+    print(f"pairs: {len(rows)} ({len(bad)} rows quarantined), truncated to {n} tokens: {cut} ({cut / len(rows):.1%})")
 
 
 if __name__ == "__main__":

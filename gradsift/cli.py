@@ -287,33 +287,73 @@ def influence(config: ConfigOpt, store: StoreOverride = None, ray_address: RayOp
 @app.command()
 def analyze(
     kind: Annotated[str, typer.Argument(help="pairs (preference-pair entanglement) or fast-slow (layer curves).")],
-    data: Annotated[Path, typer.Argument(help="pairs: chosen/rejected .jsonl(.gz); fast-slow: gsm8k-style .jsonl.")],
+    data: Annotated[
+        Path, typer.Argument(help="pairs: preference pairs .jsonl(.gz)/.json/.parquet; fast-slow: gsm8k-style .jsonl.")
+    ],
     model: Annotated[str, typer.Option(help="'tiny' or a local Hugging Face causal LM folder.")] = "tiny",
     store: StoreOpt = Path("store"),
-    limit: Annotated[int | None, typer.Option(help="Use the first N records.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens kept per sample (pairs keep the last ones).")] = 512,
+    limit: Annotated[int | None, typer.Option(help="Use the first N records (pairs: usable pairs).")] = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(help="Tokens kept per sample (pairs too long keep the prompt's end and the responses' start)."),
+    ] = 512,
+    layout: Annotated[str, typer.Option(help="pairs: auto, prompt, hh, conversations or messages.")] = "auto",
+    prompt_field: Annotated[
+        str | None, typer.Option(help="pairs: prompt field, a string or a message list (default: prompt).")
+    ] = None,
+    chosen_field: Annotated[
+        str | None, typer.Option(help="pairs: chosen response, dialogue or messages field (default: chosen).")
+    ] = None,
+    rejected_field: Annotated[
+        str | None, typer.Option(help="pairs: rejected response, dialogue or messages field (default: rejected).")
+    ] = None,
+    conversations_field: Annotated[
+        str | None, typer.Option(help="pairs: field of the {from, value} prompt turns (default: conversations).")
+    ] = None,
     ray_address: RayOpt = None,
 ) -> None:
-    """Gradient analyses written to pair_scores, or layer_curves and layer_diffs, plus an HTML report."""
-    from gradsift.flows.analyze import analyze_flow
+    """Gradient analyses written to pair_scores, or layer_curves and layer_diffs, plus an HTML report.
+    Preference pairs may come in any common layout (see --layout); rows that are not usable pairs go to
+    the quarantine table with a reason, and the run goes on with the others."""
+    from gradsift.flows.analyze import TRUNCATION, analyze_flow, usable_pairs
     from gradsift.schemas.config import AnalyzeConfig
 
     if kind not in {"pairs", "fast-slow"}:
         _fail(f"unknown analysis {kind!r}: use pairs or fast-slow")
-    section = {"pairs" if kind == "pairs" else "fast_slow": {"limit": limit} if limit else {}}
+    fields = {
+        "prompt": prompt_field,
+        "chosen": chosen_field,
+        "rejected": rejected_field,
+        "conversations": conversations_field,
+    }
+    pairs = {k: v for k, v in fields.items() if v is not None} | ({"layout": layout} if layout != "auto" else {})
+    if kind != "pairs" and pairs:
+        _fail("--layout and the --*-field options apply to analyze pairs only")
+    options = ({"limit": limit} if limit else {}) | pairs
     try:
         cfg = AnalyzeConfig(
             store=str(store),
             data=str(data),
             model={"name_or_path": model, "max_tokens": max_tokens},
             **({"ray": {"address": ray_address}} if ray_address else {}),
-            **section,
+            **{"pairs" if kind == "pairs" else "fast_slow": options},
         )
     except ValueError as err:
         _fail(str(err))
     with _reported():
+        if kind == "pairs":
+            usable_pairs(cfg)  # a file without one usable pair fails here, with a message
         result = analyze_flow(cfg)
     console.print(f"run {result['run_id']}: {result['status']}; report {result.get('report', '-')}")
+    if info := result.get("pairs"):
+        console.print(
+            f"{info['rows']} pairs scored, {info['quarantined']} rows quarantined; "
+            f"{info['truncated']} of {info['rows']} pairs truncated to {info['max_tokens']} tokens ({TRUNCATION})",
+            highlight=False,
+        )
+        if info["quarantined"]:
+            sql = f"SELECT line, reason FROM quarantine WHERE run_id = '{result['run_id']}' ORDER BY line"
+            console.print(f'Quarantined rows: gradsift query --store {store} "{sql}"', highlight=False, soft_wrap=True)
     table = "pair_scores" if kind == "pairs" else "layer_diffs"
     console.print(f'Try: gradsift query --store {store} "SELECT * FROM {table} LIMIT 20"', highlight=False)
 

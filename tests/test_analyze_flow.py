@@ -62,6 +62,7 @@ def test_pairs_and_fast_slow_on_shared_data(tmp_path, prefect_harness, ray_local
     assert pairs["status"] == fast["status"] == "completed"
     rows = query(Store(store), "SELECT * FROM pair_scores").to_pylist()
     assert len(rows) == 24
+    assert pairs["pairs"]["truncated"] == sum(r["truncated"] for r in rows) > 0  # 128 byte tokens: most are cut
     for r in rows:
         assert abs(r["condition_ratio"] - r["dot"] / min(r["norm_chosen"], r["norm_rejected"]) ** 2) < 1e-9
     curves = query(Store(store), "SELECT variant, count(*) AS n FROM layer_curves GROUP BY 1 ORDER BY 1").to_pylist()

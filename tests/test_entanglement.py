@@ -14,6 +14,8 @@ PAIRS = [
     ("\n\nHuman: how do I pick a lock?\n\nAssistant:", " I can't help with that.", " Use a tension wrench and a pick."),
     ("\n\nHuman: say hi\n\nAssistant:", " Hi there!", " Hello, friend, how are you today?"),
     ("\n\nHuman: 2+2?\n\nAssistant:", " 4", " 5"),
+    # over max_tokens=64: the prompt keeps its end, the long response its start (tasks.entanglement.truncate_pair)
+    ("\n\nHuman: " + "a long question " * 8 + "\n\nAssistant:", " ok", " " + "a long answer " * 6),
 ]
 
 
@@ -28,6 +30,7 @@ def test_ratio_matches_autograd(exact):
     tok = byte_tokenizer()
     engine = PerSampleGradients(model, EngineConfig(loss_reduction="sum", feature_dim=8192 if not exact else 0))
     got = pair_batch(engine, tok, PAIRS, max_tokens=64, exact=exact)
+    assert got["truncated"].tolist() == [True, False, False, True]
     for i, pair in enumerate(PAIRS):
         want = autograd_pair(model, tok, *pair, max_tokens=64)
         tol = 1e-4 if exact else 0.25  # projected inner products are estimates

@@ -7,6 +7,8 @@ once and work through a chunk of pairs or one response variant, returning small 
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import ray
 from prefect import flow, get_run_logger, task
@@ -16,8 +18,16 @@ from gradsift.flows.retry import retry_transient
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.schemas.config import AnalyzeConfig, DataSource
 from gradsift.schemas.engine import EngineConfig
-from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES
+from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES, QUARANTINE
 from gradsift.storage.store import Store
+from gradsift.tasks.pairs import (
+    NoUsablePairs,
+    PairError,
+    no_pairs_message,
+    parse_pair,
+    quarantine_row,
+    unreadable_reason,
+)
 from gradsift.tasks.pool import ensure_ray
 from gradsift.tasks.readers import read_rows
 from gradsift.tasks.report import write_report
@@ -35,24 +45,32 @@ def _engine(config: AnalyzeConfig, **overrides):
 
 
 @ray.remote
-def _pairs_chunk(config: AnalyzeConfig, rows: list[tuple[int, str, str, str]]) -> pa.Table:
-    from gradsift.tasks.entanglement import pair_batch, pair_id
+def _pairs_chunk(config: AnalyzeConfig, rows: list[tuple[int, str, str, str]]) -> tuple[pa.Table, list[dict]]:
+    """pair_scores rows of ``rows`` (line, prompt, chosen, rejected), and quarantine rows of the pairs
+    that have no response tokens."""
+    from gradsift.tasks.entanglement import encode_pair, pair_batch, pair_id
 
     pc = config.pairs
+    dataset = pc.dataset or _stem(config.data)
     engine, tokenizer = _engine(config, loss_reduction="sum", micro_batch_size=config.score.engine.micro_batch_size)
+    usable, bad = [], []
+    for line, prompt, chosen, rejected in rows:
+        try:
+            encode_pair(tokenizer, prompt, chosen, rejected, config.model.max_tokens)
+            usable.append((line, prompt, chosen, rejected))
+        except ValueError as err:
+            raw = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False)
+            bad.append(quarantine_row(dataset, config.data, line, f"empty text: {err}", raw))
     out = []
     step = max(1, engine.config.micro_batch_size // 2)
-    for i in range(0, len(rows), step):
-        chunk = rows[i : i + step]
+    for i in range(0, len(usable), step):
+        chunk = usable[i : i + step]
         res = pair_batch(engine, tokenizer, [r[1:] for r in chunk], config.model.max_tokens, pc.exact)
         for j, (line, prompt, chosen, rejected) in enumerate(chunk):
-            row = {
-                "dataset": pc.dataset or _stem(config.data),
-                "pair_id": pair_id(prompt, chosen, rejected),
-                "line": line,
-            }
-            out.append(row | {k: float(v[j]) for k, v in res.items()})
-    return pa.Table.from_pylist(out, schema=PAIR_SCORES)
+            row = {"dataset": dataset, "pair_id": pair_id(prompt, chosen, rejected), "line": line}
+            values = {k: float(v[j]) for k, v in res.items() if k != "truncated"}
+            out.append(row | values | {"truncated": bool(res["truncated"][j])})
+    return pa.Table.from_pylist(out, schema=PAIR_SCORES), bad
 
 
 @ray.remote
@@ -74,34 +92,60 @@ def _records(config: AnalyzeConfig, limit: int | None) -> list[tuple[int, dict]]
     return rows[:limit] if limit else rows
 
 
-def pair_rows(config: AnalyzeConfig) -> list[tuple[int, str, str, str]]:
-    """(line, prompt, chosen, rejected) of every usable pair in ``config.pairs`` (hh-rlhf dialogues are split)."""
-    from gradsift.tasks.entanglement import split_dialogue
-
+def pair_rows(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
+    """(line, prompt, chosen, rejected) of every usable pair in ``config.data`` (the first ``pairs.limit``),
+    and a quarantine row for every other row read (tasks.pairs: layouts and reasons)."""
     pc = config.pairs
-    out = []
-    for line, rec in _records(config, pc.limit):
-        if pc.prompt is not None:
-            out.append((line, rec[pc.prompt], rec[pc.chosen], rec[pc.rejected]))
-            continue
-        prompt, chosen = split_dialogue(rec[pc.chosen])
-        _, rejected = split_dialogue(rec[pc.rejected])
-        out.append((line, prompt, chosen, rejected))
-    return out
+    dataset = pc.dataset or _stem(config.data)
+    good, bad = [], []
+    for row in read_rows(DataSource(path=config.data)):
+        if pc.limit and len(good) >= pc.limit:
+            break
+        try:
+            if row.record is None:
+                raise PairError(unreadable_reason(row))
+            good.append((row.line, *parse_pair(row.record, pc)))
+        except PairError as err:
+            bad.append(quarantine_row(dataset, config.data, row.line, str(err), row.raw))
+    return good, bad
+
+
+def usable_pairs(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
+    """``pair_rows``, or ``NoUsablePairs`` naming the file and the commonest reasons when none is usable
+    (the CLI calls it before the flow, so that such a file fails with a message, not a traceback)."""
+    good, bad = pair_rows(config)
+    if not good:
+        raise NoUsablePairs(no_pairs_message(config.data, bad))
+    return good, bad
+
+
+TRUNCATION = "prompt end and response start kept"
 
 
 @task(name="pairs", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
-    """Entanglement of every pair, chunks fanned out as Ray tasks."""
+    """Entanglement of every usable pair, chunks fanned out as Ray tasks; every other row is quarantined."""
+    logger = get_run_logger()
     staging = store.staging(run_id)
-    rows = pair_rows(config)
+    rows, quarantine = usable_pairs(config)
     n_chunks = max(1, min(len(rows), 4 * config.ray.num_actors))
     size = -(-len(rows) // n_chunks)
     refs = [_pairs_chunk.remote(config, rows[i : i + size]) for i in range(0, len(rows), size)]
-    for k, table in enumerate(ray.get(refs)):
+    n_pairs = n_cut = 0
+    for k, (table, bad) in enumerate(ray.get(refs)):
         staging.write_part("pair_scores", f"chunk-{k:05d}", table)
-    get_run_logger().info("entanglement of %d pairs", len(rows))
-    return {"rows": len(rows)}
+        quarantine += bad
+        n_pairs += table.num_rows
+        n_cut += sum(table.column("truncated").to_pylist())
+    quarantine.sort(key=lambda q: q["line"])
+    dataset = config.pairs.dataset or _stem(config.data)
+    staging.write_part("quarantine", dataset, pa.Table.from_pylist(quarantine, schema=QUARANTINE))
+    if not n_pairs:
+        raise NoUsablePairs(no_pairs_message(config.data, quarantine))
+    max_tokens = config.model.max_tokens
+    logger.info("entanglement of %d pairs; %d rows quarantined (see the quarantine table)", n_pairs, len(quarantine))
+    logger.info("%d of %d pairs truncated to %d tokens (%s)", n_cut, n_pairs, max_tokens, TRUNCATION)
+    return {"rows": n_pairs, "quarantined": len(quarantine), "truncated": n_cut, "max_tokens": max_tokens}
 
 
 @task(name="fast-slow", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)

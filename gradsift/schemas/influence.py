@@ -72,16 +72,29 @@ class ReportConfig(_Config):
     top_n: int = Field(10, ge=1, description="Top influential samples listed per target and method.")
 
 
+PairLayout = Literal["auto", "prompt", "hh", "conversations", "messages"]
+
+
 class PairsConfig(_Config):
     """Gradient entanglement of preference pairs (Yuan et al., ICLR 2025)."""
 
     dataset: str | None = Field(None, description="Name of the pair set in pair_scores; default: the file's stem.")
-    chosen: str = Field("chosen", description="Field of the chosen response (or full hh-rlhf dialogue).")
-    rejected: str = Field("rejected", description="Field of the rejected response (or full hh-rlhf dialogue).")
-    prompt: str | None = Field(
-        None, description="Field of the prompt; none: hh-rlhf dialogues split at the last 'Assistant:' turn."
+    layout: PairLayout = Field(
+        "auto",
+        description="How a row holds its pair. prompt: a prompt string and chosen/rejected strings; hh: chosen and "
+        "rejected are full hh-rlhf dialogues, split at the last 'Assistant:' turn; conversations: a list of "
+        "{from, value} turns and chosen/rejected {from, value} turns (or strings); messages: chosen/rejected are "
+        "[{role, content}] lists sharing the prompt turns, or continuations of a prompt message list. auto: picked "
+        "per row (conversations field -> conversations; prompt list -> messages; prompt string -> prompt; "
+        "chosen list -> messages; else hh).",
     )
-    limit: int | None = Field(None, ge=1, description="Use the first N pairs only.")
+    chosen: str = Field("chosen", description="Field of the chosen response (or full dialogue / message list).")
+    rejected: str = Field("rejected", description="Field of the rejected response (or full dialogue / message list).")
+    prompt: str = Field("prompt", description="Field of the prompt (a string, or a message list).")
+    conversations: str = Field(
+        "conversations", description="Field of the shared prompt turns as a list of {from, value} objects."
+    )
+    limit: int | None = Field(None, ge=1, description="Use the first N usable pairs only.")
     exact: bool = Field(
         True, description="Inner products from materialised gradients (exact); false: from projected features."
     )

@@ -154,6 +154,7 @@ PAIR_SCORES = pa.schema(
         ("condition_ratio", pa.float64()),  # <g_w, g_l> / min(||g_w||^2, ||g_l||^2)
         ("logp_chosen", pa.float64()),
         ("logp_rejected", pa.float64()),
+        ("truncated", pa.bool_()),  # cut to max_tokens: prompt end and response start kept
     ]
 )
 """Gradient entanglement per preference pair (Yuan et al., ICLR 2025), gradients of summed response log-probs."""

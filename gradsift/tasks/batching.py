@@ -23,12 +23,28 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_causal(tokenizer, prompt: str | None, response: str | None, text: str | None) -> tuple[list[int], list[int]]:
-    """Token ids and targets: loss on response tokens when there is a prompt, else on every token."""
+def special_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """([bos], [eos]) of the tokenizer, each empty when it has none."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return bos, eos
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """BOS + the prompt's tokens: the head of a prompt/response sample (no loss on it)."""
+    return special_ids(tokenizer)[0] + _ids(tokenizer, prompt)
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """The response's tokens + EOS: the tail of a prompt/response sample (its targets)."""
+    return _ids(tokenizer, response) + special_ids(tokenizer)[1]
+
+
+def encode_causal(tokenizer, prompt: str | None, response: str | None, text: str | None) -> tuple[list[int], list[int]]:
+    """Token ids and targets: loss on response tokens when there is a prompt, else on every token."""
+    bos, eos = special_ids(tokenizer)
     if prompt is not None:
-        head, tail = bos + _ids(tokenizer, prompt), _ids(tokenizer, response or "") + eos
+        head, tail = prompt_ids(tokenizer, prompt), response_ids(tokenizer, response or "")
         return head + tail, [IGNORE_INDEX] * len(head) + tail
     ids = bos + _ids(tokenizer, text or "") + eos
     return ids, [IGNORE_INDEX] * len(bos) + ids[len(bos) :]

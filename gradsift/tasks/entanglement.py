@@ -19,18 +19,9 @@ import hashlib
 import numpy as np
 import torch
 
-from gradsift.tasks.batching import Encoded, collate, encode_causal
-
-ASSISTANT = "\n\nAssistant:"
-
-
-def split_dialogue(text: str) -> tuple[str, str]:
-    """An hh-rlhf dialogue -> (everything up to and including the last 'Assistant:', the last reply)."""
-    i = text.rfind(ASSISTANT)
-    if i < 0:
-        raise ValueError("no '\\n\\nAssistant:' turn in the dialogue")
-    cut = i + len(ASSISTANT)
-    return text[:cut], text[cut:]
+from gradsift.tasks.batching import Encoded, collate, prompt_ids, response_ids, special_ids
+from gradsift.tasks.models import IGNORE_INDEX
+from gradsift.tasks.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf dialogues; re-exported)
 
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:
@@ -38,10 +29,36 @@ def pair_id(prompt: str, chosen: str, rejected: str) -> str:
     return hashlib.sha256("\x1f".join((prompt, chosen, rejected)).encode()).hexdigest()[:16]
 
 
-def encode_response(tokenizer, prompt: str, response: str, max_tokens: int, key: str) -> Encoded:
-    """Tokens and targets (response only); a too-long sample keeps its last ``max_tokens`` tokens."""
-    ids, targets = encode_causal(tokenizer, prompt, response, None)
-    return Encoded("pairs", key, ids[-max_tokens:], targets[-max_tokens:])
+def truncate_pair(head: list[int], tails: list[list[int]], max_tokens: int, n_bos: int) -> tuple[list[int], int, bool]:
+    """How a pair fits in ``max_tokens``: (prompt tokens kept, response tokens kept, truncated?).
+
+    ``head`` is BOS + prompt tokens, ``tails`` the responses' tokens + EOS. When the head and the
+    longer tail fit, nothing is cut. Otherwise the prompt keeps its END, ``k = max(max_tokens - longest
+    tail, max_tokens // 2)`` tokens (all of it when shorter; BOS stays first), and every response its
+    START, ``max_tokens - k`` tokens: a short response stays whole and the prompt gives way, a long one
+    is cut and the prompt still keeps at least half the budget. Both responses see the same prompt tokens.
+    """
+    longest = max(len(t) for t in tails)
+    if len(head) + longest <= max_tokens:
+        return head, longest, False
+    k = min(len(head), max(max_tokens - longest, max_tokens // 2))
+    kept = head if len(head) <= k else head[:n_bos] + head[len(head) - (k - n_bos) :]
+    return kept, max_tokens - len(kept), True
+
+
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_tokens: int) -> tuple[Encoded, Encoded, bool]:
+    """(chosen, rejected) samples, targets on the response tokens only, cut to ``max_tokens`` by the rule
+    of ``truncate_pair`` (prompt end and response start kept); the flag says whether anything was cut."""
+    head = prompt_ids(tokenizer, prompt)
+    tails = [response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)]
+    if not all(tails):
+        raise ValueError("a response has no tokens")
+    kept, n_tail, cut = truncate_pair(head, tails, max_tokens, len(special_ids(tokenizer)[0]))
+    targets = [IGNORE_INDEX] * len(kept)
+    w, r = (
+        Encoded("pairs", key, kept + t[:n_tail], targets + t[:n_tail]) for key, t in (("w", tails[0]), ("l", tails[1]))
+    )
+    return w, r, cut
 
 
 def entanglement(g_w: np.ndarray, g_l: np.ndarray, norm_w: np.ndarray, norm_l: np.ndarray) -> dict[str, np.ndarray]:
@@ -60,14 +77,16 @@ def entanglement(g_w: np.ndarray, g_l: np.ndarray, norm_w: np.ndarray, norm_l: n
 
 def pair_batch(engine, tokenizer, pairs: list[tuple[str, str, str]], max_tokens: int, exact: bool) -> dict:
     """Entanglement of ``pairs`` (prompt, chosen, rejected) with ``engine`` (loss_reduction "sum", so each
-    per-sample loss is minus the summed response log-prob; the sign cancels in every reported quantity)."""
+    per-sample loss is minus the summed response log-prob; the sign cancels in every reported quantity).
+    Too-long pairs are cut as ``encode_pair`` says; ``truncated`` flags them."""
     if engine.config.loss_reduction != "sum":
         raise ValueError("entanglement needs gradients of summed log-probs: EngineConfig(loss_reduction='sum')")
     dev = next(engine.model.parameters()).device
-    items = []
+    items, cut = [], []
     for prompt, chosen, rejected in pairs:
-        items.append(encode_response(tokenizer, prompt, chosen, max_tokens, "w"))
-        items.append(encode_response(tokenizer, prompt, rejected, max_tokens, "l"))
+        *both, c = encode_pair(tokenizer, prompt, chosen, rejected, max_tokens)
+        items += both
+        cut.append(c)
     out = engine.compute(collate(items, tokenizer.pad_token_id).to(dev), flat_grads=exact)
     vec = out.flat if exact else out.features
     if vec is None:
@@ -75,16 +94,17 @@ def pair_batch(engine, tokenizer, pairs: list[tuple[str, str, str]], max_tokens:
     vec, norm, loss = vec.numpy(), out.grad_norm.numpy(), out.loss.numpy()
     res = entanglement(vec[0::2], vec[1::2], norm[0::2], norm[1::2])
     res["logp_chosen"], res["logp_rejected"] = -loss[0::2].astype(np.float64), -loss[1::2].astype(np.float64)
+    res["truncated"] = np.array(cut, dtype=bool)
     return res
 
 
 def autograd_pair(model, tokenizer, prompt: str, chosen: str, rejected: str, max_tokens: int) -> dict[str, float]:
-    """Reference: the same quantities from torch.autograd on the full parameter gradient (for tests)."""
+    """Reference: the same quantities from torch.autograd on the full parameter gradient (for tests), on the
+    same (truncated) tokens as ``pair_batch``."""
     from gradsift.tasks.models import per_sample_loss
 
     grads = []
-    for resp in (chosen, rejected):
-        it = encode_response(tokenizer, prompt, resp, max_tokens, "x")
+    for it in encode_pair(tokenizer, prompt, chosen, rejected, max_tokens)[:2]:
         b = collate([it], tokenizer.pad_token_id)
         params = [p for p in model.parameters() if p.requires_grad]
         logp = -per_sample_loss(model(input_ids=b.input_ids).logits, b.labels, "causal_lm", "sum").sum()
