@@ -7,17 +7,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from gradsift.schemas.base import Config
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import FastSlowConfig, InfluenceConfig, MixtureConfig, PairsConfig, ReportConfig
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataSource(_Config):
+class DataSource(Config):
     """One input file and how its fields map onto samples."""
 
     path: str = Field(description="A .jsonl, .json (list of records), .csv, .tsv or .parquet file.")
@@ -45,7 +42,7 @@ class DataSource(_Config):
         return self.dataset or Path(self.path).name.split(".")[0]
 
 
-class ModelConfig(_Config):
+class ModelConfig(Config):
     """Which model scores the data."""
 
     name_or_path: str = Field("tiny", description="'tiny' (a small random Llama) or a local Hugging Face model folder.")
@@ -78,7 +75,7 @@ class ModelConfig(_Config):
         return self
 
 
-class RayConfig(_Config):
+class RayConfig(Config):
     """Where and how wide the heavy work runs."""
 
     address: str | None = Field(
@@ -92,7 +89,7 @@ class RayConfig(_Config):
     max_task_retries: int = Field(2, ge=0, description="Times a shard is retried after its worker died.")
 
 
-class IngestConfig(_Config):
+class IngestConfig(Config):
     """How files become samples."""
 
     sources: list[DataSource] = Field(default_factory=list, description="Input files.")
@@ -107,13 +104,13 @@ class IngestConfig(_Config):
     )
 
 
-class ScoreConfig(_Config):
+class ScoreConfig(Config):
     """What the scoring stage computes."""
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
-class RunConfig(_Config):
+class RunConfig(Config):
     """The resolved configuration of a scoring or nightly run (stored in the runs table)."""
 
     store: str = Field("store", description="Store folder holding the Parquet tables and catalog.duckdb.")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gradsift.schemas.base import Config
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(Config):
     """What the per-sample gradient engine computes, and how."""
-
-    model_config = ConfigDict(extra="forbid")
 
     parameters: Literal["all", "lora"] = Field(
         "all",

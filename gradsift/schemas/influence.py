@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from gradsift.schemas.base import Config
 
 Method = Literal["less", "tracin", "cosine"]
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CheckpointsConfig(_Config):
+class CheckpointsConfig(Config):
     """Training checkpoints (``<store>/checkpoints/<train_run>/step-NNNNNN/``) the influence is taken over."""
 
     train_run: str = Field(description="Training run id whose checkpoints are used.")
@@ -23,7 +21,7 @@ class CheckpointsConfig(_Config):
     steps: list[int] | None = Field(None, description="Checkpoint steps to use; default: every checkpoint.")
 
 
-class InfluenceConfig(_Config):
+class InfluenceConfig(Config):
     """Which training samples help a target set (LESS, TracIn, gradient cosine)."""
 
     name: str = Field("target", description="Name of the target in the influence and selections tables.")
@@ -56,7 +54,7 @@ class InfluenceConfig(_Config):
         return self
 
 
-class MixtureConfig(_Config):
+class MixtureConfig(Config):
     """Offline domain mixture weights from gradient alignment with the target (DGA / DoGE)."""
 
     eta: float = Field(10.0, ge=0, description="Step size of the exponentiated-gradient update.")
@@ -65,7 +63,7 @@ class MixtureConfig(_Config):
     budget: int | None = Field(None, ge=1, description="Samples the mixture selection draws; default: 10% of the pool.")
 
 
-class ReportConfig(_Config):
+class ReportConfig(Config):
     """The run report: plots as PNG and one HTML page under <store>/reports/<run_id>/."""
 
     enabled: bool = Field(True, description="Write the report (and the Prefect markdown artifact).")
@@ -75,7 +73,7 @@ class ReportConfig(_Config):
 PairLayout = Literal["auto", "prompt", "hh", "conversations", "messages"]
 
 
-class PairsConfig(_Config):
+class PairsConfig(Config):
     """Gradient entanglement of preference pairs (Yuan et al., ICLR 2025)."""
 
     dataset: str | None = Field(None, description="Name of the pair set in pair_scores; default: the file's stem.")
@@ -100,7 +98,7 @@ class PairsConfig(_Config):
     )
 
 
-class FastSlowConfig(_Config):
+class FastSlowConfig(Config):
     """Fast vs slow thinking layer curves (Li et al. 2024, Layer_Gradient) on gsm8k-style data."""
 
     dataset: str | None = Field(None, description="Name in the tables; default: the file's stem.")

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from gradsift.schemas.config import DataSource, RayConfig, _Config
+from gradsift.schemas.base import Config
+from gradsift.schemas.config import DataSource, RayConfig
 
 Budget = Literal["epochs", "steps"]
 """Retraining budget of a selection: the train run's epochs, or as many optimiser steps as all data."""
@@ -14,7 +15,7 @@ Budget = Literal["epochs", "steps"]
 SCORE_NAMES = ("el2n", "grand", "forgetting", "aum", "vog", "self_influence", "loss")
 
 
-class TrainConfig(_Config):
+class TrainConfig(Config):
     """Proxy training: fine-tune a model on a dataset, log per-sample dynamics, checkpoint, score."""
 
     store: str = Field("store", description="Store folder (tables, checkpoints, catalog.duckdb).")
@@ -74,7 +75,7 @@ class TrainConfig(_Config):
         return self
 
 
-class SelectConfig(_Config):
+class SelectConfig(Config):
     """Selections from a scored training run: keep a fraction by a score, random, or softmax-sampled."""
 
     store: str = Field("store", description="Store folder.")
@@ -95,7 +96,7 @@ class SelectConfig(_Config):
     manifest: bool = Field(True, description="Write Parquet and JSONL manifests with the original records.")
 
 
-class EvaluateConfig(_Config):
+class EvaluateConfig(Config):
     """Retrain from the same start on each selection and measure held-out accuracy and loss."""
 
     store: str = Field("store", description="Store folder.")
