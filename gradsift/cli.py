@@ -17,7 +17,20 @@ from gradsift.env import configure_environment, state_dir
 
 configure_environment()  # before prefect or ray is imported anywhere
 
-app = typer.Typer(
+
+class _Cli(typer.Typer):
+    """The command line app. Run as a program (the ``gradsift`` script, ``python -m gradsift.cli``) it first
+    starts the reaper, so that whatever a command starts (a local Ray, Prefect's temporary server) dies with
+    the process however it ends; invoked in-process (typer's CliRunner) it starts none."""
+
+    def __call__(self, *args, **kwargs):
+        from gradsift.reaper import start
+
+        start()
+        return super().__call__(*args, **kwargs)
+
+
+app = _Cli(
     help="Per-sample gradient signals for LM training data: scores in Parquet, SQL in DuckDB, curated data out.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,

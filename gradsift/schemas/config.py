@@ -87,6 +87,9 @@ class RayConfig(Config):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor declares (1 on GPU machines).")
     max_restarts: int = Field(2, ge=0, description="Times a dead actor is restarted.")
     max_task_retries: int = Field(2, ge=0, description="Times a shard is retried after its worker died.")
+    dashboard: bool = Field(
+        False, description="Start the Ray dashboard (web UI on 127.0.0.1:8265) with a local Ray; a cluster has its own."
+    )
 
 
 class IngestConfig(Config):

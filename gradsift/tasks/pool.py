@@ -24,13 +24,20 @@ SCORE_TABLES = ("features", "layer_stats", "scores")  # write order: a shard is 
 
 
 def ensure_ray(config: RayConfig) -> str:
-    """Join the configured cluster, or start a local Ray sized to the machine; returns a description."""
+    """Join the configured cluster, or start a local Ray sized to the machine; returns a description.
+
+    A cluster's workers get the driver's PREFECT_, HF_ and TRANSFORMERS_ settings through the job's
+    runtime_env. A local Ray's workers inherit the driver's environment, so it starts without one, and
+    without the dashboard unless ``config.dashboard``. Ray 2.60 then still starts its dashboard head with
+    the usage-stats module only (which probes the cloud metadata addresses once, usage stats on or off),
+    and the raylet's dashboard and runtime-env agents: no ray.init option turns those off.
+    """
     if not ray.is_initialized():
-        env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "HF_", "TRANSFORMERS_"))}}
         if config.address:
-            ray.init(address=config.address, runtime_env=env, log_to_driver=False)
+            env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "HF_", "TRANSFORMERS_"))}
+            ray.init(address=config.address, runtime_env={"env_vars": env}, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, runtime_env=env, log_to_driver=False, configure_logging=False)
+            ray.init(include_dashboard=config.dashboard, log_to_driver=False, configure_logging=False)
     where = config.address or "local"
     return f"{where} ({int(ray.cluster_resources().get('CPU', 0))} CPUs, {int(ray.cluster_resources().get('GPU', 0))} GPUs)"
 
