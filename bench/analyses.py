@@ -38,10 +38,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from gradsift.flows.analyze import analyze_flow
+    from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
     from gradsift.schemas.config import AnalyzeConfig
     from gradsift.storage.catalog import query
     from gradsift.storage.store import Store
-    from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer
 
     folder = Path(args.store) / f"model-h{args.hidden}-l{args.layers}"
     if not (folder / "config.json").exists():
@@ -106,8 +106,8 @@ def main() -> None:
 def _count_cut(cfg, folder: Path) -> None:
     """How many pairs are longer than max_tokens (they keep the prompt's end and the responses' start)."""
     from gradsift.flows.analyze import pair_rows
-    from gradsift.tasks.entanglement import encode_pair
-    from gradsift.tasks.models import load_tokenizer
+    from gradsift.models.loading import load_tokenizer
+    from gradsift.signals.entanglement import encode_pair
 
     tok, n = load_tokenizer(str(folder)), cfg.model.max_tokens
     rows, bad = pair_rows(cfg)

@@ -34,11 +34,11 @@ def main() -> None:
 
     import ray
 
+    from gradsift.executors.influence_pool import group_shards, stream_influence
     from gradsift.schemas.tables import SAMPLES
+    from gradsift.signals.influence import FeatureSource, Targets
+    from gradsift.signals.scoring import features_table
     from gradsift.storage.store import write_parquet_atomic
-    from gradsift.tasks.influence import FeatureSource, Targets
-    from gradsift.tasks.influence_pool import group_shards, stream_influence
-    from gradsift.tasks.scoring import features_table
 
     tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-influence-"))
     rng = np.random.default_rng(0)

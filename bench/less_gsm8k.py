@@ -96,13 +96,13 @@ def main() -> None:
 
     from gradsift.flows.influence import influence_flow
     from gradsift.flows.train import train_flow
+    from gradsift.models.checkpoints import list_checkpoints
+    from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
     from gradsift.schemas.config import NightlyConfig
     from gradsift.schemas.train import TrainConfig
     from gradsift.storage.catalog import query
     from gradsift.storage.store import Store
-    from gradsift.tasks.checkpoints import list_checkpoints
-    from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer
-    from gradsift.tasks.train import TrainData, build_proxy, evaluate, rebind, train
+    from gradsift.training.proxy import TrainData, build_proxy, evaluate, rebind, train
 
     work = Path(args.work)
     store_dir = work / "store"

@@ -7,7 +7,7 @@ Prints a table, then (last line) one JSON object. Run from the repository root:
     PYTHONPATH=. python bench/persample.py --preset 134m    # CUDA, bf16
     PYTHONPATH=. python bench/persample.py --preset 1b --seq 2048
 
-Imports only torch, transformers and gradsift.tasks.*.
+Imports only torch, transformers and gradsift.engine / gradsift.models.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import time
 
 import torch
 
+from gradsift.engine.gradients import PerSampleGradients
+from gradsift.models.adapter import Batch, per_sample_loss
+from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
-from gradsift.tasks.engine import PerSampleGradients
-from gradsift.tasks.models import Batch, LlamaShape, build_llama, per_sample_loss
 
 VERBOSE = False
 PRESETS = {

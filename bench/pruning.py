@@ -200,9 +200,9 @@ def noise_study(args, train_file: Path, source: dict, store: str, common: dict, 
     """Train on a copy with 10% of labels flipped; AUROC of each score ranking the flipped samples first."""
     from gradsift.flows.train import train_flow
     from gradsift.schemas.train import TrainConfig
+    from gradsift.signals.dynamics import auroc
     from gradsift.storage.catalog import query
     from gradsift.storage.store import Store
-    from gradsift.tasks.dynamics import auroc
 
     noisy = args.work / f"{args.data.name}-{train_file.stem}-noisy10.tsv"
     flipped = noisy_copy(train_file, noisy, 0.10, seed=0, label_col=1, header=args.data.name == "sst2")

@@ -71,8 +71,8 @@ def _reported():
     """Inside: a failure the user can act on (a bad model folder or config, an unreadable input, a locked
     store, an OSError such as a full disk; also when a Ray task raised it) is an ``error:`` line and exit 2;
     any other failure keeps its traceback."""
+    from gradsift.data.ingest import IngestError
     from gradsift.storage.lock import StoreLocked
-    from gradsift.tasks.ingest import IngestError
 
     try:
         yield
@@ -138,7 +138,7 @@ def demo(
     rows: Annotated[int, typer.Option(help="Rows per demo domain.")] = 900,
 ) -> None:
     """Run the nightly curation flow on generated demo data with a tiny model (local Ray, no Prefect server)."""
-    from gradsift.tasks.demo_data import write_demo_data
+    from gradsift.data.demo import write_demo_data
 
     info = write_demo_data(state_dir() / "demo-data", n_per_domain=rows)
     paths = info["paths"]

@@ -49,7 +49,7 @@ def tiny_bert(tmp_path_factory):
     """A 1-layer BERT sequence classifier (2 classes) with MiniLM's real tokenizer, saved as a model folder."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from gradsift.tasks.models import minilm_path
+    from gradsift.models.loading import minilm_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tok = BertTokenizerFast.from_pretrained(minilm_path())

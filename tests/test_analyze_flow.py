@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gradsift.data.demo import write_demo_data
 from gradsift.schemas.config import AnalyzeConfig, NightlyConfig
 from gradsift.storage.catalog import query
 from gradsift.storage.store import Store
-from gradsift.tasks.demo_data import write_demo_data
 
 
 def test_nightly_with_target(tmp_path, prefect_harness, ray_local):

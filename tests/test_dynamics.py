@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gradsift.tasks import dynamics as dyn
-from gradsift.tasks.batching import Encoded
-from gradsift.tasks.models import build_llama, byte_tokenizer, per_sample_loss
-from gradsift.tasks.train import HeadProxy, HFProxy
+from gradsift.data.batching import Encoded
+from gradsift.models.adapter import per_sample_loss
+from gradsift.models.loading import build_llama, byte_tokenizer
+from gradsift.signals import dynamics as dyn
+from gradsift.training.proxy import HeadProxy, HFProxy
 
 
 def test_margin_and_el2n_by_hand():

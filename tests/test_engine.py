@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from gradsift.engine.gradients import PerSampleGradients, module_key
+from gradsift.models.adapter import IGNORE_INDEX, Batch, per_sample_loss
+from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
-from gradsift.tasks.engine import PerSampleGradients, module_key
-from gradsift.tasks.models import IGNORE_INDEX, Batch, LlamaShape, build_llama, per_sample_loss
 
 REL = 1e-5
 
@@ -253,7 +254,7 @@ def test_unsupported_parameters_raise(llama):
 
 
 def test_nuclear_eigh_path_matches_svd():
-    from gradsift.tasks import engine_math as em
+    from gradsift.engine import kernels as em
 
     gen = torch.Generator().manual_seed(12)
     m = torch.randn(3, 20, 20, generator=gen)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gradsift.engine.gradients import PerSampleGradients
+from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
 from gradsift.schemas.engine import EngineConfig
-from gradsift.tasks.engine import PerSampleGradients
-from gradsift.tasks.entanglement import autograd_pair, pair_batch, split_dialogue
-from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer
+from gradsift.signals.entanglement import autograd_pair, pair_batch, split_dialogue
 
 PAIRS = [
     ("\n\nHuman: how do I pick a lock?\n\nAssistant:", " I can't help with that.", " Use a tension wrench and a pick."),

@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gradsift.tasks.batching import collate, encode_row
-from gradsift.tasks.checkpoints import list_checkpoints, save_checkpoint
-from gradsift.tasks.influence import (
+from gradsift.data.batching import collate, encode_row
+from gradsift.models.adapter import per_sample_loss
+from gradsift.models.checkpoints import list_checkpoints, save_checkpoint
+from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
+from gradsift.signals.influence import (
     CheckpointFeaturizer,
     Targets,
     adam_direction,
@@ -16,7 +18,6 @@ from gradsift.tasks.influence import (
     l2_normalise,
     merge_top_k,
 )
-from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer, per_sample_loss
 
 TEXTS = ["Question: 2 + 3?\nAnswer: ", "Question: 7 - 1?\nAnswer: ", "Write a loop.\n", "Name a fruit.\n"]
 RESPONSES = ["#### 5", "7 - 1 = 6 #### 6", "for i in range(3): print(i)", "An apple."]
@@ -38,7 +39,7 @@ def _lora_checkpoints(store, tmp_path) -> list:
     build_llama(LlamaShape(hidden=32, layers=2, heads=2, intermediate=64)).save_pretrained(base)
     tok = byte_tokenizer()
     tok.save_pretrained(base)
-    from gradsift.tasks.models import load_model
+    from gradsift.models.loading import load_model
 
     model, _ = load_model(str(base))
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gradsift.data.ingest import IngestError, ingest_source, shard_samples
 from gradsift.schemas.config import DataSource
-from gradsift.tasks.ingest import IngestError, ingest_source, shard_samples
 
 
 def count_chars(prompt, response, text):
@@ -120,8 +120,8 @@ def test_shards_are_fixed_size_and_deterministic(tmp_path):
 def test_hostile_corpus_every_bad_row_quarantined_with_its_category(tmp_path):
     from hostile_corpus import check_quarantine, write_corpus
 
+    from gradsift.data.ingest import LabelRule
     from gradsift.flows.stages import _unreadable_file
-    from gradsift.tasks.ingest import LabelRule
 
     corpus = write_corpus(tmp_path, labelled=True)
     samples, quarantine, notes = [], [], []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradsift.tasks.mixture import DomainSums, alignment, mixture_weights
+from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
 
 
 def test_weights_move_toward_aligned_domain():

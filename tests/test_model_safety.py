@@ -13,16 +13,8 @@ from datetime import datetime
 import pytest
 from live_services import GRADSIFT, SCORE_ARGS, write_rows
 
-from gradsift.tasks.models import (
-    LlamaShape,
-    ModelFolderError,
-    build_llama,
-    byte_tokenizer,
-    check_model_folder,
-    load_model,
-    load_tokenizer,
-    task_of_folder,
-)
+from gradsift.models.folders import ModelFolderError, check_model_folder
+from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer, load_model, load_tokenizer, task_of_folder
 
 LOADERS = {
     "load_model": lambda path: load_model(str(path)),
@@ -127,7 +119,7 @@ def test_pickle_only_folder_is_refused(tmp_path, loader):
 
 
 def test_encoder_and_adapter_folders_are_checked(good_folder, tmp_path):
-    from gradsift.tasks.embed import embed_texts
+    from gradsift.models.embeddings import embed_texts
 
     folder, marker = evil_copy(good_folder, tmp_path / "evil")
     with pytest.raises(ModelFolderError, match="auto_map"):

@@ -8,11 +8,12 @@ import json
 
 import pytest
 
+from gradsift.data.pairs import CATEGORIES, PairError, parse_pair
+from gradsift.models.adapter import IGNORE_INDEX
+from gradsift.models.loading import byte_tokenizer
 from gradsift.schemas.config import AnalyzeConfig
 from gradsift.schemas.influence import PairsConfig
-from gradsift.tasks.entanglement import encode_pair
-from gradsift.tasks.models import IGNORE_INDEX, byte_tokenizer
-from gradsift.tasks.pairs import CATEGORIES, PairError, parse_pair
+from gradsift.signals.entanglement import encode_pair
 
 HH = "\n\nHuman: hi\n\nAssistant:"
 CHAT_PROMPT = "<|user|>\nhi\n<|assistant|>\n"
@@ -143,8 +144,9 @@ def test_analyze_pairs_cli_every_layout_and_bad_rows(tmp_path, prefect_harness, 
         setup_logging(incremental=False)
     assert out.exit_code == 0, out.output
     assert "Traceback" not in out.output and "Error" not in out.output, out.output
-    assert f"{len(GOOD)} pairs scored, {len(BAD)} rows quarantined" in out.output
-    assert "1 of 7 pairs truncated to 64 tokens (prompt end and response start kept)" in out.output
+    said = " ".join(out.output.split())  # rich wraps at the terminal's width
+    assert f"{len(GOOD)} pairs scored, {len(BAD)} rows quarantined" in said, said
+    assert "1 of 7 pairs truncated to 64 tokens (prompt end and response start kept)" in said, said
     st = Store(store)
     runs = query(st, "SELECT status FROM runs").column("status").to_pylist()
     assert runs == ["completed"]
@@ -192,9 +194,9 @@ def test_hh_rlhf_pairs_keep_their_prompt(shared_data, tmp_path):
 
 
 def test_analyze_flow_without_a_usable_pair_fails_the_run(tmp_path, prefect_harness, ray_local):
+    from gradsift.data.pairs import NoUsablePairs
     from gradsift.flows.analyze import analyze_flow
     from gradsift.storage.store import Store
-    from gradsift.tasks.pairs import NoUsablePairs
 
     data = tmp_path / "nothing.jsonl"
     _write(data, [], BAD[:2])

@@ -12,8 +12,8 @@ from prefect.states import Failed
 from ray import exceptions as rx
 
 from gradsift.flows.retry import _NoUserErrorTraceback, is_transient, retry_transient, root_cause
+from gradsift.models.folders import ModelFolderError
 from gradsift.storage.store import Store
-from gradsift.tasks.models import ModelFolderError
 
 
 def wrapped(cause: BaseException) -> BaseException:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from gradsift.flows.score import score_flow
+from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
 from gradsift.schemas.config import RunConfig
 from gradsift.storage.catalog import query
 from gradsift.storage.store import Store
-from gradsift.tasks.models import LlamaShape, build_llama, byte_tokenizer
 
 BAD_ROWS = [
     b'{"prompt": "Question: empty?\\nAnswer: ", "response": ""}',
@@ -114,11 +114,11 @@ def test_classifier_shard_scoring_matches_autograd(tmp_path):
     import pyarrow as pa
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    from gradsift.models.loading import minilm_path
     from gradsift.schemas.config import ModelConfig
     from gradsift.schemas.engine import EngineConfig
     from gradsift.schemas.tables import SAMPLES
-    from gradsift.tasks.models import minilm_path
-    from gradsift.tasks.scoring import ShardScorer
+    from gradsift.signals.scoring import ShardScorer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

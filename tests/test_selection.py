@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradsift.schemas.tables import SELECTIONS
-from gradsift.tasks.selection import (
+from gradsift.selection.subsets import (
     group_quotas,
     keep_fraction,
     proportional_sample,

@@ -24,8 +24,8 @@ def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, 
     from gradsift.flows.evaluate import evaluate_flow
     from gradsift.flows.select import select_flow
     from gradsift.flows.train import train_flow
+    from gradsift.models.checkpoints import list_checkpoints, load_checkpoint
     from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
-    from gradsift.tasks.checkpoints import list_checkpoints, load_checkpoint
 
     data = _toy_jsonl(tmp_path / "toy.jsonl")
     store = str(tmp_path / "store")
@@ -79,8 +79,8 @@ def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, 
 
 def test_lora_causal_lm_train(tmp_path, prefect_harness):
     from gradsift.flows.train import train_flow
+    from gradsift.models.checkpoints import list_checkpoints, load_checkpoint
     from gradsift.schemas.train import TrainConfig
-    from gradsift.tasks.checkpoints import list_checkpoints, load_checkpoint
 
     data = _toy_jsonl(tmp_path / "toy.jsonl", n=16)
     cfg = TrainConfig(
@@ -222,10 +222,10 @@ def test_training_resumes_after_the_last_checkpoint(tmp_path):
 
     import torch
 
+    from gradsift.models.checkpoints import list_checkpoints
+    from gradsift.models.loading import minilm_path
     from gradsift.schemas.train import TrainConfig
-    from gradsift.tasks.checkpoints import list_checkpoints
-    from gradsift.tasks.models import minilm_path
-    from gradsift.tasks.train import TrainData, train
+    from gradsift.training.proxy import TrainData, train
 
     rng = np.random.default_rng(0)
     rows = [{"dataset": "d", "sample_id": f"s{i}", "label": str(i % 3)} for i in range(40)]

@@ -14,13 +14,7 @@ import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.flows.retry import retry_transient
-from gradsift.flows.runs import RunRecorder, run_recorded
-from gradsift.schemas.config import AnalyzeConfig, DataSource
-from gradsift.schemas.engine import EngineConfig
-from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES, QUARANTINE
-from gradsift.storage.store import Store
-from gradsift.tasks.pairs import (
+from gradsift.data.pairs import (
     NoUsablePairs,
     PairError,
     no_pairs_message,
@@ -28,15 +22,21 @@ from gradsift.tasks.pairs import (
     quarantine_row,
     unreadable_reason,
 )
-from gradsift.tasks.pool import ensure_ray
-from gradsift.tasks.readers import read_rows
-from gradsift.tasks.report import write_report
+from gradsift.data.readers import read_rows
+from gradsift.executors.ray_pool import ensure_ray
+from gradsift.flows.retry import retry_transient
+from gradsift.flows.runs import RunRecorder, run_recorded
+from gradsift.report.html import write_report
+from gradsift.schemas.config import AnalyzeConfig, DataSource
+from gradsift.schemas.engine import EngineConfig
+from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES, QUARANTINE
+from gradsift.storage.store import Store
 
 
 def _engine(config: AnalyzeConfig, **overrides):
-    from gradsift.tasks.engine import PerSampleGradients
-    from gradsift.tasks.models import load_model
-    from gradsift.tasks.scoring import pick_device
+    from gradsift.engine.gradients import PerSampleGradients
+    from gradsift.models.loading import load_model
+    from gradsift.signals.scoring import pick_device
 
     model, tokenizer = load_model(config.model.name_or_path, seed=config.seed)
     model.to(pick_device())
@@ -48,7 +48,7 @@ def _engine(config: AnalyzeConfig, **overrides):
 def _pairs_chunk(config: AnalyzeConfig, rows: list[tuple[int, str, str, str]]) -> tuple[pa.Table, list[dict]]:
     """pair_scores rows of ``rows`` (line, prompt, chosen, rejected), and quarantine rows of the pairs
     that have no response tokens."""
-    from gradsift.tasks.entanglement import encode_pair, pair_batch, pair_id
+    from gradsift.signals.entanglement import encode_pair, pair_batch, pair_id
 
     pc = config.pairs
     dataset = pc.dataset or _stem(config.data)
@@ -75,7 +75,7 @@ def _pairs_chunk(config: AnalyzeConfig, rows: list[tuple[int, str, str, str]]) -
 
 @ray.remote
 def _variant_curve(config: AnalyzeConfig, pairs: list[tuple[str, str]]) -> dict:
-    from gradsift.tasks.layer_curves import nuclear_curves
+    from gradsift.signals.layer_curves import nuclear_curves
 
     engine, tokenizer = _engine(config, nuclear_modules=config.fast_slow.modules, feature_dim=0)
     return nuclear_curves(engine, tokenizer, pairs, config.model.max_tokens)
@@ -151,7 +151,7 @@ def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
 @task(name="fast-slow", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     """Nuclear-norm layer curves per variant (one Ray task each) and their early/middle/late differences."""
-    from gradsift.tasks.layer_curves import gsm8k_variants, third_diffs
+    from gradsift.signals.layer_curves import gsm8k_variants, third_diffs
 
     fs = config.fast_slow
     variants: dict[str, list[tuple[str, str]]] = {}

@@ -16,14 +16,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from gradsift.executors.ray_pool import run_jobs
 from gradsift.flows.runs import run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.schemas.tables import EVALUATIONS
 from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 from gradsift.storage.catalog import query
 from gradsift.storage.store import Store
-from gradsift.tasks.pool import run_jobs
-from gradsift.tasks.train import evaluate_selections
+from gradsift.training.proxy import evaluate_selections
 
 
 def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], dict[str, dict]]:
@@ -128,7 +128,9 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     kept, info = _selections(store, config.selection_runs)
 
     def body(recorder) -> dict:
-        held_out = ingest_config(config.store, base, config.eval_data, classification, labels if classification else None)
+        held_out = ingest_config(
+            config.store, base, config.eval_data, classification, labels if classification else None
+        )
         ingest_stage(held_out, recorder.staging)
         eval_parts = [str(p) for p in recorder.staging.parts("samples")]
         jobs = [(name, ids, seed) for name, ids in sorted(kept.items()) for seed in config.seeds]

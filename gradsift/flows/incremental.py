@@ -25,10 +25,10 @@ import uuid
 from pathlib import Path
 
 import gradsift
+from gradsift.executors.ray_pool import SCORE_TABLES
+from gradsift.models.folders import model_fingerprint
 from gradsift.schemas.config import DataSource, RunConfig
 from gradsift.storage.store import RunStaging, Store, write_json_atomic
-from gradsift.tasks.models import model_fingerprint
-from gradsift.tasks.pool import SCORE_TABLES
 
 
 def _digest(payload: dict) -> str:

@@ -15,18 +15,24 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from gradsift.executors.influence_pool import featurize_checkpoints, group_shards, stream_influence
+from gradsift.executors.ray_pool import ensure_ray
 from gradsift.flows.pipeline import run_pipeline
 from gradsift.flows.retry import retry_transient
+from gradsift.models.checkpoints import list_checkpoints
+from gradsift.report.html import write_report
 from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
+from gradsift.selection.subsets import (
+    SelectionResult,
+    group_quotas,
+    keep_fraction,
+    proportional_sample,
+    selection_table,
+)
+from gradsift.signals.influence import FeatureSource, Targets, checkpoint_name, ranks, read_block
+from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
 from gradsift.storage.store import RunStaging, Store
-from gradsift.tasks.checkpoints import list_checkpoints
-from gradsift.tasks.influence import FeatureSource, Targets, checkpoint_name, ranks, read_block
-from gradsift.tasks.influence_pool import featurize_checkpoints, group_shards, stream_influence
-from gradsift.tasks.mixture import DomainSums, alignment, mixture_weights
-from gradsift.tasks.pool import ensure_ray
-from gradsift.tasks.report import write_report
-from gradsift.tasks.selection import SelectionResult, group_quotas, keep_fraction, proportional_sample, selection_table
 
 
 def shard_dataset(shard: str) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import logging
 
+from gradsift.data.ingest import IngestError
+from gradsift.models.folders import ModelFolderError
 from gradsift.storage.lock import StoreLocked
-from gradsift.tasks.ingest import IngestError
-from gradsift.tasks.models import ModelFolderError
 
 # errno values of I/O errors that may pass: interrupted, busy, a flaky disk or network filesystem
 TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EINTR, errno.EIO, errno.ETIMEDOUT, errno.EBUSY, errno.ESTALE})

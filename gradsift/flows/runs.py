@@ -12,11 +12,11 @@ from prefect import get_run_logger
 from pydantic import BaseModel
 
 import gradsift
+from gradsift.models.folders import model_fingerprint
 from gradsift.schemas.config import DataSource
 from gradsift.storage.catalog import build_catalog
 from gradsift.storage.lock import StoreLock
 from gradsift.storage.store import RunStaging, Store, utc_now
-from gradsift.tasks.models import model_fingerprint
 
 
 def code_version() -> str:

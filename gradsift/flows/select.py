@@ -16,16 +16,16 @@ from prefect import flow
 
 from gradsift.flows.runs import run_recorded
 from gradsift.schemas.train import SelectConfig
-from gradsift.storage.catalog import query
-from gradsift.storage.store import Store, write_parquet_atomic
-from gradsift.tasks.dynamics import zscore
-from gradsift.tasks.selection import (
+from gradsift.selection.subsets import (
     SelectionResult,
     keep_fraction,
     proportional_sample,
     random_fraction,
     selection_table,
 )
+from gradsift.signals.dynamics import zscore
+from gradsift.storage.catalog import query
+from gradsift.storage.store import Store, write_parquet_atomic
 
 HIGHER_IS_EASIER = {"aum"}
 """Scores whose high values mean easy samples; for every other score high means hard."""

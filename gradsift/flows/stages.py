@@ -12,6 +12,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gradsift.data.batching import count_tokens
+from gradsift.data.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
+from gradsift.executors.ray_pool import ensure_ray, score_shards
 from gradsift.flows.incremental import (
     ingest_key,
     known_parameter_set,
@@ -23,13 +26,11 @@ from gradsift.flows.incremental import (
 )
 from gradsift.flows.retry import retry_transient
 from gradsift.flows.runs import file_digest
+from gradsift.models.adapter import TaskType
+from gradsift.models.loading import head_of_folder, load_tokenizer
 from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
 from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
-from gradsift.tasks.batching import count_tokens
-from gradsift.tasks.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
-from gradsift.tasks.models import TaskType, head_of_folder, load_tokenizer
-from gradsift.tasks.pool import ensure_ray, score_shards
 
 
 def ingest_config(

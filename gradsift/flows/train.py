@@ -20,15 +20,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gradsift.executors.ray_pool import run_jobs
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
+from gradsift.models.embeddings import cached_embeddings
+from gradsift.models.loading import minilm_path
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import TrainConfig
-from gradsift.tasks.dynamics import zscore
-from gradsift.tasks.embed import cached_embeddings
-from gradsift.tasks.models import minilm_path
-from gradsift.tasks.pool import run_jobs
-from gradsift.tasks.train import embed_cache_dir, train_and_score_seed
+from gradsift.signals.dynamics import zscore
+from gradsift.training.proxy import embed_cache_dir, train_and_score_seed
 
 
 def resolve_model(name: str) -> str:

@@ -19,9 +19,9 @@ import hashlib
 import numpy as np
 import torch
 
-from gradsift.tasks.batching import Encoded, collate, prompt_ids, response_ids, special_ids
-from gradsift.tasks.models import IGNORE_INDEX
-from gradsift.tasks.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf dialogues; re-exported)
+from gradsift.data.batching import Encoded, collate, prompt_ids, response_ids, special_ids
+from gradsift.data.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf dialogues; re-exported)
+from gradsift.models.adapter import IGNORE_INDEX
 
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:
@@ -101,7 +101,7 @@ def pair_batch(engine, tokenizer, pairs: list[tuple[str, str, str]], max_tokens:
 def autograd_pair(model, tokenizer, prompt: str, chosen: str, rejected: str, max_tokens: int) -> dict[str, float]:
     """Reference: the same quantities from torch.autograd on the full parameter gradient (for tests), on the
     same (truncated) tokens as ``pair_batch``."""
-    from gradsift.tasks.models import per_sample_loss
+    from gradsift.models.adapter import per_sample_loss
 
     grads = []
     for it in encode_pair(tokenizer, prompt, chosen, rejected, max_tokens)[:2]:

@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from gradsift.tasks.batching import Encoded, collate, encode_causal, micro_batches
-from gradsift.tasks.engine import module_key
+from gradsift.data.batching import Encoded, collate, encode_causal, micro_batches
+from gradsift.engine.gradients import module_key
 
 PARTS = ("early", "middle", "late")
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gradsift.models.folders import SAFE_LOAD, check_model_folder
 from gradsift.storage.store import write_parquet_atomic
-from gradsift.tasks.models import SAFE_LOAD, check_model_folder
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

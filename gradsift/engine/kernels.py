@@ -1,7 +1,7 @@
 """Batched per-sample gradient statistics from activations x and output gradients g.
 
 All functions take x [B, T, d_in] and g [B, T, d_out] (pad positions already zeroed) and return
-float32 per-sample results. See gradsift/tasks/engine.py for the math and sources.
+float32 per-sample results. See gradsift/engine/gradients.py for the math and sources.
 """
 
 from __future__ import annotations

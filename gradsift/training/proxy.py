@@ -20,22 +20,23 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
-from gradsift.schemas.engine import EngineConfig
-from gradsift.schemas.tables import DYNAMICS
-from gradsift.schemas.train import Budget, TrainConfig
-from gradsift.storage.store import Store
-from gradsift.tasks import dynamics as dyn
-from gradsift.tasks.batching import Encoded, collate, encode_row
-from gradsift.tasks.checkpoints import (
+from gradsift.data.batching import Encoded, collate, encode_row
+from gradsift.engine.gradients import PerSampleGradients
+from gradsift.models.adapter import TaskType, forward_logits, per_sample_loss
+from gradsift.models.checkpoints import (
     CheckpointInfo,
     list_checkpoints,
     load_checkpoint_model,
     load_optimizer_state,
     save_checkpoint,
 )
-from gradsift.tasks.embed import build_head
-from gradsift.tasks.engine import PerSampleGradients
-from gradsift.tasks.models import TaskType, forward_logits, load_model, per_sample_loss
+from gradsift.models.embeddings import build_head
+from gradsift.models.loading import load_model
+from gradsift.schemas.engine import EngineConfig
+from gradsift.schemas.tables import DYNAMICS
+from gradsift.schemas.train import Budget, TrainConfig
+from gradsift.signals import dynamics as dyn
+from gradsift.storage.store import Store
 
 
 class HeadProxy:
@@ -355,7 +356,7 @@ def load_train_data(cfg: TrainConfig, base_model: str, rows: list[dict], label_i
     """Rows plus, in frozen mode, their cached embeddings (computed once per text and encoder)."""
     if cfg.mode != "frozen":
         return TrainData(rows, label_index)
-    from gradsift.tasks.embed import cached_embeddings
+    from gradsift.models.embeddings import cached_embeddings
 
     emb = cached_embeddings(embed_cache_dir(cfg), base_model, [r["text"] for r in rows], max_length=cfg.max_length)
     return TrainData(rows, label_index, emb)

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradsift.tasks.embed import build_head
-from gradsift.tasks.models import check_model_folder, load_model, load_tokenizer
+from gradsift.models.embeddings import build_head
+from gradsift.models.folders import check_model_folder
+from gradsift.models.loading import load_model, load_tokenizer
 
 
 @dataclass(frozen=True)

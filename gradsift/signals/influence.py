@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from gradsift.data.batching import collate, encode_row, micro_batches
+from gradsift.models.checkpoints import CheckpointInfo, load_checkpoint
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import Method
-from gradsift.tasks.batching import collate, encode_row, micro_batches
-from gradsift.tasks.checkpoints import CheckpointInfo, load_checkpoint
 
 TRAIN_KIND = {"less": "adam", "tracin": "grad", "cosine": "grad"}
 """Which training-side features each method reads; the target side always reads plain gradients."""
@@ -174,8 +174,8 @@ class CheckpointFeaturizer:
     """Per-sample LoRA gradients at one checkpoint -> projected "grad" and LESS "adam" features."""
 
     def __init__(self, info: CheckpointInfo, feature_dim: int, seed: int = 0, micro_batch_size: int = 16):
-        from gradsift.tasks.engine import PerSampleGradients
-        from gradsift.tasks.scoring import pick_device
+        from gradsift.engine.gradients import PerSampleGradients
+        from gradsift.signals.scoring import pick_device
 
         if not info.meta.get("lora"):
             raise ValueError(f"{info.path}: LESS features need a LoRA checkpoint (meta.json lora), not a full model")
@@ -199,8 +199,8 @@ class CheckpointFeaturizer:
 
     def featurize(self, samples: pa.Table) -> dict[str, pa.Table]:
         """Rows of ``features`` for one shard: checkpoint "<step>:grad" and "<step>:adam"."""
-        from gradsift.tasks.models import task_of
-        from gradsift.tasks.scoring import features_table
+        from gradsift.models.adapter import task_of
+        from gradsift.signals.scoring import features_table
 
         task = task_of(self.model.get_base_model())
         items = [encode_row(r, self.tokenizer, task, self.label_index) for r in samples.to_pylist()]

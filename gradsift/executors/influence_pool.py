@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
+from gradsift.executors.ray_pool import ensure_ray
+from gradsift.models.checkpoints import CheckpointInfo
 from gradsift.schemas.config import RayConfig
 from gradsift.schemas.influence import Method
-from gradsift.storage.store import Store
-from gradsift.tasks.checkpoints import CheckpointInfo
-from gradsift.tasks.influence import (
+from gradsift.signals.influence import (
     FeatureSource,
     Targets,
     block_scores,
@@ -30,8 +30,8 @@ from gradsift.tasks.influence import (
     merge_top_k,
     read_block,
 )
-from gradsift.tasks.mixture import DomainSums
-from gradsift.tasks.pool import ensure_ray
+from gradsift.signals.mixture import DomainSums
+from gradsift.storage.store import Store
 
 
 @ray.remote
@@ -39,7 +39,7 @@ class FeaturizeActor:
     """Holds one checkpoint's model and optimizer moments; featurises shards into staging."""
 
     def __init__(self, store_root: str, run_id: str, info: CheckpointInfo, feature_dim: int, seed: int):
-        from gradsift.tasks.influence import CheckpointFeaturizer
+        from gradsift.signals.influence import CheckpointFeaturizer
 
         self.staging = Store(store_root).staging(run_id)
         self.featurizer = CheckpointFeaturizer(info, feature_dim, seed)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from gradsift.data.batching import collate, encode_row, micro_batches
+from gradsift.engine.gradients import PerSampleGradients, module_key
+from gradsift.models.adapter import task_of
+from gradsift.models.loading import load_model
 from gradsift.schemas.config import ModelConfig
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import LAYER_STATS, SCORES, features_schema
-from gradsift.tasks.batching import collate, encode_row, micro_batches
-from gradsift.tasks.engine import PerSampleGradients, module_key
-from gradsift.tasks.models import load_model, task_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

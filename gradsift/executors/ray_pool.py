@@ -47,7 +47,7 @@ class ScoringActor:
     """Holds one model; scores shards of one run into that run's staging folder."""
 
     def __init__(self, store_root: str, run_id: str, model: dict, engine: dict, label_index, seed: int):
-        from gradsift.tasks.scoring import ShardScorer
+        from gradsift.signals.scoring import ShardScorer
 
         self.staging = Store(store_root).staging(run_id)
         self.scorer = ShardScorer(ModelConfig(**model), EngineConfig(**engine), label_index, seed)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gradsift.data.ingest import IngestError, RawRow, render_messages
 from gradsift.schemas.influence import PairsConfig
-from gradsift.tasks.ingest import IngestError, RawRow, render_messages
 
 CATEGORIES = (
     "invalid JSON",

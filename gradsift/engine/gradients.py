@@ -45,10 +45,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from gradsift.engine import kernels as em
+from gradsift.engine.projection import GradientProjector
+from gradsift.models.adapter import Batch, per_sample_loss, task_of
 from gradsift.schemas.engine import EngineConfig
-from gradsift.tasks import engine_math as em
-from gradsift.tasks.engine_projection import GradientProjector
-from gradsift.tasks.models import Batch, per_sample_loss, task_of
 
 Strategy = Literal["auto", "ghost", "materialise"]
 _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}

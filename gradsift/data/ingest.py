@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from gradsift.data.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
 from gradsift.schemas.config import DataSource
 from gradsift.schemas.tables import QUARANTINE
-from gradsift.tasks.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
 
 __all__ = ["IngestError", "IngestResult", "LabelRule", "ingest_source", "render_messages", "shard_samples"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradsift.tasks.models import IGNORE_INDEX, Batch, TaskType
+from gradsift.models.adapter import IGNORE_INDEX, Batch, TaskType
 
 
 @dataclass

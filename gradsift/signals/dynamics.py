@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradsift.tasks.models import IGNORE_INDEX, TaskType, per_sample_loss
+from gradsift.models.adapter import IGNORE_INDEX, TaskType, per_sample_loss
 
 
 def _token_view(logits: Tensor, labels: Tensor, task: TaskType) -> tuple[Tensor, Tensor, Tensor]:
