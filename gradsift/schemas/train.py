@@ -25,7 +25,8 @@ class TrainConfig(Config):
     )
     task: Literal["classification", "causal_lm"] = Field(
         "classification",
-        description="Sequence classification (a head on the model, labels from the data) or causal LM.",
+        description="Sequence classification (a head on the model, labels from the data) or causal LM "
+        "('tiny' is always a causal LM).",
     )
     mode: Literal["finetune", "frozen"] = Field(
         "finetune",
@@ -72,6 +73,8 @@ class TrainConfig(Config):
                 f"score_epoch {self.score_epoch} is after the last epoch ({self.epochs}): set score_epoch to at "
                 f"most {self.epochs} or train for more epochs"
             )
+        if self.model == "tiny":  # a small random Llama: a causal LM whatever the task says
+            self.task = "causal_lm"
         return self
 
 
