@@ -96,7 +96,7 @@ def _summary(result: dict, store: Path) -> None:
             f"{score.get('shards_reused', 0)} reused from earlier runs)",
         )
     for stage in ("select", "mixture"):
-        if "selection" in result.get(stage, {}):
+        if result.get(stage, {}).get("selection"):
             table.add_row(f"selection ({stage})", f"{result[stage]['selection']}: {result[stage]['kept']} kept")
     if weights := result.get("mixture", {}).get("weights"):
         table.add_row("mixture weights", ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items())))

@@ -7,6 +7,8 @@ them after scoring; ``influence_flow`` runs them on training checkpoints without
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,19 +19,14 @@ from prefect.cache_policies import NO_CACHE
 
 from gradsift.executors.influence_pool import featurize_checkpoints, group_shards, stream_influence
 from gradsift.executors.ray_pool import ensure_ray
-from gradsift.flows.pipeline import run_pipeline
+from gradsift.flows.pipeline import Stage, run_pipeline
 from gradsift.flows.retry import retry_transient
 from gradsift.models.checkpoints import list_checkpoints
 from gradsift.report.html import write_report
 from gradsift.schemas.config import NightlyConfig
+from gradsift.schemas.stages import InfluenceOutput, ReportOutput, SelectionOutput, StageOutput
 from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
-from gradsift.selection.subsets import (
-    SelectionResult,
-    group_quotas,
-    keep_fraction,
-    proportional_sample,
-    selection_table,
-)
+from gradsift.selection.subsets import keep_fraction, selection_table, weighted_sample
 from gradsift.signals.influence import FeatureSource, Targets, checkpoint_name, ranks, read_block
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
 from gradsift.storage.store import RunStaging, Store
@@ -63,16 +60,18 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
 
 
 @task(name="influence", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+def influence_stage(
+    config: NightlyConfig, store: Store, run_id: str, results: Mapping[str, StageOutput]
+) -> InfluenceOutput:
     """Influence of every training sample on the target set (LESS / TracIn / cosine), streamed on Ray."""
     logger = get_run_logger()
     if config.target is None:
-        return {"skipped": "no target section"}
+        return InfluenceOutput(skipped="no target section")
     staging = store.staging(run_id)
     if (done := staging.stage_info("influence")) is not None:
-        return done
+        return InfluenceOutput.model_validate(done)
     target = config.target
-    shards = results["ingest"]["shards"]
+    shards = results["ingest"].shards
     target_shards = [s for s in shards if shard_dataset(s) in target.datasets]
     train_shards = [s for s in shards if shard_dataset(s) not in target.datasets]
     ensure_ray(config.ray)
@@ -105,16 +104,16 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
     aligned = [
         alignment(d, DomainSums().add(t, t_groups)) for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
     ]
-    info = {
-        "rows": n * len(res.scores),
-        "targets": len(subtask),
-        "checkpoints": [s.name for s in sources],
-        "blocks": res.blocks,
-        "seconds": round(res.seconds, 2),
-        "alignment": aligned,
-        "domain_counts": res.domain_sums[0].count,
-    }
-    staging.mark_done("influence", info)
+    info = InfluenceOutput(
+        rows=n * len(res.scores),
+        targets=len(subtask),
+        checkpoints=[s.name for s in sources],
+        blocks=res.blocks,
+        seconds=round(res.seconds, 2),
+        alignment=aligned,
+        domain_counts=res.domain_sums[0].count,
+    )
+    staging.mark_done("influence", info.model_dump())
     return info
 
 
@@ -137,10 +136,12 @@ def _topk_table(name: str, method: str, res, t_keys: dict) -> pa.Table:
 
 
 @task(name="select", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def select_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+def select_stage(
+    config: NightlyConfig, store: Store, run_id: str, results: Mapping[str, StageOutput]
+) -> SelectionOutput:
     """The preset "top p% for target T": keep the training samples with the highest influence."""
     if config.target is None:
-        return {"skipped": "no target section"}
+        return SelectionOutput(skipped="no target section")
     target = config.target
     method = target.select_method or target.methods[0]
     staging = store.staging(run_id)
@@ -155,25 +156,27 @@ def select_stage(config: NightlyConfig, store: Store, run_id: str, results: dict
     )
     name = f"{target.name}-{method}-top{target.select_fraction:g}"
     staging.write_part("selections", name, selection_table(result, name, table.column("dataset").to_pylist()))
-    return {"selection": name, "kept": result.n_kept, "rows": len(result.ids)}
+    return SelectionOutput(selection=name, kept=result.n_kept, rows=len(result.ids))
 
 
 @task(name="mixture", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def mixture_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+def mixture_stage(
+    config: NightlyConfig, store: Store, run_id: str, results: Mapping[str, StageOutput]
+) -> SelectionOutput:
     """Domain weights alpha ~ prior exp(eta sum_c a_{c,d}) (DGA / DoGE) and a budget sampled with them."""
     if config.mixture is None or config.target is None:
-        return {"skipped": "no mixture section"}
+        return SelectionOutput(skipped="no mixture section")
     mix, infl = config.mixture, results["influence"]
-    counts = infl["domain_counts"]
+    counts = infl.domain_counts
     prior = mix.prior or {d: float(n) for d, n in counts.items()}
-    weights = mixture_weights(infl["alignment"], {d: prior.get(d, 0.0) for d in counts}, mix.eta, mix.smoothing)
+    weights = mixture_weights(infl.alignment, {d: prior.get(d, 0.0) for d in counts}, mix.eta, mix.smoothing)
     total_prior = sum(prior.get(d, 0.0) for d in counts)
     staging = store.staging(run_id)
     rows = [
         {
             "domain": d,
             "weight": weights[d],
-            "alignment": sum(a[d] for a in infl["alignment"]),
+            "alignment": sum(a[d] for a in infl.alignment),
             "prior": prior.get(d, 0.0) / total_prior,
             "n_samples": counts[d],
         }
@@ -181,14 +184,14 @@ def mixture_stage(config: NightlyConfig, store: Store, run_id: str, results: dic
     ]
     staging.write_part("mixtures", "weights", pa.Table.from_pylist(rows, schema=MIXTURES))
     pool = pq.read_table(staging.part_path("influence", f"{config.target.name}-{config.target.methods[0]}"))
-    samples = _domains(staging, results["ingest"]["shards"])
+    samples = _domains(staging, results["ingest"].shards)
     ids = pool.column("sample_id").to_pylist()
     domains = [samples[i] for i in ids]
     budget = mix.budget or max(1, len(ids) // 10)
     result = weighted_sample(ids, domains, budget, weights, config.seed)
     name = f"{config.target.name}-mixture-{budget}"
     staging.write_part("selections", name, selection_table(result, name, pool.column("dataset").to_pylist()))
-    return {"weights": weights, "selection": name, "kept": result.n_kept, "rows": len(rows)}
+    return SelectionOutput(weights=weights, selection=name, kept=result.n_kept, rows=len(rows))
 
 
 def _domains(staging: RunStaging, shards: list[str]) -> dict[str, str]:
@@ -200,36 +203,16 @@ def _domains(staging: RunStaging, shards: list[str]) -> dict[str, str]:
     return out
 
 
-def weighted_sample(
-    ids: list, domains: list[str], budget: int, weights: dict[str, float], seed: int
-) -> SelectionResult:
-    """Sample ``budget`` ids with domain quotas proportional to ``weights`` (uniform within a domain)."""
-    ids_a, dom = np.asarray(ids, dtype=object), np.asarray(domains, dtype=object)
-    quotas = group_quotas(dom, budget, weights)
-    kept = np.zeros(len(ids_a), dtype=bool)
-    key = np.ones(len(ids_a))
-    for d, q in quotas.items():
-        sel = np.flatnonzero(dom == d)
-        sub = proportional_sample(ids_a[sel], np.zeros(len(sel)), q, seed=seed)
-        kept[sel] = sub.kept
-        key[sel] = sub.rank / max(len(sel), 1)
-    order = np.lexsort((key, ~kept))
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    reason = "mixture sample " + ", ".join(f"{d}={w:.3f}" for d, w in sorted(weights.items()))
-    return SelectionResult(ids_a, kept, rank, reason)
-
-
 @task(name="report", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def report_stage(config: NightlyConfig, store: Store, run_id: str, results: dict) -> dict:
+def report_stage(config: NightlyConfig, store: Store, run_id: str, results: Mapping[str, StageOutput]) -> ReportOutput:
     """HTML + PNG report under <store>/reports/<run_id>/ and a Prefect markdown artifact."""
     if not config.report.enabled:
-        return {"skipped": "report disabled"}
+        return ReportOutput(skipped="report disabled")
     staging = store.staging(run_id)
     tables = {name: staging.read(name) for name in ("influence", "mixtures", "layer_curves", "pair_scores")}
     summaries = {}
     if tables["influence"] is not None:
-        text = _texts(staging, results["ingest"]["shards"])
+        text = _texts(staging, results["ingest"].shards)
         top = tables["influence"].filter(pc.less(tables["influence"].column("rank"), config.report.top_n))
         top = top.sort_by([("target", "ascending"), ("method", "ascending"), ("rank", "ascending")])
         snippet = [text.get(i, "")[:120] for i in top.column("sample_id").to_pylist()]
@@ -240,7 +223,7 @@ def report_stage(config: NightlyConfig, store: Store, run_id: str, results: dict
         summaries["Mixture weights"] = tables["mixtures"]
     page, markdown = write_report(store.root / "reports" / run_id, run_id, tables, summaries)
     create_markdown_artifact(markdown, key="curation-report", description=f"curation report of run {run_id}")
-    return {"report": str(page)}
+    return ReportOutput(report=str(page))
 
 
 def _texts(staging: RunStaging, shards: list[str]) -> dict[str, str]:
@@ -251,12 +234,12 @@ def _texts(staging: RunStaging, shards: list[str]) -> dict[str, str]:
     return out
 
 
-CURATION_STAGES = {
-    "influence": influence_stage,
-    "select": select_stage,
-    "mixture": mixture_stage,
-    "report": report_stage,
-}
+CURATION_STAGES = [
+    Stage("influence", influence_stage),
+    Stage("select", select_stage, needs=("influence",)),
+    Stage("mixture", mixture_stage, needs=("ingest", "influence")),
+    Stage("report", report_stage),
+]
 
 
 @flow(name="gradsift-influence", log_prints=True)

@@ -3,35 +3,58 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_stage, score_stage
 from gradsift.schemas.config import RunConfig
+from gradsift.schemas.stages import StageOutput
 from gradsift.storage.store import Store
 
-# An extra stage: (config, store, run_id, results so far) -> its own result dict.
-Stage = Callable[[RunConfig, Store, str, dict], dict]
+# What a downstream stage is called with: (config, store, run_id, results of the stages it needs).
+StageFn = Callable[[RunConfig, Store, str, Mapping[str, StageOutput]], StageOutput]
 
 
-def run_pipeline(
-    flow: str, config: RunConfig, extra_stages: dict[str, Stage] | None = None, score: bool = True
-) -> dict:
-    """ingest -> score (unless ``score`` is false) -> extra stages, in one run written to staging and committed whole."""
+@dataclass(frozen=True)
+class Stage:
+    """A downstream stage: its Prefect task and the earlier stages whose results it reads."""
+
+    name: str
+    run: StageFn
+    needs: tuple[str, ...] = ("ingest",)
+
+
+def check_order(stages: list[Stage], score: bool) -> None:
+    """Every stage comes after the stages it needs (the order of a list is then the statement of it)."""
+    done = {"ingest", "score"} if score else {"ingest"}
+    for stage in stages:
+        if missing := [n for n in stage.needs if n not in done]:
+            raise ValueError(f"stage {stage.name!r} needs {missing}, which do not run before it")
+        done.add(stage.name)
+
+
+def run_pipeline(flow: str, config: RunConfig, extra_stages: list[Stage] = (), score: bool = True) -> dict:
+    """ingest -> score (unless ``score`` is false) -> extra stages, in one run written to staging and committed
+    whole. Returns the run's record with each stage's result as a dict."""
+    check_order(list(extra_stages), score)
 
     def body(recorder: RunRecorder) -> dict:
-        results: dict = {"run_id": recorder.run_id, "store": str(recorder.store.root)}
-        results["ingest"] = ingest_stage(config, recorder.staging)
+        results: dict[str, StageOutput] = {"ingest": ingest_stage(config, recorder.staging)}
         if score:
             results["score"] = score_stage(config, recorder.store, recorder.run_id, results["ingest"])
-        for name, stage in (extra_stages or {}).items():
+        seconds = {}
+        for stage in extra_stages:
             start = time.perf_counter()
-            results[name] = stage(config, recorder.store, recorder.run_id, results)
-            results.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 2)
-        results["parameter_set"] = results.get("score", {}).get("parameter_set")
-        return results
+            needed = {name: results[name] for name in stage.needs}
+            results[stage.name] = stage.run(config, recorder.store, recorder.run_id, needed)
+            seconds[stage.name] = round(time.perf_counter() - start, 2)
+        out = {name: result.model_dump() for name, result in results.items()}
+        parameter_set = out.get("score", {}).get("parameter_set")
+        return {"run_id": recorder.run_id, "store": str(recorder.store.root), **out, "seconds": seconds,
+                "parameter_set": parameter_set}  # fmt: skip
 
     model = config.model
     results = run_recorded(flow, config, config.ingest.sources, model.name_or_path, body, model.checkpoint)
@@ -61,7 +84,7 @@ def _publish(results: dict) -> None:
         },
     ]
     for name, seconds in results.get("seconds", {}).items():
-        rows = results[name].get("rows") if isinstance(results[name], dict) else None
+        rows = results[name].get("rows")
         counts.append({"stage": name, "rows": rows, "reused": None, "quarantined": None, "seconds": seconds})
     create_table_artifact(counts, key="stage-counts", description=f"rows per stage, run {results['run_id']}")
     create_markdown_artifact(

@@ -29,6 +29,7 @@ from gradsift.flows.runs import file_digest
 from gradsift.models.adapter import TaskType
 from gradsift.models.loading import head_of_folder, load_tokenizer
 from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
+from gradsift.schemas.stages import IngestOutput, ScoreOutput
 from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
 
@@ -77,15 +78,15 @@ def _label_index(rule: LabelRule, found: set[str]) -> dict[str, int]:
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
+def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
     """Validate and shard every source into the run's staging folder; bad rows go to quarantine.
 
     A source whose file and ingest settings an earlier completed run already ingested is not read
     again: that run's parts are linked in (flows.incremental).
     """
-    done = staging.stage_info("ingest")
-    if done is not None:
-        get_run_logger().info("ingest already done for this run: %d samples, skipping", done["samples"])
+    if (done := staging.stage_info("ingest")) is not None:
+        done = IngestOutput.model_validate(done)
+        get_run_logger().info("ingest already done for this run: %d samples, skipping", done.samples)
         return done
     logger = get_run_logger()
     tokenizer = load_tokenizer(config.model.name_or_path)
@@ -134,26 +135,26 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> dict:
         n_samples += entry["samples"]
         n_quarantined += entry["quarantined"]
         logger.info("%s %s: %d samples, %d quarantined", action, source.path, entry["samples"], entry["quarantined"])
-    info = {
-        "samples": n_samples,
-        "samples_reused": n_reused,
-        "quarantined": n_quarantined,
-        "seconds": round(time.perf_counter() - start, 2),
-        "shards": shards,
-        "task": task_type,
-        "label_index": _label_index(labels, found) if task_type == "classification" else None,
-    }
+    info = IngestOutput(
+        samples=n_samples,
+        samples_reused=n_reused,
+        quarantined=n_quarantined,
+        seconds=round(time.perf_counter() - start, 2),
+        shards=shards,
+        task=task_type,
+        label_index=_label_index(labels, found) if task_type == "classification" else None,
+    )
     if config.ingest.sources and n_samples == 0:
         raise IngestError(
             f"no usable rows in {', '.join(s.path for s in config.ingest.sources)}: {n_quarantined} quarantined "
             "(see the reasons above, or in the quarantine table)"
         )
-    staging.mark_done("ingest", info)
+    staging.mark_done("ingest", info.model_dump())
     return info
 
 
 @task(name="score", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> dict:
+def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutput) -> ScoreOutput:
     """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors.
 
     Shards an earlier completed run scored with the same model and score config are linked in,
@@ -161,11 +162,10 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
     """
     logger = get_run_logger()
     staging = store.staging(run_id)
-    done = staging.stage_info("score")
-    if done is not None:
-        return done
-    shards = ingest["shards"]
-    key = scoring_key(config, ingest["label_index"])
+    if (done := staging.stage_info("score")) is not None:
+        return ScoreOutput.model_validate(done)
+    shards = ingest.shards
+    key = scoring_key(config, ingest.label_index)
     reused = reuse_scores(store, staging, shards, key)
     todo = [s for s in shards if not staging.has_part("scores", s)]
     where = ensure_ray(config.ray) if todo else "(not needed)"
@@ -203,23 +203,23 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: dict) -> d
             config.model,
             config.score.engine,
             config.ray,
-            ingest["label_index"],
+            ingest.label_index,
             config.seed,
             on_done,
         )
     parameter_set = result.parameter_set or known_parameter_set(store, key)
     record_scores(store, run_id, key, shards, parameter_set)
-    info = {
-        "shards_scored": result.shards_scored,
-        "shards_resumed": result.shards_skipped - len(reused),
-        "shards_reused": len(reused),
-        "rows": staging.count_rows("scores"),
-        "rows_scored": result.rows,
-        "seconds": round(result.seconds, 2),
-        "parameter_set": parameter_set,
-    }
+    info = ScoreOutput(
+        shards_scored=result.shards_scored,
+        shards_resumed=result.shards_skipped - len(reused),
+        shards_reused=len(reused),
+        rows=staging.count_rows("scores"),
+        rows_scored=result.rows,
+        seconds=round(result.seconds, 2),
+        parameter_set=parameter_set,
+    )
     logger.info(
         "scored %d shards (%d already done) in %.1fs", result.shards_scored, result.shards_skipped, result.seconds
     )
-    staging.mark_done("score", info)
+    staging.mark_done("score", info.model_dump())
     return info

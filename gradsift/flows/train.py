@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from gradsift.models.embeddings import cached_embeddings
 from gradsift.models.loading import minilm_path
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import TrainConfig
-from gradsift.signals.dynamics import zscore
+from gradsift.signals.dynamics import combine_seeds
 from gradsift.training.proxy import embed_cache_dir, train_and_score_seed
 
 
@@ -68,47 +67,27 @@ def train_stage(config: TrainConfig, base: str, run_id: str, label_index: dict |
 
 @task(name="combine-scores", cache_policy=NO_CACHE)
 def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: float | None) -> dict:
-    """Average the seeds' scores into one ``scores`` row per sample.
-
-    Means over seeds: el2n, grand, aum, self_influence, loss, raw VoG (then z-normalised per class or
-    over the dataset); forgetting events are summed; never_learned means never learned in any seed.
-    Seeds in which a sample was a threshold sample do not count for it (NaN is null in SQL)."""
+    """Average the seeds' scores into one ``scores`` row per sample (signals.dynamics.combine_seeds)."""
     samples = staging.read("samples").select(["dataset", "sample_id", "label"]).to_pandas()
     seeds = [
         pq.read_table(p).to_pandas().set_index("sample_id").loc[samples["sample_id"]]
         for p in staging.parts("_seed_scores")
     ]
-
-    def stack(key: str) -> np.ndarray:  # [S, N], NaN where a seed has no score (its threshold samples)
-        return np.stack([s[key].to_numpy(dtype=np.float64) for s in seeds])
-
-    with warnings.catch_warnings():  # a sample that was a threshold sample in every seed: all NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = {k: np.nanmean(stack(k), axis=0) for k in ("el2n", "grand", "aum", "vog", "self_influence", "loss")}
-    scored = ~np.isnan(stack("loss"))
-    missing = ~scored.any(axis=0)
     groups = samples["label"].to_numpy() if config.vog_normalise == "class" else None
-    vog = np.full(len(samples), np.nan)
-    if config.gradient_scores:
-        vog[~missing] = zscore(mean["vog"][~missing], None if groups is None else groups[~missing])
+    combined = combine_seeds(seeds, groups, config.gradient_scores)
+    n = len(samples)
     table = pa.table(
         {
-            "checkpoint": [f"{run_id}-seed*"] * len(samples),
+            "checkpoint": [f"{run_id}-seed*"] * n,
             "dataset": samples["dataset"],
             "sample_id": samples["sample_id"],
-            "loss": pa.array(mean["loss"], from_pandas=True),
-            "grad_norm": pa.nulls(len(samples), pa.float32()),
-            "el2n": pa.array(mean["el2n"], from_pandas=True),
-            "grand": pa.array(mean["grand"], from_pandas=True),
-            "forgetting": pa.array(np.nansum(stack("forgetting"), axis=0).astype(np.int32), mask=missing),
-            "never_learned": pa.array(((stack("never_learned") == 1) | ~scored).all(axis=0), mask=missing),
-            "aum": pa.array(mean["aum"], from_pandas=True),
-            "vog": pa.array(vog, from_pandas=True),
-            "self_influence": pa.array(mean["self_influence"], from_pandas=True),
+            "grad_norm": pa.nulls(n, pa.float32()),
+            **{k: pa.array(v, from_pandas=True) for k, v in combined.items()},
         }
-    ).cast(SCORES)
+    )
+    table = table.select(SCORES.names).cast(SCORES)
     staging.write_part("scores", "train", table)
-    flagged = int((mean["aum"] < aum_threshold).sum()) if aum_threshold is not None else None
+    flagged = int((combined["aum"] < aum_threshold).sum()) if aum_threshold is not None else None
     return {
         "flagged": flagged,
         "samples": table.num_rows,
@@ -126,7 +105,7 @@ def train_flow(config: TrainConfig) -> dict:
         ingest = ingest_stage(ingest_config(config.store, base, config.data, config.task == "classification"), staging)
         if config.mode == "frozen":
             embed_stage(config, base, staging)
-        seeds = train_stage(config, base, run_id, ingest["label_index"])
+        seeds = train_stage(config, base, run_id, ingest.label_index)
         recorder.row["checkpoint"] = json.dumps([s["train_run_id"] for s in seeds])
         thresholds = [s["aum_threshold"] for s in seeds if s["aum_threshold"] is not None]
         threshold = float(np.mean(thresholds)) if thresholds else None
@@ -134,7 +113,7 @@ def train_flow(config: TrainConfig) -> dict:
         if threshold is not None:
             recorder.row["note"] = f"aum_threshold={threshold:.6g} flagged={combined['flagged']}"
         create_markdown_artifact(
-            f"# gradsift train `{run_id}`\n\n- samples: {ingest['samples']}, seeds: {config.seeds}, "
+            f"# gradsift train `{run_id}`\n\n- samples: {ingest.samples}, seeds: {config.seeds}, "
             f"epochs: {config.epochs}, mode: {config.mode}{' (LoRA)' if config.lora else ''}\n"
             f"- never learned (all seeds): {combined['never_learned']}\n"
             f"- AUM threshold (threshold samples): {threshold}, flagged as mislabelled: {combined['flagged']}\n"
@@ -142,9 +121,9 @@ def train_flow(config: TrainConfig) -> dict:
             key="train-report",
         )
         return {
-            "samples": ingest["samples"],
+            "samples": ingest.samples,
             "seeds": seeds,
-            "label_index": ingest["label_index"],
+            "label_index": ingest.label_index,
             "aum_threshold": threshold,
             "flagged": combined["flagged"],
         }

@@ -171,3 +171,23 @@ def selection_table(result: SelectionResult, selection: str, datasets: Sequence[
         },
         schema=SELECTIONS,
     )
+
+
+def weighted_sample(
+    ids: list, domains: list[str], budget: int, weights: dict[str, float], seed: int
+) -> SelectionResult:
+    """Sample ``budget`` ids with domain quotas proportional to ``weights`` (uniform within a domain)."""
+    ids_a, dom = np.asarray(ids, dtype=object), np.asarray(domains, dtype=object)
+    quotas = group_quotas(dom, budget, weights)
+    kept = np.zeros(len(ids_a), dtype=bool)
+    key = np.ones(len(ids_a))
+    for d, q in quotas.items():
+        sel = np.flatnonzero(dom == d)
+        sub = proportional_sample(ids_a[sel], np.zeros(len(sel)), q, seed=seed)
+        kept[sel] = sub.kept
+        key[sel] = sub.rank / max(len(sel), 1)
+    order = np.lexsort((key, ~kept))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    reason = "mixture sample " + ", ".join(f"{d}={w:.3f}" for d, w in sorted(weights.items()))
+    return SelectionResult(ids_a, kept, rank, reason)

@@ -7,6 +7,7 @@ target tokens, so one formula serves both task types.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -154,3 +155,27 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     ranks[order] = np.repeat(avg, counts)
     n_pos, n_neg = y.sum(), (~y).sum()
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def combine_seeds(seeds: Sequence, groups: np.ndarray | None, gradient_scores: bool) -> dict[str, np.ndarray]:
+    """One score per sample from several proxy seeds (frames with a row per sample, same order).
+
+    Means over seeds: el2n, grand, aum, self_influence, loss, raw VoG (then z-normalised within ``groups``, e.g.
+    classes, or over the dataset); forgetting events are summed; never_learned means never learned in any seed.
+    Seeds in which a sample was a threshold sample (NaN) do not count for it; a sample with no seed is NaN
+    (masked: null in SQL)."""
+
+    def stack(key: str) -> np.ndarray:  # [S, N], NaN where a seed has no score (its threshold samples)
+        return np.stack([s[key].to_numpy(dtype=np.float64) for s in seeds])
+
+    with warnings.catch_warnings():  # a sample that was a threshold sample in every seed: all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k: np.nanmean(stack(k), axis=0) for k in ("el2n", "grand", "aum", "vog", "self_influence", "loss")}
+    scored = ~np.isnan(stack("loss"))
+    missing = ~scored.any(axis=0)
+    vog_z = np.full(missing.shape, np.nan)
+    if gradient_scores:
+        vog_z[~missing] = zscore(mean["vog"][~missing], None if groups is None else groups[~missing])
+    forgot = np.ma.masked_array(np.nansum(stack("forgetting"), axis=0).astype(np.int32), mask=missing)
+    never = np.ma.masked_array(((stack("never_learned") == 1) | ~scored).all(axis=0), mask=missing)
+    return {**{k: v for k, v in mean.items() if k != "vog"}, "vog": vog_z, "forgetting": forgot, "never_learned": never}
