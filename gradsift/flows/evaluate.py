@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, task
@@ -19,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from gradsift.executors.ray_pool import run_jobs
 from gradsift.flows.runs import run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
+from gradsift.report.curves import plot_curves, summary_markdown
 from gradsift.schemas.tables import EVALUATIONS
 from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 from gradsift.storage.catalog import query
@@ -54,62 +54,6 @@ def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: 
     groups = [jobs[i :: config.ray.num_actors] for i in range(min(config.ray.num_actors, len(jobs)))]
     calls = [(train, base, parts[0], parts[1], label_index, group, config.budget) for group in groups]
     return [row for rows in run_jobs(evaluate_selections, calls, config.ray) for row in rows]
-
-
-def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy") -> Path:
-    """``metric`` (accuracy, or loss for causal LMs) vs fraction kept: mean over seeds with a min-max band,
-    one line per score/drop (a colour per score, dashed where hard samples were dropped; random in gray)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = table.to_pylist()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    full = [r[metric] for r in rows if r["score"] == "all"]
-    if full:
-        ax.axhline(np.mean(full), color="black", ls=":", lw=1, label=f"all data ({np.mean(full):.4f})")
-    lines = sorted({(r["score"], r["drop"]) for r in rows if r["score"] != "all"})
-    scores = sorted({score for score, _ in lines if score != "random"})
-    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # tab10's gray is random's
-    colour = {score: palette[i % len(palette)] for i, score in enumerate(scores)} | {"random": "gray"}
-    for score, drop in lines:
-        by_fraction: dict[float, list[float]] = defaultdict(list)
-        for r in rows:
-            if (r["score"], r["drop"]) == (score, drop):
-                by_fraction[round(r["fraction_kept"], 3)].append(r[metric])
-        xs = sorted(by_fraction)
-        mean = [np.mean(by_fraction[x]) for x in xs]
-        label = score if score == "random" else f"{score} (drop {drop})"
-        style = "--" if drop == "hard" else "-"
-        ax.plot(xs, mean, marker="o", ls=style, label=label, color=colour[score])
-        lo, hi = [min(by_fraction[x]) for x in xs], [max(by_fraction[x]) for x in xs]
-        ax.fill_between(xs, lo, hi, alpha=0.15, color=colour[score])
-    ax.set_xlabel("fraction of training data kept")
-    ax.set_ylabel(f"held-out {metric}")
-    ax.invert_xaxis()
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def summary_markdown(table: pa.Table, metric: str = "accuracy") -> str:
-    """Mean and spread of the held-out ``metric`` per selection line and fraction, as a markdown table."""
-    acc: dict[tuple, list[float]] = defaultdict(list)
-    for r in table.to_pylist():
-        acc[(r["score"], r["drop"], round(r["fraction_kept"], 2))].append(r[metric])
-    lines = [f"| score | drop | kept | {metric} (mean) | min | max | seeds |", "|---|---|---|---|---|---|---|"]
-    for (score, drop, frac), values in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
-        lines.append(
-            f"| {score} | {drop} | {frac:.2f} | {np.mean(values):.4f} | {min(values):.4f} | {max(values):.4f} | "
-            f"{len(values)} |"
-        )
-    return "\n".join(lines)
 
 
 @flow(name="gradsift-evaluate", log_prints=True)
