@@ -20,8 +20,9 @@ import time
 
 import torch
 
+from gradsift.data.batching import Batch
 from gradsift.engine.gradients import PerSampleGradients
-from gradsift.models.adapter import Batch, per_sample_loss
+from gradsift.models.adapter import per_sample_loss
 from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
 

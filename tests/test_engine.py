@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from gradsift.data.batching import IGNORE_INDEX, Batch
 from gradsift.engine.gradients import PerSampleGradients, module_key
-from gradsift.models.adapter import IGNORE_INDEX, Batch, per_sample_loss
+from gradsift.models.adapter import per_sample_loss
 from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
 

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gradsift.data.batching import collate, encode_row
-from gradsift.models.adapter import per_sample_loss
+from gradsift.data.batching import collate
+from gradsift.models.adapter import adapter, per_sample_loss
 from gradsift.models.checkpoints import list_checkpoints, save_checkpoint
 from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
 from gradsift.signals.influence import (
@@ -44,7 +44,7 @@ def _lora_checkpoints(store, tmp_path) -> list:
     model, _ = load_model(str(base))
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    items = [encode_row(r, tok, "causal_lm", None) for r in _samples().to_pylist()]
+    items = [adapter("causal_lm").encode(r, tok, None) for r in _samples().to_pylist()]
     batch = collate(items, tok.pad_token_id)
     model.train()
     for step in range(1, 5):
@@ -90,7 +90,7 @@ def test_less_scores_equal_direct_computation(tmp_path):
         rows = samples.to_pylist()
         g_rows = []
         for r in rows:
-            b = collate([encode_row(r, tok, "causal_lm", None)], tok.pad_token_id)
+            b = collate([adapter("causal_lm").encode(r, tok, None)], tok.pad_token_id)
             loss = per_sample_loss(model(input_ids=b.input_ids).logits, b.labels, "causal_lm").sum()
             gs = torch.autograd.grad(loss, [params[n] for n in eng.param_names])
             g_rows.append(torch.cat([g.reshape(-1) for g in gs]))

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from gradsift.data.batching import IGNORE_INDEX
 from gradsift.data.pairs import CATEGORIES, PairError, parse_pair
-from gradsift.models.adapter import IGNORE_INDEX
 from gradsift.models.loading import byte_tokenizer
 from gradsift.schemas.config import AnalyzeConfig
 from gradsift.schemas.influence import PairsConfig

@@ -5,8 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from gradsift.models.adapter import IGNORE_INDEX, Batch, TaskType
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A padded micro-batch.
+
+    input_ids, attention_mask: [B, T]. labels: [B, T] token targets for causal LMs (IGNORE_INDEX on
+    prompt and pad positions; position t is predicted from tokens < t), or [B] class ids.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 @dataclass
@@ -48,24 +69,6 @@ def encode_causal(tokenizer, prompt: str | None, response: str | None, text: str
         return head + tail, [IGNORE_INDEX] * len(head) + tail
     ids = bos + _ids(tokenizer, text or "") + eos
     return ids, [IGNORE_INDEX] * len(bos) + ids[len(bos) :]
-
-
-def count_tokens(tokenizer, task: TaskType, prompt: str | None, response: str | None, text: str) -> int:
-    """The length a sample will have when scored (ingest quarantines what is over the limit)."""
-    if task == "classification":
-        return len(tokenizer(text)["input_ids"])
-    return len(encode_causal(tokenizer, prompt, response, text)[0])
-
-
-def encode_row(row: dict, tokenizer, task: TaskType, label_index: dict[str, int] | None) -> Encoded:
-    if task == "classification":
-        if not label_index or row["label"] not in label_index:
-            raise ValueError(
-                f"sample {row['sample_id']} has label {row['label']!r}, not one of {sorted(label_index or {})}"
-            )
-        return Encoded(row["dataset"], row["sample_id"], tokenizer(row["text"])["input_ids"], label_index[row["label"]])
-    ids, targets = encode_causal(tokenizer, row["prompt"], row["response"], row["text"])
-    return Encoded(row["dataset"], row["sample_id"], ids, targets)
 
 
 def collate(items: list[Encoded], pad_id: int) -> Batch:

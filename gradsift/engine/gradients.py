@@ -45,9 +45,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from gradsift.data.batching import Batch
 from gradsift.engine import kernels as em
 from gradsift.engine.projection import GradientProjector
-from gradsift.models.adapter import Batch, per_sample_loss, task_of
+from gradsift.models.adapter import per_sample_loss, task_of
 from gradsift.schemas.engine import EngineConfig
 
 Strategy = Literal["auto", "ghost", "materialise"]

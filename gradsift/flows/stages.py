@@ -12,7 +12,6 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gradsift.data.batching import count_tokens
 from gradsift.data.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
 from gradsift.executors.ray_pool import ensure_ray, score_shards
 from gradsift.flows.incremental import (
@@ -26,7 +25,7 @@ from gradsift.flows.incremental import (
 )
 from gradsift.flows.retry import retry_transient
 from gradsift.flows.runs import file_digest
-from gradsift.models.adapter import TaskType
+from gradsift.models.adapter import TaskType, adapter
 from gradsift.models.loading import head_of_folder, load_tokenizer
 from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
 from gradsift.schemas.stages import IngestOutput, ScoreOutput
@@ -93,7 +92,7 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
     task_type, labels = label_rule(config.model)
 
     def n_tokens(prompt, response, text):
-        return count_tokens(tokenizer, task_type, prompt, response, text)
+        return adapter(task_type).count_tokens(tokenizer, prompt, response, text)
 
     start = time.perf_counter()
     shards: list[str] = []

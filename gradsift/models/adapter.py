@@ -5,54 +5,103 @@ No prefect or ray imports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradsift.data.batching import IGNORE_INDEX, Batch, Encoded, encode_causal
+
 TaskType = Literal["causal_lm", "classification"]
-IGNORE_INDEX = -100
 
 
-@dataclass
-class Batch:
-    """A padded micro-batch.
+class ModelAdapter(ABC):
+    """How one kind of model turns samples into a batch and logits into per-sample losses."""
 
-    input_ids, attention_mask: [B, T]. labels: [B, T] token targets for causal LMs (IGNORE_INDEX on
-    prompt and pad positions; position t is predicted from tokens < t), or [B] class ids.
-    """
+    task: TaskType
 
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
+    @abstractmethod
+    def count_tokens(self, tokenizer, prompt: str | None, response: str | None, text: str) -> int:
+        """The length a sample will have when scored (ingest quarantines what is over the limit)."""
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+    @abstractmethod
+    def encode(self, row: dict, tokenizer, label_index: dict[str, int] | None) -> Encoded:
+        """One sample row (``samples`` table) as token ids and targets."""
 
-    @property
-    def size(self) -> int:
-        return int(self.input_ids.shape[0])
+    @abstractmethod
+    def loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """Per-sample cross-entropy, float32, shape [B]."""
+
+    @abstractmethod
+    def token_view(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits [M, C], labels [M], owner [M]): one row per class decision (a sample, or a target token)."""
+
+
+class CausalLMAdapter(ModelAdapter):
+    """Next-token loss on the target tokens: the response when there is a prompt (pairs too), else every token."""
+
+    task = "causal_lm"
+
+    def count_tokens(self, tokenizer, prompt, response, text) -> int:
+        return len(encode_causal(tokenizer, prompt, response, text)[0])
+
+    def encode(self, row, tokenizer, label_index) -> Encoded:
+        ids, targets = encode_causal(tokenizer, row["prompt"], row["response"], row["text"])
+        return Encoded(row["dataset"], row["sample_id"], ids, targets)
+
+    def loss(self, logits, labels, reduction="mean") -> Tensor:
+        """Mean over the sample's target tokens, or their sum with ``reduction="sum"`` (the negative
+        log-probability of the response)."""
+        b, t, v = logits.shape
+        shifted = torch.full_like(labels, IGNORE_INDEX)  # position t predicts token t + 1
+        shifted[:, :-1] = labels[:, 1:]
+        token_loss = F.cross_entropy(logits.reshape(b * t, v).float(), shifted.reshape(-1), reduction="none")
+        total = token_loss.view(b, t).sum(dim=1)
+        if reduction == "sum":
+            return total
+        return total / (shifted != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+    def token_view(self, logits, labels):
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        keep = labels != IGNORE_INDEX
+        owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        return logits[keep], labels[keep], owner[keep]
+
+
+class ClassifierAdapter(ModelAdapter):
+    """Cross-entropy of a sequence classifier's class logits; the label set is fixed at ingest."""
+
+    task = "classification"
+
+    def count_tokens(self, tokenizer, prompt, response, text) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    def encode(self, row, tokenizer, label_index) -> Encoded:
+        if not label_index or row["label"] not in label_index:
+            raise ValueError(
+                f"sample {row['sample_id']} has label {row['label']!r}, not one of {sorted(label_index or {})}"
+            )
+        return Encoded(row["dataset"], row["sample_id"], tokenizer(row["text"])["input_ids"], label_index[row["label"]])
+
+    def loss(self, logits, labels, reduction="mean") -> Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def token_view(self, logits, labels):
+        return logits.float(), labels, torch.arange(labels.shape[0], device=labels.device)
+
+
+ADAPTERS: dict[TaskType, ModelAdapter] = {a.task: a for a in (CausalLMAdapter(), ClassifierAdapter())}
+
+
+def adapter(task: TaskType) -> ModelAdapter:
+    return ADAPTERS[task]
 
 
 def per_sample_loss(logits: Tensor, labels: Tensor, task: TaskType, reduction: str = "mean") -> Tensor:
-    """Per-sample cross-entropy, float32, shape [B].
-
-    causal_lm: mean over the sample's target tokens (response tokens when there is a prompt), or their
-    sum with ``reduction="sum"`` (the negative log-probability of the response); classification:
-    cross-entropy of the class logits.
-    """
-    if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    b, t, v = logits.shape
-    shifted = torch.full_like(labels, IGNORE_INDEX)  # position t predicts token t + 1
-    shifted[:, :-1] = labels[:, 1:]
-    token_loss = F.cross_entropy(logits.reshape(b * t, v).float(), shifted.reshape(-1), reduction="none").view(b, t)
-    total = token_loss.sum(dim=1)
-    if reduction == "sum":
-        return total
-    return total / (shifted != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    """Per-sample cross-entropy of ``task``'s adapter, float32, shape [B]."""
+    return adapter(task).loss(logits, labels, reduction)
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> Tensor:

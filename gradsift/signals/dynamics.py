@@ -15,17 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradsift.models.adapter import IGNORE_INDEX, TaskType, per_sample_loss
-
-
-def _token_view(logits: Tensor, labels: Tensor, task: TaskType) -> tuple[Tensor, Tensor, Tensor]:
-    """(logits [M, C], labels [M], owner [M]): one row per class decision (a sample, or a target token)."""
-    if task == "classification":
-        return logits.float(), labels, torch.arange(labels.shape[0], device=labels.device)
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    keep = labels != IGNORE_INDEX
-    owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
-    return logits[keep], labels[keep], owner[keep]
+from gradsift.models.adapter import TaskType, adapter, per_sample_loss
 
 
 def _per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
@@ -57,7 +47,7 @@ def visit_stats(logits: Tensor, labels: Tensor, task: TaskType, loss: Tensor | N
     correct means at least half of the target tokens are the argmax, margin and el2n are token means.
     ``loss``: the per-sample loss when the caller has it already (the training step), else computed here.
     """
-    flat_logits, flat_labels, owner = _token_view(logits, labels, task)
+    flat_logits, flat_labels, owner = adapter(task).token_view(logits, labels)
     n = labels.shape[0]
     argmax = flat_logits.argmax(-1)
     hit = (argmax == flat_labels).float()
@@ -78,7 +68,7 @@ def visit_stats(logits: Tensor, labels: Tensor, task: TaskType, loss: Tensor | N
 
 def gold_logit(logits: Tensor, labels: Tensor, task: TaskType) -> Tensor:
     """Per-sample gold-label logit (token mean for causal LMs), [B]; VoG differentiates it."""
-    flat_logits, flat_labels, owner = _token_view(logits, labels, task)
+    flat_logits, flat_labels, owner = adapter(task).token_view(logits, labels)
     return _per_sample_mean(flat_logits.gather(1, flat_labels[:, None]).squeeze(1), owner, labels.shape[0])
 
 

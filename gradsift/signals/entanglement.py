@@ -19,9 +19,8 @@ import hashlib
 import numpy as np
 import torch
 
-from gradsift.data.batching import Encoded, collate, prompt_ids, response_ids, special_ids
+from gradsift.data.batching import IGNORE_INDEX, Encoded, collate, prompt_ids, response_ids, special_ids
 from gradsift.data.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf dialogues; re-exported)
-from gradsift.models.adapter import IGNORE_INDEX
 
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:

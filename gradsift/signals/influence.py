@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from gradsift.data.batching import collate, encode_row, micro_batches
+from gradsift.data.batching import collate, micro_batches
+from gradsift.models.adapter import adapter
 from gradsift.models.checkpoints import CheckpointInfo, load_checkpoint
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import Method
@@ -203,7 +204,7 @@ class CheckpointFeaturizer:
         from gradsift.signals.scoring import features_table
 
         task = task_of(self.model.get_base_model())
-        items = [encode_row(r, self.tokenizer, task, self.label_index) for r in samples.to_pylist()]
+        items = [adapter(task).encode(r, self.tokenizer, self.label_index) for r in samples.to_pylist()]
         rows: dict[str, list[dict]] = {"grad": [], "adam": []}
         proj, names, shapes = self.engine.projector, self.engine.param_names, self.engine.param_shapes
         for group in micro_batches(items, self.engine.config.micro_batch_size):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from gradsift.data.batching import collate, encode_row, micro_batches
+from gradsift.data.batching import collate, micro_batches
 from gradsift.engine.gradients import PerSampleGradients, module_key
-from gradsift.models.adapter import task_of
+from gradsift.models.adapter import adapter, task_of
 from gradsift.models.loading import load_model
 from gradsift.schemas.config import ModelConfig
 from gradsift.schemas.engine import EngineConfig
@@ -51,7 +51,7 @@ class ShardScorer:
 
     def score(self, samples: pa.Table) -> dict[str, pa.Table]:
         """Per-sample rows for ``scores``, ``layer_stats`` and ``features`` of one shard."""
-        items = [encode_row(row, self.tokenizer, self.task, self.label_index) for row in samples.to_pylist()]
+        items = [adapter(self.task).encode(row, self.tokenizer, self.label_index) for row in samples.to_pylist()]
         scores, layers, features = [], [], []
         for group in micro_batches(items, self.engine_config.micro_batch_size):
             out = self.engine.compute(collate(group, self.pad_id).to(self.device))

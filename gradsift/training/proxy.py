@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
-from gradsift.data.batching import Encoded, collate, encode_row
+from gradsift.data.batching import Encoded, collate
 from gradsift.engine.gradients import PerSampleGradients
-from gradsift.models.adapter import TaskType, forward_logits, per_sample_loss
+from gradsift.models.adapter import TaskType, adapter, forward_logits, per_sample_loss
 from gradsift.models.checkpoints import (
     CheckpointInfo,
     list_checkpoints,
@@ -152,7 +152,7 @@ def build_proxy(cfg: TrainConfig, base_model: str, data: TrainData, seed: int, i
 
 def _encode(cfg: TrainConfig, data: TrainData, tokenizer, task: TaskType) -> list[Encoded]:
     """The samples' tokens and targets, cut to ``cfg.max_length``."""
-    items = [encode_row(r, tokenizer, task, data.label_index) for r in data.rows]
+    items = [adapter(task).encode(r, tokenizer, data.label_index) for r in data.rows]
     n = cfg.max_length
     return [
         Encoded(it.dataset, it.sample_id, it.input_ids[:n], it.target if isinstance(it.target, int) else it.target[:n])
