@@ -68,3 +68,22 @@ def test_pairs_and_fast_slow_on_shared_data(tmp_path, prefect_harness, ray_local
     curves = query(Store(store), "SELECT variant, count(*) AS n FROM layer_curves GROUP BY 1 ORDER BY 1").to_pylist()
     assert curves == [{"variant": "fast", "n": 8}, {"variant": "slow", "n": 8}]  # 2 layers x q/k/v/o
     assert query(Store(store), "SELECT count(*) AS n FROM layer_diffs").column("n")[0].as_py() > 0
+
+
+def test_fast_slow_quarantines_bad_problems(tmp_path, prefect_harness, ray_local):
+    import json
+
+    from gradsift.flows.analyze import analyze_flow
+
+    data = tmp_path / "gsm.jsonl"
+    good = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(4)]
+    bad = [{"question": "no answer"}, {"question": "q", "answer": 7}, {"question": " ", "answer": "x"}, [1]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in good[:2] + bad + good[2:]) + "{broken\n")
+    store = tmp_path / "store"
+    result = analyze_flow(AnalyzeConfig(data=str(data), store=str(store), fast_slow={"limit": 10}))
+    assert result["status"] == "completed" and result["fast_slow"]["quarantined"] == 5
+    reasons = query(Store(store), "SELECT line, reason FROM quarantine ORDER BY line").to_pylist()
+    assert [(r["line"], r["reason"].split(":")[0]) for r in reasons] == [
+        (3, "missing field"), (4, "wrong type"), (5, "empty text"), (6, "not an object"), (9, "invalid JSON")
+    ]  # fmt: skip
+    assert query(Store(store), "SELECT max(n_samples) AS n FROM layer_curves").column("n")[0].as_py() == 4

@@ -194,13 +194,13 @@ def test_hh_rlhf_pairs_keep_their_prompt(shared_data, tmp_path):
 
 
 def test_analyze_flow_without_a_usable_pair_fails_the_run(tmp_path, prefect_harness, ray_local):
-    from gradsift.data.pairs import NoUsablePairs
+    from gradsift.data.pairs import NoUsableRows
     from gradsift.flows.analyze import analyze_flow
     from gradsift.storage.store import Store
 
     data = tmp_path / "nothing.jsonl"
     _write(data, [], BAD[:2])
     cfg = AnalyzeConfig(store=str(tmp_path / "store"), data=str(data), pairs={})
-    with pytest.raises(NoUsablePairs, match="no usable preference pair: all 2 rows quarantined"):
+    with pytest.raises(NoUsableRows, match="no usable preference pair: all 2 rows quarantined"):
         analyze_flow(cfg)
     assert [r["status"] for r in Store(cfg.store).runs()] == ["failed"]

@@ -65,7 +65,7 @@ class PairError(ValueError):
     """A row that is not a usable preference pair; the message is the quarantine reason."""
 
 
-class NoUsablePairs(IngestError):
+class NoUsableRows(IngestError):
     """No row of the file is a usable preference pair."""
 
 
@@ -239,15 +239,18 @@ def quarantine_row(dataset: str, source: str, line: int, reason: str, raw: str) 
     return {"dataset": dataset, "source": source, "line": line, "reason": reason, "raw": raw[:10_000]}
 
 
-def no_pairs_message(path: str, quarantine: list[dict]) -> str:
-    """Why a file gave no usable pair: its most common quarantine reasons."""
+PAIR_FIELDS = (
+    "Map the fields with --prompt-field, --chosen-field, --rejected-field, --conversations-field or pick one with "
+    "--layout"
+)
+
+
+def no_rows_message(path: str, quarantine: list[dict], what: str = "preference pair", hint: str = PAIR_FIELDS) -> str:
+    """Why a file gave no usable row: its most common quarantine reasons, and what to map."""
     if not quarantine:
         return f"{path}: no records: nothing to analyse"
     counts: dict[str, int] = {}
     for q in quarantine:
         counts[q["reason"]] = counts.get(q["reason"], 0) + 1
     top = "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
-    return (
-        f"{path}: no usable preference pair: all {len(quarantine)} rows quarantined ({top}). Map the fields with "
-        "--prompt-field, --chosen-field, --rejected-field, --conversations-field or pick one with --layout"
-    )
+    return f"{path}: no usable {what}: all {len(quarantine)} rows quarantined ({top}). {hint}"

@@ -15,9 +15,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gradsift.data.pairs import (
-    NoUsablePairs,
+    NoUsableRows,
     PairError,
-    no_pairs_message,
+    no_rows_message,
     parse_pair,
     quarantine_row,
     unreadable_reason,
@@ -87,9 +87,33 @@ def _stem(path: str) -> str:
     return Path(path).name.split(".")[0]
 
 
-def _records(config: AnalyzeConfig, limit: int | None) -> list[tuple[int, dict]]:
-    rows = [(r.line, r.record) for r in read_rows(DataSource(path=config.data)) if r.record is not None]
-    return rows[:limit] if limit else rows
+def gsm8k_rows(config: AnalyzeConfig) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(question, answer) of the first ``fast_slow.limit`` usable problems, and a quarantine row for every
+    other row read (not an object, a missing or non-string field, an empty text)."""
+    fs = config.fast_slow
+    dataset = fs.dataset or _stem(config.data)
+    good, bad = [], []
+    for row in read_rows(DataSource(path=config.data)):
+        if fs.limit and len(good) >= fs.limit:
+            break
+        reason = unreadable_reason(row) if row.record is None else _gsm8k_problem(row.record, fs.question, fs.answer)
+        if reason:
+            bad.append(quarantine_row(dataset, config.data, row.line, reason, row.raw))
+        else:
+            good.append((row.record[fs.question], row.record[fs.answer]))
+    return good, bad
+
+
+def _gsm8k_problem(record: dict, question: str, answer: str) -> str | None:
+    for name in (question, answer):
+        value = record.get(name)
+        if value is None:
+            return f"missing field: {name!r} (fields in this row: {', '.join(sorted(record)) or 'none'})"
+        if not isinstance(value, str):
+            return f"wrong type: field {name!r} is {type(value).__name__}, expected a string"
+        if not value.strip():
+            return f"empty text: field {name!r} is empty"
+    return None
 
 
 def pair_rows(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
@@ -111,11 +135,11 @@ def pair_rows(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], l
 
 
 def usable_pairs(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
-    """``pair_rows``, or ``NoUsablePairs`` naming the file and the commonest reasons when none is usable
+    """``pair_rows``, or ``NoUsableRows`` naming the file and the commonest reasons when none is usable
     (the CLI calls it before the flow, so that such a file fails with a message, not a traceback)."""
     good, bad = pair_rows(config)
     if not good:
-        raise NoUsablePairs(no_pairs_message(config.data, bad))
+        raise NoUsableRows(no_rows_message(config.data, bad))
     return good, bad
 
 
@@ -141,7 +165,7 @@ def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     dataset = config.pairs.dataset or _stem(config.data)
     staging.write_part("quarantine", dataset, pa.Table.from_pylist(quarantine, schema=QUARANTINE))
     if not n_pairs:
-        raise NoUsablePairs(no_pairs_message(config.data, quarantine))
+        raise NoUsableRows(no_rows_message(config.data, quarantine))
     max_tokens = config.model.max_tokens
     logger.info("entanglement of %d pairs; %d rows quarantined (see the quarantine table)", n_pairs, len(quarantine))
     logger.info("%d of %d pairs truncated to %d tokens (%s)", n_cut, n_pairs, max_tokens, TRUNCATION)
@@ -154,9 +178,13 @@ def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     from gradsift.signals.layer_curves import gsm8k_variants, third_diffs
 
     fs = config.fast_slow
+    problems, quarantine = gsm8k_rows(config)
+    if not problems:
+        hint = "Map the fields with fast_slow.question and fast_slow.answer"
+        raise NoUsableRows(no_rows_message(config.data, quarantine, "gsm8k problem", hint))
     variants: dict[str, list[tuple[str, str]]] = {}
-    for _, rec in _records(config, fs.limit):
-        for name, pair in gsm8k_variants(rec[fs.question], rec[fs.answer]).items():
+    for question, answer in problems:
+        for name, pair in gsm8k_variants(question, answer).items():
             variants.setdefault(name, []).append(pair)
     names = sorted(variants)
     curves = dict(zip(names, ray.get([_variant_curve.remote(config, variants[n]) for n in names]), strict=True))
@@ -168,13 +196,14 @@ def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
         for (layer, module), c in sorted(curves[v].items())
     ]
     staging = store.staging(run_id)
+    staging.write_part("quarantine", dataset, pa.Table.from_pylist(quarantine, schema=QUARANTINE))
     staging.write_part("layer_curves", dataset, pa.Table.from_pylist(rows, schema=LAYER_CURVES))
     diffs = [
         {"dataset": dataset, "variant_a": "fast", "variant_b": "slow"} | d
         for d in third_diffs(curves["fast"], curves["slow"])
     ]
     staging.write_part("layer_diffs", dataset, pa.Table.from_pylist(diffs, schema=LAYER_DIFFS))
-    return {"rows": len(rows), "diffs": diffs}
+    return {"rows": len(rows), "diffs": diffs, "quarantined": len(quarantine)}
 
 
 @flow(name="gradsift-analyze", log_prints=True)
