@@ -69,6 +69,11 @@ def write_corpus(folder: Path, labelled: bool = False) -> Corpus:
     path = folder / "bom.csv"
     path.write_bytes(codecs.BOM_UTF8 + (header + "utf-8 with a byte-order mark,1\n").encode())
     corpus.add(path, 1, [])
+    path = folder / "utf16.jsonl"
+    path.write_bytes(
+        codecs.BOM_UTF16_BE + _jsonl([text(i, "utf-16 jsonl") for i in range(2)]).decode().encode("utf-16-be")
+    )
+    corpus.add(path, 2, [])
     path = folder / "nobom16.jsonl"
     path.write_bytes(_jsonl([text(0, "utf-16 without bom")]).decode().encode("utf-16-le"))
     corpus.add(path, 0, [(0, "unreadable file")])

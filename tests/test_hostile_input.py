@@ -53,6 +53,11 @@ def test_score_cli_on_the_hostile_corpus(tmp_path, ray_local):
     check_quarantine(corpus, samples, quarantine)
     _scored_all(store)
     assert "UTF-16 LE byte-order mark found" in out and "skipping" in out
+    ingested = tmp_path / "ingest-only"
+    _assert_clean(
+        _run(["ingest", *map(str, corpus.files), "--store", str(ingested)], gradsift_env(tmp_path, ray_local))
+    )
+    check_quarantine(corpus, *_tables(ingested))
 
 
 def test_classifier_labels_fixed_at_ingest(tmp_path, tiny_bert, ray_local):
