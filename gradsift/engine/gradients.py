@@ -22,37 +22,46 @@ Other parameter kinds:
   of the embedding output). Covers BERT word/position/token-type embeddings.
 * Tied embeddings (LM head shares the embedding weight): ||G_emb + G_head||^2 adds the cross term
   2 <G_emb, G_head> = 2 sum_{s,t} g_s[id_t] (h_s . e_t). Reported under the embedding module's name only.
-* LlamaRMSNorm (and Mistral/Qwen2 RMSNorm): grad_w = sum_t g_t * xhat_t; nn.LayerNorm likewise, bias sum_t g_t.
+* transformers Conv1D (GPT-2): a Linear with the weight stored transposed, same statistics.
+* RMSNorm (y = w * xhat or Gemma's (1 + w) * xhat, xhat = x / rms(x)) and LayerNorm (xhat = (x - mean) / std,
+  y = w * xhat + b): grad_w = sum_t g_t * xhat_t, grad_b = sum_t g_t.
 * Nuclear norms (modules matching ``nuclear_modules``, weight only): svdvals in float32 of the T x T matrix
   R1 R2^T from QR of g^T and x^T (G has rank <= T); sigma1_ratio = sigma_1 / nuclear. Motivation: Li et al.
   2024, "What Happened in LLMs Layers when Trained for Fast vs. Slow Thinking: A Gradient Perspective".
-* Projected features: LoGra (Choe et al. 2024, "What is Your Data Worth to GPT?"), see engine_projection.py.
+* Projected features: LoGra (Choe et al. 2024, "What is Your Data Worth to GPT?"), see projection.py.
 
-Padding: pad positions (attention_mask 0) are zeroed in x and g, trailing all-pad columns are trimmed,
-and causal LMs get position_ids = cumsum(mask) - 1, so a sample's numbers do not depend on its batch
-(dropout must be off: the model is put in eval mode during compute). Anything trainable the engine
-cannot handle (other module types, parameters shared other than embedding/LM head, modules called twice
-per forward) raises an error rather than being left out. Precision: CPU float32; on CUDA with bfloat16
-models the products run in bfloat16 and Gram matrices / norms are accumulated in float32.
+Which module gets which treatment is decided by structure in gradsift/engine/handlers.py (the handler
+registry: isinstance for Linear/Conv1D/Embedding, a probe of the forward for norms); the hooks and
+accumulators of one micro-batch are in gradsift/engine/state.py, the batched kernels in kernels.py.
+
+Padding: pad positions (attention_mask 0) are zeroed in [B, T, d] inputs x and gradients g (pads get no
+gradient anyway; inputs with more dimensions, e.g. per-head q/k norms, are only folded), trailing all-pad
+columns are trimmed, and causal LMs get position_ids = cumsum(mask) - 1, so a sample's numbers do not
+depend on its batch (dropout must be off: the model is put in eval mode during compute). Anything
+trainable the engine cannot handle (other module types, parameters shared other than embedding/LM head,
+modules called twice per forward) raises an error naming the module rather than being left out.
+Precision: CPU float32; on CUDA with bfloat16 models the products run in bfloat16 and Gram matrices /
+norms are accumulated in float32.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from gradsift.data.batching import Batch
-from gradsift.engine import kernels as em
+from gradsift.engine.handlers import UnsupportedModuleError, handler_for
 from gradsift.engine.projection import GradientProjector
+from gradsift.engine.state import Covered, MicroBatch, SampleGrads
 from gradsift.models.adapter import per_sample_loss, task_of
 from gradsift.schemas.engine import EngineConfig
 
+__all__ = ["PerSampleGradients", "SampleGrads", "UnsupportedModuleError", "module_key"]
+
 Strategy = Literal["auto", "ghost", "materialise"]
-_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(.+)$")
 
 
@@ -60,63 +69,6 @@ def module_key(name: str) -> tuple[int, str]:
     """ "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj"); modules outside layers -> (-1, name)."""
     m = _LAYER_RE.search(name)
     return (int(m.group(1)), m.group(2)) if m else (-1, name)
-
-
-@dataclass
-class SampleGrads:
-    """Per-sample results, float32 CPU tensors with B rows."""
-
-    loss: Tensor
-    grad_norm: Tensor
-    layer_norms: dict[str, Tensor] = field(default_factory=dict)
-    nuclear: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    features: Tensor | None = None
-    flat: Tensor | None = None  # [B, P] materialised gradients, laid out as PerSampleGradients.param_names
-
-    @staticmethod
-    def cat(parts: list[SampleGrads]) -> SampleGrads:
-        def opt(xs):
-            return None if xs[0] is None else torch.cat(xs)
-
-        p0 = parts[0]
-        return SampleGrads(
-            loss=torch.cat([p.loss for p in parts]),
-            grad_norm=torch.cat([p.grad_norm for p in parts]),
-            layer_norms={k: torch.cat([p.layer_norms[k] for p in parts]) for k in p0.layer_norms},
-            nuclear={
-                k: (torch.cat([p.nuclear[k][0] for p in parts]), torch.cat([p.nuclear[k][1] for p in parts]))
-                for k in p0.nuclear
-            },
-            features=opt([p.features for p in parts]),
-            flat=opt([p.flat for p in parts]),
-        )
-
-
-@dataclass
-class _Mod:
-    name: str
-    module: nn.Module
-    kind: str  # linear | embedding | rmsnorm | layernorm
-    weight: str | None  # parameter names covered
-    bias: str | None
-    report: str  # layer_norms key the squared norm is added to
-    tied_to: _Mod | None = None  # for an LM head sharing the embedding weight: the embedding
-    nuclear: bool = False
-    x: object = None  # per-pass input holder
-    ids: Tensor | None = None
-
-
-class _Input:
-    """An input tensor shared by several modules (q/k/v): masked once, Gram computed once."""
-
-    def __init__(self, x: Tensor):
-        self.x = x
-        self._gram: Tensor | None = None
-
-    def gram(self) -> Tensor:
-        if self._gram is None:
-            self._gram = em.gram(self.x)
-        return self._gram
 
 
 class PerSampleGradients:
@@ -130,18 +82,23 @@ class PerSampleGradients:
         self.config = config or EngineConfig()
         self.strategy = strategy
         self.task = task_of(model.get_base_model() if hasattr(model, "get_base_model") else model)
-        self.mods: list[_Mod] = []
+        self.mods: list[Covered] = []
         self._setup()
         self.projector: GradientProjector | None = None
         if self.config.feature_dim > 0:
-            mats, vecs = [], []
+            mats, vecs, transposed = [], [], set()
             for m in self.mods:
-                if m.kind in ("linear", "embedding") and m.tied_to is None:
+                if m.handler.matrix and m.weight is not None and m.tied_to is None:
                     w = self._params[m.weight]
-                    mats.append((m.weight, m.bias, w.shape[0], w.shape[1]))
-                elif m.kind in ("rmsnorm", "layernorm"):
+                    rows, cols = (w.shape[1], w.shape[0]) if m.handler.transposed else (w.shape[0], w.shape[1])
+                    mats.append((m.weight, m.bias, rows, cols))
+                    if m.handler.transposed:
+                        transposed.add(m.weight)
+                elif m.tied_to is None:
                     vecs += [(n, self._params[n].numel()) for n in (m.weight, m.bias) if n]
-            self.projector = GradientProjector(mats, vecs, self.config.feature_dim, self.config.projection_seed)
+            self.projector = GradientProjector(
+                mats, vecs, self.config.feature_dim, self.config.projection_seed, transposed=transposed
+            )
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -153,26 +110,23 @@ class PerSampleGradients:
             trainable = {n for n, p in named.items() if p.requires_grad}
         if not trainable:
             raise ValueError(f"no trainable parameters for parameters={cfg.parameters!r}")
-        covered: dict[int, _Mod] = {}
+        covered: dict[int, Covered] = {}
         self._params: dict[str, nn.Parameter] = {}
         for name, mod in self.model.named_modules(remove_duplicate=False):
             own = [(n, p) for n, p in mod.named_parameters(recurse=False) if f"{name}.{n}" in trainable]
             if not own:
                 continue
-            kind = self._kind(mod)
-            if kind is None or any(n not in ("weight", "bias") for n, _ in own):
-                raise NotImplementedError(
-                    f"trainable parameters of {name} ({type(mod).__name__}: {[n for n, _ in own]}) are not "
-                    "supported by the per-sample gradient engine (supported: nn.Linear, nn.Embedding, "
-                    "nn.LayerNorm, Llama-style RMSNorm)"
-                )
+            handler = handler_for(name, mod, [n for n, _ in own])
             params = dict(own)
-            entry = _Mod(name, mod, kind, None, None, name)
+            entry = Covered(name, mod, handler, None, None, name)
             w = params.get("weight")
             if w is not None and id(w) in covered:
                 first = covered[id(w)]
-                if not (first.kind == "embedding" and kind == "linear" and "bias" not in params):
-                    raise NotImplementedError(f"{name} shares its weight with {first.name}: unsupported tie")
+                if not (first.handler.kind == "embedding" and handler.kind == "linear" and "bias" not in params):
+                    raise UnsupportedModuleError(
+                        f"{name} ({type(mod).__name__}) shares its weight with {first.name}: unsupported tie "
+                        "(only an nn.Linear LM head without bias tied to an nn.Embedding is)"
+                    )
                 entry.tied_to, entry.report, entry.weight = first, first.name, first.weight
             elif w is not None:
                 entry.weight = f"{name}.weight"
@@ -181,14 +135,16 @@ class PerSampleGradients:
             if "bias" in params:
                 entry.bias = f"{name}.bias"
                 self._params[entry.bias] = params["bias"]
-            entry.nuclear = kind == "linear" and any(name.endswith(s) for s in cfg.nuclear_modules)
+            entry.nuclear = handler.matrix and handler.kind != "embedding" and entry.weight is not None
+            entry.nuclear = entry.nuclear and any(name.endswith(s) for s in cfg.nuclear_modules)
             self.mods.append(entry)
-        missing = trainable - {n for n in named if id(named[n]) in {id(p) for p in self._params.values()}}
+        ids = {id(p) for p in self._params.values()}
+        missing = trainable - {n for n in named if id(named[n]) in ids}
         if missing:
             raise NotImplementedError(f"parameters not covered by the engine: {sorted(missing)[:10]}")
         for suffix in cfg.nuclear_modules:
             if not any(m.nuclear and m.name.endswith(suffix) for m in self.mods):
-                raise ValueError(f"nuclear_modules entry {suffix!r} matches no covered nn.Linear module")
+                raise ValueError(f"nuclear_modules entry {suffix!r} matches no covered Linear/Conv1D module")
         self.param_names = list(self._params)
         self.param_shapes = [tuple(p.shape) for p in self._params.values()]
         self.num_params = sum(p.numel() for p in self._params.values())
@@ -196,18 +152,6 @@ class PerSampleGradients:
         for n, p in self._params.items():
             self._offsets[n] = (start, p.numel())
             start += p.numel()
-
-    @staticmethod
-    def _kind(mod: nn.Module) -> str | None:
-        if isinstance(mod, nn.Linear):
-            return "linear"
-        if isinstance(mod, nn.Embedding):
-            return "embedding"
-        if isinstance(mod, nn.LayerNorm):
-            return "layernorm"
-        if type(mod).__name__ in _RMS_NORMS:
-            return "rmsnorm"
-        return None
 
     @property
     def module_names(self) -> list[str]:
@@ -247,8 +191,10 @@ class PerSampleGradients:
             mask[:, :keep],
             batch.labels[..., :keep] if batch.labels.dim() == 2 else batch.labels,
         ).to(dev)
-        b = batch.size
-        st = _State(self, batch, flat, dev)
+        cfg = self.config
+        st = MicroBatch(
+            batch.attention_mask, cfg.feature_dim, self.num_params, self._offsets, self.projector, self.strategy, flat
+        )
         req = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training
         handles = []
@@ -266,7 +212,7 @@ class PerSampleGradients:
             pos = (m_long.cumsum(-1) - 1).clamp(min=0)
             with torch.enable_grad():
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
-                loss = per_sample_loss(logits, batch.labels, self.task, self.config.loss_reduction)
+                loss = per_sample_loss(logits, batch.labels, self.task, cfg.loss_reduction)
                 del logits
                 leaves = [t for _, t in st.leaves]
                 grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
@@ -280,157 +226,9 @@ class PerSampleGradients:
                 p.requires_grad_(r)
             model.train(was_training)
             for m in self.mods:
-                m.x = m.ids = None
+                m.saved = None
             # The tensor hooks' closures hold ``st`` and live in the autograd graph, which ``st._last``
             # (a module input) keeps alive: a cycle through C++ that gc cannot collect, leaking the
             # micro-batch's activations and accumulators on every call. Break it.
             st._last, st.leaves = None, []
-        return st.finish(loss.detach(), b)
-
-
-class _State:
-    """Accumulators of one micro-batch; hooks write into it."""
-
-    def __init__(self, eng: PerSampleGradients, batch: Batch, flat: bool, dev: torch.device):
-        self.eng, self.cfg = eng, eng.config
-        b = batch.size
-        self.mask = batch.attention_mask
-        self.padded = not bool(self.mask.all())
-        self.sq: dict[str, Tensor] = {}
-        self.cross: dict[str, Tensor] = {}
-        self.nuclear: dict[str, tuple[Tensor, Tensor]] = {}
-        self.features = torch.zeros(b, self.cfg.feature_dim, device=dev) if eng.projector is not None else None
-        self.flat = torch.zeros(b, eng.num_params, device=dev) if flat else None
-        self.leaves: list[tuple[_Mod | None, Tensor]] = []
-        self.tied: dict[str, tuple[Tensor, Tensor]] = {}
-        self._last: tuple[Tensor, _Input] | None = None
-
-    def _mask(self, t: Tensor) -> Tensor:
-        if not self.padded or t.shape[1] != self.mask.shape[1]:
-            return t
-        return t * self.mask[:, :, None].to(t.dtype)
-
-    def leaf_hook(self, mod, args, out):
-        if out.requires_grad:
-            return None
-        out = out.detach().requires_grad_()
-        self.leaves.append((None, out))
-        return out
-
-    def forward_hook(self, m: _Mod):
-        def hook(mod, args, out):
-            x = args[0]
-            if m.x is not None:
-                raise NotImplementedError(f"{m.name} is called more than once per forward pass")
-            if m.kind == "embedding":
-                m.x, m.ids = True, x
-            elif self._last is not None and self._last[0] is x:
-                m.x = self._last[1]
-            else:
-                holder = _Input(self._mask(x.detach() if x.dim() == 3 else x.detach()[:, None]))
-                self._last = (x, holder)
-                m.x = holder
-            if not out.requires_grad:
-                out = out.detach().requires_grad_()
-                self.leaves.append((m, out))
-                return out
-            out.register_hook(lambda g: self.on_grad(m, g))
-            return None
-
-        return hook
-
-    def _add(self, key: str, v: Tensor) -> None:
-        self.sq[key] = self.sq[key] + v if key in self.sq else v
-
-    def _flat_add(self, name: str, g: Tensor) -> None:
-        start, n = self.eng._offsets[name]
-        self.flat[:, start : start + n] += g.reshape(g.shape[0], -1).float()
-
-    def on_grad(self, m: _Mod, g: Tensor) -> None:
-        with torch.no_grad():
-            g = self._mask(g if g.dim() == 3 else g[:, None])
-            if m.kind == "linear":
-                self._linear(m, g)
-            elif m.kind == "embedding":
-                self._embedding(m, g)
-            else:
-                self._norm(m, g)
-        return None
-
-    def _linear(self, m: _Mod, g: Tensor) -> None:
-        x = m.x.x
-        b, t, d_in = x.shape
-        d_out = g.shape[-1]
-        proj = self.eng.projector
-        if m.tied_to is not None:  # LM head sharing the embedding table: keep what the cross term needs
-            ids = m.tied_to.ids
-            gather = g.gather(2, ids[:, None, :].expand(-1, t, -1))
-            self.tied[m.tied_to.name] = (gather, x)
-        mat = self.eng.strategy == "materialise" or (
-            self.eng.strategy == "auto" and t * d_in * d_out < t * t * (d_in + d_out)
-        )
-        if mat or self.flat is not None:
-            sq = torch.zeros(b, device=g.device)
-            for i, j in em.chunks(b, d_in * d_out):
-                gm = em.materialise(x, g, i, j)
-                sq[i:j] = gm.pow(2).sum(dim=(1, 2))
-                if self.flat is not None:
-                    self.flat[i:j, self.eng._offsets[m.weight][0] :][:, : d_in * d_out] += gm.reshape(j - i, -1)
-        else:
-            sq = em.ghost_sq_norm(m.x.gram(), g)
-        if m.bias is not None:
-            sq = sq + em.bias_sq_norm(g)
-            if self.flat is not None:
-                self._flat_add(m.bias, g.sum(dim=1))
-        self._add(m.report, sq)
-        if m.nuclear:
-            self.nuclear[m.name] = em.nuclear(x, g)
-        if proj is not None:
-            proj.project_linear(m.weight, x, g, self.features)
-        m.x = None
-
-    def _embedding(self, m: _Mod, e: Tensor) -> None:
-        ids = m.ids
-        self._add(m.report, em.embedding_sq_norm(ids, e))
-        if m.name in self.tied:
-            gather, hx = self.tied.pop(m.name)
-            self.cross[m.report] = em.tied_cross(gather, hx, e)
-        if self.flat is not None:
-            self._flat_add(m.weight, em.embedding_materialise(ids, e, m.module.num_embeddings))
-        if self.eng.projector is not None:
-            self.eng.projector.project_embedding(m.weight, ids, e, self.features)
-
-    def _norm(self, m: _Mod, g: Tensor) -> None:
-        x = m.x.x
-        mod = m.module
-        if m.kind == "rmsnorm":
-            xhat = em.rms_xhat(x, getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6)))
-        else:
-            xhat = em.layer_norm_xhat(x, mod.normalized_shape, mod.eps)
-        vecs = []
-        if m.weight:
-            vecs.append((m.weight, (g.float() * xhat.float()).sum(dim=1)))
-        if m.bias:
-            vecs.append((m.bias, g.float().sum(dim=1)))
-        for name, v in vecs:
-            self._add(m.report, v.pow(2).sum(dim=1))
-            if self.flat is not None:
-                self._flat_add(name, v)
-            if self.eng.projector is not None:
-                self.eng.projector.project_vector(name, v, self.features)
-        m.x = None
-
-    def finish(self, loss: Tensor, b: int) -> SampleGrads:
-        sq = dict(self.sq)
-        for k, c in self.cross.items():
-            sq[k] = sq[k] + 2 * c
-        total = sum(sq.values())
-        layer = {k: sq[k].clamp_min(0).sqrt().cpu() for k in self.eng.module_names} if self.cfg.layer_stats else {}
-        return SampleGrads(
-            loss=loss.float().cpu(),
-            grad_norm=total.clamp_min(0).sqrt().cpu(),
-            layer_norms=layer,
-            nuclear={k: (a.cpu(), r.cpu()) for k, (a, r) in self.nuclear.items()},
-            features=None if self.features is None else self.features.cpu(),
-            flat=None if self.flat is None else self.flat.cpu(),
-        )
+        return st.finish(loss.detach(), self.module_names, cfg.layer_stats)

@@ -1,7 +1,8 @@
 """Batched per-sample gradient statistics from activations x and output gradients g.
 
 All functions take x [B, T, d_in] and g [B, T, d_out] (pad positions already zeroed) and return
-float32 per-sample results. See gradsift/engine/gradients.py for the math and sources.
+float32 per-sample results. See gradsift/engine/gradients.py for the math and sources,
+gradsift/engine/handlers.py for which module uses which.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def tied_cross(head_gather: Tensor, head_x: Tensor, e: Tensor) -> Tensor:
     return (head_gather.float() * he).sum(dim=(1, 2))
 
 
-def rms_xhat(x: Tensor, eps: float) -> Tensor:
-    """LlamaRMSNorm's normalised input, cast back to the input dtype like the module does."""
+def rms_xhat(x: Tensor, eps: float, cast: bool = True) -> Tensor:
+    """x / rms(x) computed in float32; cast back to the input dtype (as LlamaRMSNorm does) when ``cast``."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return out.to(x.dtype) if cast else out
 
 
 def layer_norm_xhat(x: Tensor, shape: tuple[int, ...], eps: float) -> Tensor:

@@ -2,7 +2,7 @@
 
 Reference: Choe et al. 2024, "What is Your Data Worth to GPT? LLM-Scale Data Valuation with
 Influence Functions" (LoGra). A matrix gradient G (rows x cols; for a Linear: d_out x d_in, the bias
-folded in as one extra input column) is projected with two Gaussian factors,
+folded in as one extra input column; a Conv1D weight, stored d_in x d_out, is projected as its transpose) is projected with two Gaussian factors,
 ``P_R^T G P_C`` (k_R x k_C). For G = sum_t g_t x_t^T this is ``(g P_R)^T (x P_C)``: it is computed from
 the activations without materialising G. Each factor is N(0, 1/k) so E[P P^T] = I, and inner
 products of projected gradients equal those of the full gradients in expectation.
@@ -45,6 +45,7 @@ class MatrixBlock:
     k_rows: int
     k_cols: int
     offset: int
+    transposed: bool = False  # the parameter is stored [cols, rows] (transformers Conv1D)
     p_rows: Tensor | None = None  # [rows, k_rows]
     p_cols: Tensor | None = None  # [cols + (bias is not None), k_cols]
 
@@ -68,6 +69,7 @@ class GradientProjector:
         vectors: list[tuple[str, int]],
         feature_dim: int,
         seed: int = 0,
+        transposed: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.feature_dim = feature_dim
         self.seed = seed
@@ -82,7 +84,7 @@ class GradientProjector:
             k_r = min(rows, max(1, math.isqrt(budget)))
             k_c = min(c_aug, max(1, budget // k_r))
             k_r = min(rows, max(1, budget // k_c))
-            blk = MatrixBlock(name, bias, rows, cols, k_r, k_c, offset)
+            blk = MatrixBlock(name, bias, rows, cols, k_r, k_c, offset, name in transposed)
             blk.p_rows = _gaussian(rows, k_r, seed, name + ":rows")
             blk.p_cols = _gaussian(c_aug, k_c, seed, name + ":cols")
             self.blocks[name] = blk
@@ -158,7 +160,12 @@ class GradientProjector:
                 blk = self.blocks[name]
                 pr = self.factor(name, "p_rows", flat.device, torch.float32)
                 pc = self.factor(name, "p_cols", flat.device, torch.float32)
-                feat = pr.T @ piece.view(b, blk.rows, blk.cols) @ pc[: blk.cols]
+                mat = (
+                    piece.view(b, blk.cols, blk.rows).transpose(1, 2)
+                    if blk.transposed
+                    else piece.view(b, blk.rows, blk.cols)
+                )
+                feat = pr.T @ mat @ pc[: blk.cols]
                 out[:, blk.offset : blk.offset + blk.dim] += feat.reshape(b, -1)
             elif name in bias_of:
                 blk = bias_of[name]

@@ -114,6 +114,6 @@ def task_of(model: nn.Module) -> TaskType:
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
         return "classification"
-    if name.endswith("ForCausalLM"):
+    if name.endswith(("ForCausalLM", "LMHeadModel")):  # GPT2LMHeadModel is a causal LM too
         return "causal_lm"
     raise ValueError(f"unsupported model class {name}: use a causal LM or a sequence classifier")
