@@ -104,7 +104,9 @@ class Spec:
         out = {p.path: p.name.upper() for p in self.positionals if p.kind != "variant"}
         for o in self.options:
             if o.target[0] == SOURCE:
-                out.update({f"{p.path}.{o.target[1]}": o.flag for p in self.positionals if p.kind.startswith("sour")})
+                out.update(
+                    {f"{p.path}.{o.target[1]}": o.flag for p in self.positionals if p.kind in ("sources", "source")}
+                )
             for prefix in o.sections or [""]:
                 out[".".join(filter(None, (prefix, *o.target)))] = o.flag
         return out
