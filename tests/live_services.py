@@ -179,8 +179,9 @@ SCORE_ARGS = ["--shard-size", "8", "--feature-dim", "64", "--num-actors", "1"]
 
 
 def score_config(store: Path, files: list[Path], **sections):
-    """The RunConfig `gradsift score FILES --store STORE {SCORE_ARGS}` builds, with top-level sections replaced."""
-    from gradsift.schemas.config import NightlyConfig
+    """The RunConfig `gradsift score FILES --store STORE {SCORE_ARGS}` builds, with top-level sections replaced
+    (a NightlyConfig where a section is one of its own, such as report)."""
+    from gradsift.schemas.config import NightlyConfig, RunConfig
 
     data = {
         "store": str(store),
@@ -188,4 +189,5 @@ def score_config(store: Path, files: list[Path], **sections):
         "score": {"engine": {"feature_dim": 64}},
         "ray": {"num_actors": 1},
     }
-    return NightlyConfig.model_validate({**data, **sections})
+    model = NightlyConfig if sections.keys() - RunConfig.model_fields.keys() else RunConfig
+    return model.model_validate({**data, **sections})

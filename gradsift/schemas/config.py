@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -123,27 +122,14 @@ class RunConfig(Config):
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = Field(0, description="Seed of everything random in the run.")
 
+    toml_paths = ("store", "ingest.sources.*.path")
+
     @model_validator(mode="after")
     def _sources_exist(self) -> RunConfig:
         missing = [s.path for s in self.ingest.sources if not Path(s.path).exists()]
         if missing:
             raise ValueError(f"input files not found: {', '.join(missing)}")
         return self
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> RunConfig:
-        """Load a config file; relative paths inside it are relative to the file."""
-        path = Path(path)
-        data = tomllib.loads(path.read_text())
-        base = path.parent.resolve()
-        ingest = data.get("ingest")
-        sources = ingest.get("sources") if isinstance(ingest, dict) else None
-        for src in sources if isinstance(sources, list) else []:  # wrong shapes are left to validation to name
-            if isinstance(src, dict) and isinstance(src.get("path"), str):
-                src["path"] = str((base / src["path"]).resolve())
-        if isinstance(data.get("store"), str):
-            data["store"] = str((base / data["store"]).resolve())
-        return cls.model_validate(data)
 
 
 class NightlyConfig(RunConfig):
@@ -155,6 +141,8 @@ class NightlyConfig(RunConfig):
         None, description="Domain mixture weights toward the target (needs target; skipped when absent)."
     )
     report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
+
+    toml_paths = (*RunConfig.toml_paths, "target.checkpoints.store")
 
     @model_validator(mode="after")
     def _target_datasets_ingested(self) -> NightlyConfig:
@@ -176,6 +164,8 @@ class AnalyzeConfig(RunConfig):
     pairs: PairsConfig | None = Field(None, description="Entanglement of chosen/rejected pairs.")
     fast_slow: FastSlowConfig | None = Field(None, description="Fast vs slow thinking layer curves.")
     data: str = Field(description="The input file (.jsonl, .jsonl.gz, .json).")
+
+    toml_paths = (*RunConfig.toml_paths, "data")
 
     @model_validator(mode="after")
     def _one_analysis(self) -> AnalyzeConfig:

@@ -66,6 +66,8 @@ class TrainConfig(Config):
     score_batch_size: int = Field(64, ge=1, description="Samples per forward when scoring checkpoints.")
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    toml_paths = ("store", "data.path", "embed_cache")
+
     @model_validator(mode="after")
     def _score_epoch_reached(self) -> TrainConfig:
         if self.score_epoch > self.epochs:
@@ -98,6 +100,8 @@ class SelectConfig(Config):
     seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds (random baseline, softmax, ties).")
     manifest: bool = Field(True, description="Write Parquet and JSONL manifests with the original records.")
 
+    toml_paths = ("store",)
+
 
 class EvaluateConfig(Config):
     """Retrain from the same start on each selection and measure held-out accuracy and loss."""
@@ -118,3 +122,5 @@ class EvaluateConfig(Config):
     )
     plot: str | None = Field(None, description="Where to write the accuracy-vs-fraction plot (default in the store).")
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    toml_paths = ("store", "eval_data.path", "plot")

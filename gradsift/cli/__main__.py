@@ -1,0 +1,3 @@
+from gradsift.cli import app
+
+app()
