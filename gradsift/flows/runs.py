@@ -101,7 +101,7 @@ class RunRecorder:
         """Commit the staged run (tables and artifacts), record it completed, rebuild the catalog.
 
         The staging folder, with its ``committing`` marker, is removed only once the run row says completed,
-        so a crash anywhere in between is finished by ``finish_interrupted_commit`` on the next run."""
+        so a crash anywhere in between is finished by the next run of this id (``run_recorded``)."""
         rows = self.staging.commit(result, remove=False)
         parameter_set = (result or {}).get("parameter_set")
         self.row["parameter_set"] = json.dumps(parameter_set) if parameter_set else None

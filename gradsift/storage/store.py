@@ -70,8 +70,8 @@ def _table_name(table: str) -> str:
 
 
 def _jsonable(value):
-    """``value`` as JSON would give it back (anything JSON has no type for, as its ``str``)."""
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as JSON would give it back (a value JSON has no type for as its ``str``; such keys dropped)."""
+    return json.loads(json.dumps(value, default=str, skipkeys=True))
 
 
 def utc_now() -> datetime:
