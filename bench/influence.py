@@ -38,7 +38,7 @@ def main() -> None:
     from gradsift.schemas.tables import SAMPLES
     from gradsift.signals.influence import FeatureSource, Targets
     from gradsift.signals.scoring import features_table
-    from gradsift.storage.store import write_parquet_atomic
+    from gradsift.storage.atomic import write_parquet_atomic
 
     tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-influence-"))
     rng = np.random.default_rng(0)

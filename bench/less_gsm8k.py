@@ -158,15 +158,16 @@ def main() -> None:
     store = Store(store_dir)
     top_share = query(
         store,
-        f"""SELECT i.method, count(*) AS n_top, avg((s.domain = 'math')::INT) AS math_share,
+        """SELECT i.method, count(*) AS n_top, avg((s.domain = 'math')::INT) AS math_share,
                    avg((s.domain = 'code')::INT) AS code_share, avg((s.domain = 'general')::INT) AS general_share
             FROM influence i JOIN (SELECT DISTINCT dataset, sample_id, domain FROM samples) s
                  USING (dataset, sample_id)
-            WHERE i.run_id = '{irun}' AND i.rank < (SELECT 0.05 * count(*) FROM influence
-                  WHERE run_id = '{irun}' AND method = i.method)
+            WHERE i.run_id = $run AND i.rank < (SELECT 0.05 * count(*) FROM influence
+                  WHERE run_id = $run AND method = i.method)
             GROUP BY i.method ORDER BY i.method""",
+        {"run": irun},
     ).to_pylist()
-    weights = query(store, f"SELECT * EXCLUDE (run_id) FROM mixtures WHERE run_id = '{irun}' ORDER BY domain")
+    weights = query(store, "SELECT * EXCLUDE (run_id) FROM mixtures WHERE run_id = $run ORDER BY domain", {"run": irun})
     print("top 5% domain shares", json.dumps(top_share), flush=True)
     print("mixture weights", json.dumps(weights.to_pylist(), default=float), flush=True)
 
@@ -180,7 +181,8 @@ def main() -> None:
     sel = (
         query(
             store,
-            f"SELECT sample_id FROM selections WHERE run_id = '{irun}' AND selection LIKE '%less-top%' AND kept",
+            "SELECT sample_id FROM selections WHERE run_id = $run AND selection LIKE '%less-top%' AND kept",
+            {"run": irun},
         )
         .column("sample_id")
         .to_pylist()

@@ -211,8 +211,8 @@ def noise_study(args, train_file: Path, source: dict, store: str, common: dict, 
     seconds = time.perf_counter() - t
     table = query(
         Store(store),
-        "SELECT m.line, s.* FROM scores s JOIN samples m USING (dataset, sample_id) "
-        f"WHERE s.run_id = '{run['run_id']}'",
+        "SELECT m.line, s.* FROM scores s JOIN samples m USING (dataset, sample_id) WHERE s.run_id = $run",
+        {"run": run["run_id"]},
     ).to_pandas()
     table = table[table["aum"].notna()]  # threshold samples in every seed have no scores
     is_flipped = table["line"].isin(flipped).to_numpy()

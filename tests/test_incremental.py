@@ -41,8 +41,9 @@ def test_new_file_scores_only_new_rows_and_config_change_rescores(tmp_path, ray_
     assert {(r["run_id"], r["dataset"], r["n"]) for r in per_run} == expected
     reused = query(
         store,
-        f"SELECT count(*) AS n FROM scores a JOIN scores b USING (dataset, sample_id) WHERE a.run_id = '{first['run_id']}'"
-        f" AND b.run_id = '{second['run_id']}' AND a.loss = b.loss AND a.grad_norm = b.grad_norm",
+        "SELECT count(*) AS n FROM scores a JOIN scores b USING (dataset, sample_id) WHERE a.run_id = $first"
+        " AND b.run_id = $second AND a.loss = b.loss AND a.grad_norm = b.grad_norm",
+        {"first": first["run_id"], "second": second["run_id"]},
     ).to_pylist()[0]
     assert reused["n"] == 40
 

@@ -12,11 +12,14 @@ from gradsift.models.checkpoints import list_checkpoints, save_checkpoint
 from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
 from gradsift.signals.influence import (
     CheckpointFeaturizer,
+    FeatureSource,
     Targets,
     adam_direction,
     block_scores,
+    checkpoint_name,
     l2_normalise,
     merge_top_k,
+    read_block,
 )
 
 TEXTS = ["Question: 2 + 3?\nAnswer: ", "Question: 7 - 1?\nAnswer: ", "Write a loop.\n", "Name a fruit.\n"]
@@ -68,6 +71,29 @@ def _lora_checkpoints(store, tmp_path) -> list:
     return list_checkpoints(store, "t")
 
 
+def _check_stored_names(staging_dir, info, samples, tables) -> None:
+    """The stored names stay "<train_run>.step-NNNNNN:<kind>" (column) and "<shard>@<checkpoint>" (part), and
+    read_block finds the part and the rows through FeatureSource.at_checkpoint."""
+    import pyarrow.parquet as pq
+
+    from gradsift.storage.keys import FeaturePart
+
+    name = checkpoint_name(info)
+    assert name == f"t.step-{info.step:06d}"
+    for kind, table in tables.items():
+        assert table.column("checkpoint").unique().to_pylist() == [f"{name}:{kind}"]
+    shard = "d-00000-0123456789"
+    (staging_dir / "samples").mkdir(parents=True)
+    (staging_dir / "features").mkdir()
+    pq.write_table(samples.append_column("domain", pa.array([None] * len(samples), pa.string())),
+                   staging_dir / "samples" / f"{shard}.parquet")  # fmt: skip
+    pq.write_table(pa.concat_tables(tables.values()), staging_dir / "features" / f"{shard}@{name}.parquet")
+    assert FeaturePart(shard, name).name == f"{shard}@{name}"
+    keys, feats = read_block(staging_dir, [shard], [FeatureSource.at_checkpoint(name, info.lr)])
+    assert keys["sample_id"] == samples.column("sample_id").to_pylist()
+    assert {kind: f[0].shape for kind, f in feats.items()} == {"grad": (len(samples), 64), "adam": (len(samples), 64)}
+
+
 def test_less_scores_equal_direct_computation(tmp_path):
     infos = _lora_checkpoints(tmp_path / "store", tmp_path)
     assert [c.step for c in infos] == [2, 4]
@@ -78,6 +104,7 @@ def test_less_scores_equal_direct_computation(tmp_path):
     for info in infos:
         fz = CheckpointFeaturizer(info, feature_dim=64, seed=3)
         tables = fz.featurize(samples)
+        _check_stored_names(tmp_path / f"staged-{info.step}", info, samples, tables)
         for kind in feats:
             t = tables[kind]
             order = {s: i for i, s in enumerate(t.column("sample_id").to_pylist())}

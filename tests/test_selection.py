@@ -11,6 +11,8 @@ from gradsift.selection.subsets import (
     keep_fraction,
     proportional_sample,
     random_fraction,
+    ranks,
+    score_ranks,
     selection_table,
 )
 
@@ -71,3 +73,11 @@ def test_selection_table_schema():
     table = selection_table(keep_fraction(IDS, SCORES, 0.5), "el2n-50", "agnews")
     assert table.schema == SELECTIONS
     assert table.num_rows == 10 and sum(table.column("kept").to_pylist()) == 5
+
+
+def test_one_rank_function_for_orders_and_scores():
+    order = np.array([2, 0, 3, 1])
+    assert ranks(order).tolist() == [1, 3, 0, 2]
+    assert score_ranks(np.array([0.5, 0.9, 0.5, -np.inf])).tolist() == [1, 0, 2, 3]  # ties by position
+    res = keep_fraction(IDS, SCORES, 0.3, drop="low", seed=0)
+    assert sorted(res.rank.tolist()) == list(range(len(IDS))) and res.rank[np.argmax(SCORES)] == 0

@@ -39,7 +39,7 @@ def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, 
     # one dynamics row per visit; one scores row per sample with every training-dynamics column filled
     s = Store(store)
     assert query(s, "SELECT count(*) FROM dynamics").column(0)[0].as_py() == 48 * 2 * 2
-    scores = query(s, f"SELECT * FROM scores WHERE run_id = '{run_id}'").to_pandas()
+    scores = query(s, "SELECT * FROM scores WHERE run_id = $run", {"run": run_id}).to_pandas()
     assert len(scores) == 48
     for col in ("el2n", "grand", "aum", "vog", "self_influence", "forgetting", "never_learned"):
         assert scores[col].notna().all(), col
@@ -74,7 +74,8 @@ def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, 
     table = query(s, "SELECT score, fraction_kept, n_train, accuracy FROM evaluations ORDER BY score").to_pylist()
     assert [r["score"] for r in table] == ["all", "el2n", "random"]
     assert [r["n_train"] for r in table] == [48, 24, 24] and all(0 <= r["accuracy"] <= 1 for r in table)
-    assert ev["plot"].endswith(".png") and (s.root / "reports").exists()
+    assert ev["plot"] == str(s.root / "reports" / ev["run_id"] / "accuracy.png")  # staged, then committed there
+    assert (s.root / "reports" / ev["run_id"] / "accuracy.png").exists() and not s.staging(ev["run_id"]).dir.exists()
 
 
 def test_lora_causal_lm_train(tmp_path, prefect_harness):

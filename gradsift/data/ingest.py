@@ -17,6 +17,7 @@ import pyarrow as pa
 from gradsift.data.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
 from gradsift.schemas.config import DataSource
 from gradsift.schemas.tables import QUARANTINE
+from gradsift.storage.keys import ShardKey
 
 __all__ = ["IngestError", "IngestResult", "LabelRule", "ingest_source", "render_messages", "shard_samples"]
 
@@ -204,11 +205,10 @@ def ingest_source(
 
 
 def shard_samples(samples: list[dict], dataset: str, shard_size: int) -> list[tuple[str, list[dict]]]:
-    """Fixed-size shards in file order, named by dataset, index and a hash of their sample ids."""
+    """Fixed-size shards in file order, named by dataset, index and a hash of their sample ids (``ShardKey``)."""
     shards = []
     for start in range(0, len(samples), shard_size):
         chunk = samples[start : start + shard_size]
-        digest = hashlib.sha256("".join(s["sample_id"] for s in chunk).encode()).hexdigest()[:10]
-        name = f"{dataset}-{start // shard_size:05d}-{digest}"
+        name = ShardKey.of(dataset, start // shard_size, (s["sample_id"] for s in chunk)).name
         shards.append((name, [{**s, "shard": name} for s in chunk]))
     return shards

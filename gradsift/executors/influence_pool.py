@@ -31,6 +31,7 @@ from gradsift.signals.influence import (
     read_block,
 )
 from gradsift.signals.mixture import DomainSums
+from gradsift.storage.keys import FeaturePart
 from gradsift.storage.store import Store
 
 
@@ -43,14 +44,15 @@ class FeaturizeActor:
 
         self.staging = Store(store_root).staging(run_id)
         self.featurizer = CheckpointFeaturizer(info, feature_dim, seed)
-        self.suffix = f"@{checkpoint_name(info)}"
+        self.checkpoint = checkpoint_name(info)
 
     def featurize(self, shard: str) -> int:
         import pyarrow as pa
 
         samples = pq.read_table(self.staging.part_path("samples", shard))
         tables = self.featurizer.featurize(samples)
-        self.staging.write_part("features", shard + self.suffix, pa.concat_tables(tables.values()))
+        part = FeaturePart(shard, self.checkpoint).name
+        self.staging.write_part("features", part, pa.concat_tables(tables.values()))
         return samples.num_rows
 
 
@@ -72,7 +74,7 @@ def featurize_checkpoints(
     for i in range(0, len(checkpoints), ray_config.num_actors):
         running = {}
         for info in checkpoints[i : i + ray_config.num_actors]:
-            todo = [s for s in shards if not staging.has_part("features", f"{s}@{checkpoint_name(info)}")]
+            todo = [s for s in shards if not staging.has_part("features", FeaturePart(s, checkpoint_name(info)).name)]
             if not todo:
                 continue
             actor = FeaturizeActor.options(

@@ -217,7 +217,8 @@ def analyze_flow(config: AnalyzeConfig) -> dict:
         staging = recorder.staging
         tables = {t: staging.read(t) for t in ("pair_scores", "layer_curves")}
         summaries = {"Layer differences": staging.read("layer_diffs")} if kind == "fast_slow" else {}
-        page, _ = write_report(recorder.store.root / "reports" / recorder.run_id, recorder.run_id, tables, summaries)
+        out, final = staging.artifact_dir("reports"), staging.final_artifact_path("reports")
+        page, _ = write_report(out, recorder.run_id, tables, summaries, final)
         return {kind: result, "report": str(page)}
 
     model = config.model

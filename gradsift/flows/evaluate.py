@@ -1,7 +1,8 @@
 """The evaluation flow: retrain on each selection from the same start, measure held-out accuracy/loss.
 
 Writes the ``evaluations`` table, a plot of accuracy versus fraction kept (one line per score and
-drop side, one for random, shaded over seeds) and a Prefect markdown artifact with the table.
+drop side, one for random, shaded over seeds; staged with the run and committed to
+``<store>/reports/<run_id>/`` unless ``plot`` names a path) and a Prefect markdown artifact with the table.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from gradsift.training.proxy import evaluate_selections
 
 def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], dict[str, dict]]:
     """Kept ids per selection, and per selection its score, drop side and fraction kept."""
-    run_list = ", ".join(f"'{r}'" for r in runs)
-    rows = query(store, f"SELECT run_id, selection, sample_id, kept FROM selections WHERE run_id IN ({run_list})")
+    runs = {"runs": list(runs)}
+    rows = query(
+        store, "SELECT run_id, selection, sample_id, kept FROM selections WHERE list_contains($runs, run_id)", runs
+    )
     configs = {
         r["run_id"]: SelectConfig.model_validate_json(r["config"])
-        for r in query(store, f"SELECT run_id, config FROM runs WHERE run_id IN ({run_list})").to_pylist()
+        for r in query(store, "SELECT run_id, config FROM runs WHERE list_contains($runs, run_id)", runs).to_pylist()
     }
     kept: dict[str, list[str]] = defaultdict(list)
     total: dict[str, int] = defaultdict(int)
@@ -85,9 +88,12 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         table = pa.Table.from_pylist([{**r, **meta[r["selection"]]} for r in rows], schema=EVALUATIONS)
         recorder.staging.write_part("evaluations", "evaluate", table)
         metric = "accuracy" if classification else "loss"  # a causal LM is judged by its held-out loss
-        plot = Path(config.plot) if config.plot else store.root / "reports" / recorder.run_id / f"{metric}.png"
         title = f"{Path(config.eval_data.path).parent.name}: retrained on selections, equal {config.budget}"
-        plot_curves(table, plot, title, metric)
+        if config.plot:  # the user's own path: written there at once
+            plot = plot_curves(table, Path(config.plot), title, metric)
+        else:  # a report of the run: staged, and there once the run commits
+            plot_curves(table, recorder.staging.artifact_path("reports", f"{metric}.png"), title, metric)
+            plot = recorder.staging.final_artifact_path("reports", f"{metric}.png")
         markdown = summary_markdown(table, metric)
         create_markdown_artifact(
             f"# gradsift evaluate `{recorder.run_id}`\n\ntrain run `{config.train_run}`, held-out "

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import gradsift
 from gradsift.executors.ray_pool import SCORE_TABLES
 from gradsift.models.folders import model_fingerprint
 from gradsift.schemas.config import DataSource, RunConfig
-from gradsift.storage.store import RunStaging, Store, write_json_atomic
+from gradsift.storage.atomic import link_atomic, write_json_atomic
+from gradsift.storage.store import RunStaging, Store
 
 
 def _digest(payload: dict) -> str:
@@ -83,14 +81,7 @@ def _link_part(store: Store, prior_run: str, table: str, part: str, staging: Run
     src = _committed_part(store, prior_run, table, part)
     if not src.exists():
         return False
-    dest = staging.part_path(table, part)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:  # another filesystem, or no hard links: copy
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    link_atomic(src, staging.part_path(table, part))
     return True
 
 

@@ -26,15 +26,11 @@ from gradsift.report.html import write_report
 from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.stages import InfluenceOutput, ReportOutput, SelectionOutput, StageOutput
 from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
-from gradsift.selection.subsets import keep_fraction, selection_table, weighted_sample
-from gradsift.signals.influence import FeatureSource, Targets, checkpoint_name, ranks, read_block
+from gradsift.selection.subsets import keep_fraction, score_ranks, selection_table, weighted_sample
+from gradsift.signals.influence import FeatureSource, Targets, checkpoint_name, read_block
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
+from gradsift.storage.keys import ShardKey
 from gradsift.storage.store import RunStaging, Store
-
-
-def shard_dataset(shard: str) -> str:
-    """Shards are named ``<dataset>-<index>-<digest>`` (tasks.ingest.shard_samples)."""
-    return shard.rsplit("-", 2)[0]
 
 
 def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: list[str]) -> list[FeatureSource]:
@@ -43,8 +39,7 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
     if target.checkpoints is None:
         if config.score.engine.feature_dim == 0:
             raise ValueError("influence without checkpoints reads the score stage's features: set a feature_dim > 0")
-        name = config.model.checkpoint
-        return [FeatureSource(name, 1.0, {"grad": name})]
+        return [FeatureSource.final(config.model.checkpoint)]
     ck = target.checkpoints
     infos = list_checkpoints(ck.store or store.root, ck.train_run)
     if ck.steps is not None:
@@ -52,11 +47,7 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
     if not infos:
         raise FileNotFoundError(f"no checkpoints of training run {ck.train_run!r} (steps {ck.steps})")
     featurize_checkpoints(store, staging.run_id, shards, infos, target.feature_dim, config.seed, config.ray)
-    sources = []
-    for info in infos:
-        name = checkpoint_name(info)
-        sources.append(FeatureSource(name, info.lr, {"grad": f"{name}:grad", "adam": f"{name}:adam"}, f"@{name}"))
-    return sources
+    return [FeatureSource.at_checkpoint(checkpoint_name(info), info.lr) for info in infos]
 
 
 @task(name="influence", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -72,8 +63,8 @@ def influence_stage(
         return InfluenceOutput.model_validate(done)
     target = config.target
     shards = results["ingest"].shards
-    target_shards = [s for s in shards if shard_dataset(s) in target.datasets]
-    train_shards = [s for s in shards if shard_dataset(s) not in target.datasets]
+    target_shards = [s for s in shards if ShardKey.parse(s).dataset in target.datasets]
+    train_shards = [s for s in shards if ShardKey.parse(s).dataset not in target.datasets]
     ensure_ray(config.ray)
     sources = _sources(config, store, staging, shards)
     t_keys, t_feats = read_block(staging.dir, target_shards, sources)
@@ -94,7 +85,7 @@ def influence_stage(
     n = len(res.keys["sample_id"])
     for method, scores in res.scores.items():
         part = {"target": [target.name] * n, "method": [method] * n, "dataset": res.keys["dataset"]}
-        part |= {"sample_id": res.keys["sample_id"], "score": scores.tolist(), "rank": ranks(scores).tolist()}
+        part |= {"sample_id": res.keys["sample_id"], "score": scores.tolist(), "rank": score_ranks(scores).tolist()}
         staging.write_part("influence", f"{target.name}-{method}", pa.Table.from_pydict(part, schema=INFLUENCE))
         if target.top_k:
             staging.write_part(
@@ -205,7 +196,8 @@ def _domains(staging: RunStaging, shards: list[str]) -> dict[str, str]:
 
 @task(name="report", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def report_stage(config: NightlyConfig, store: Store, run_id: str, results: Mapping[str, StageOutput]) -> ReportOutput:
-    """HTML + PNG report under <store>/reports/<run_id>/ and a Prefect markdown artifact."""
+    """HTML + PNG report, staged with the run and committed to <store>/reports/<run_id>/, and a Prefect
+    markdown artifact."""
     if not config.report.enabled:
         return ReportOutput(skipped="report disabled")
     staging = store.staging(run_id)
@@ -221,7 +213,8 @@ def report_stage(config: NightlyConfig, store: Store, run_id: str, results: Mapp
         ).append_column("text", pa.array(snippet))
     if tables["mixtures"] is not None:
         summaries["Mixture weights"] = tables["mixtures"]
-    page, markdown = write_report(store.root / "reports" / run_id, run_id, tables, summaries)
+    out, final = staging.artifact_dir("reports"), staging.final_artifact_path("reports")
+    page, markdown = write_report(out, run_id, tables, summaries, final)
     create_markdown_artifact(markdown, key="curation-report", description=f"curation report of run {run_id}")
     return ReportOutput(report=str(page))
 

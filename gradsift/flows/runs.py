@@ -97,13 +97,24 @@ class RunRecorder:
         self.store.write_run({**self.row, "status": "failed", "finished_at": utc_now(), "note": repr(err)[:2000]})
         self.lock.release()
 
-    def complete(self, parameter_set: dict | None) -> int:
-        rows = self.staging.commit()
+    def complete(self, result: dict | None = None) -> int:
+        """Commit the staged run (tables and artifacts), record it completed, rebuild the catalog.
+
+        The staging folder, with its ``committing`` marker, is removed only once the run row says completed,
+        so a crash anywhere in between is finished by the next run of this id (``run_recorded``)."""
+        rows = self.staging.commit(result, remove=False)
+        parameter_set = (result or {}).get("parameter_set")
         self.row["parameter_set"] = json.dumps(parameter_set) if parameter_set else None
         self.store.write_run({**self.row, "status": "completed", "finished_at": utc_now(), "rows_written": rows})
+        self.staging.remove()
         build_catalog(self.store)
         self.lock.release()
         return rows
+
+    def interrupted_commit(self) -> dict | None:
+        """The result recorded by a commit of this run that began and did not finish, else None."""
+        plan = self.staging.pending_commit()
+        return None if plan is None else plan["result"] or {}
 
 
 def run_recorded(
@@ -111,14 +122,16 @@ def run_recorded(
 ) -> dict:
     """Run ``body(recorder) -> results`` as one recorded run, committed whole or marked failed.
 
-    A completed run with this id (same flow, config, inputs, weights) is not redone. A ``parameter_set``
-    in the results is recorded in ``runs``.
+    A completed run with this id (same flow, config, inputs, weights) is not redone; one whose commit was
+    cut short has that commit finished instead of its body rerun. A ``parameter_set`` in the results is
+    recorded in ``runs``.
     """
     store = Store(config.store).ensure()
     run_id = run_id_for(flow, config, sources)
     recorder = RunRecorder(store, run_id, flow, config, model, checkpoint)
     prior = recorder.previous()
     if prior and prior["status"] == "completed":
+        recorder.staging.remove()  # left by a crash after the run row said completed (else a no-op)
         get_run_logger().info("run %s already completed with these inputs and config: nothing to do", run_id)
         return {
             "run_id": run_id,
@@ -128,8 +141,12 @@ def run_recorded(
         }
     recorder.start()
     try:
-        result = body(recorder)
-        rows = recorder.complete(result.get("parameter_set"))
+        result = recorder.interrupted_commit()
+        if result is not None:  # everything was written and the commit began: finish it, redo nothing
+            get_run_logger().info("run %s: finishing its interrupted commit", run_id)
+        else:
+            result = body(recorder)
+        rows = recorder.complete(result)
     except BaseException as err:
         recorder.fail(err)
         raise

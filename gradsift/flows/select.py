@@ -1,35 +1,44 @@
 """The selection flow: selections from a train run's scores -> ``selections`` table + manifests.
 
-Manifests (the kept samples' original records, in preference order) are written to
-``<store>/manifests/<run_id>/<selection>.parquet`` and ``.jsonl``.
+Manifests (the kept samples' original records, in preference order) are staged with the run and
+committed with it to ``<store>/manifests/<run_id>/<selection>.parquet`` and ``.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from prefect import flow
 
 from gradsift.flows.runs import run_recorded
+from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import SelectConfig
 from gradsift.selection.by_score import select_one, selection_name
 from gradsift.selection.subsets import selection_table
+from gradsift.storage.atomic import write_jsonl_atomic, write_parquet_atomic
 from gradsift.storage.catalog import query
-from gradsift.storage.store import Store, write_parquet_atomic
+from gradsift.storage.store import RunStaging, Store
 
 
-def write_manifest(folder: Path, name: str, kept: pa.Table) -> None:
-    """Parquet and JSONL manifests of the kept samples (with their original records)."""
-    write_parquet_atomic(kept, folder / f"{name}.parquet")
-    tmp = folder / f".{name}.jsonl.tmp"
-    with tmp.open("w") as fh:
-        for row in kept.to_pylist():
-            fh.write(json.dumps({**row, "record": json.loads(row["record"])}, ensure_ascii=False) + "\n")
-    os.replace(tmp, folder / f"{name}.jsonl")
+def write_manifest(staging: RunStaging, name: str, kept: pa.Table) -> None:
+    """Parquet and JSONL manifests of the kept samples (with their original records), staged with the run."""
+    write_parquet_atomic(kept, staging.artifact_path("manifests", f"{name}.parquet"))
+    rows = ({**row, "record": json.loads(row["record"])} for row in kept.to_pylist())
+    write_jsonl_atomic(rows, staging.artifact_path("manifests", f"{name}.jsonl"))
+
+
+def scores_query(column: str) -> str:
+    """The SELECT of one train run's ``column`` scores with the samples' labels, domains and records;
+    the run id is bound as ``$run``. ``column`` must be a column of ``scores`` (it is an identifier)."""
+    if column not in SCORES.names:
+        raise ValueError(f"no score column {column!r} (scores has {', '.join(SCORES.names)})")
+    return (
+        f'SELECT s.dataset, s.sample_id, s."{column}", s.never_learned, m.label, m.domain, m.record '
+        "FROM scores s JOIN samples m USING (dataset, sample_id) "
+        "WHERE s.run_id = $run ORDER BY s.dataset, s.sample_id"
+    )
 
 
 @flow(name="gradsift-select", log_prints=True)
@@ -37,12 +46,7 @@ def select_flow(config: SelectConfig) -> dict:
     """Write one selection per (fraction, seed) from the scores of ``config.scores_run``."""
     store = Store(config.store)
     column = config.score or "loss"
-    data = query(
-        store,
-        f"SELECT s.dataset, s.sample_id, s.{column}, s.never_learned, m.label, m.domain, m.record "
-        "FROM scores s JOIN samples m USING (dataset, sample_id) "
-        f"WHERE s.run_id = '{config.scores_run}' ORDER BY s.dataset, s.sample_id",
-    )
+    data = query(store, scores_query(column), {"run": config.scores_run})
     if data.num_rows == 0:
         raise ValueError(f"no scores of run {config.scores_run!r} in {store.root}: run `gradsift train` first")
     if config.score and data.column(config.score).null_count == data.num_rows:
@@ -63,7 +67,7 @@ def select_flow(config: SelectConfig) -> dict:
                 if config.manifest:
                     order = np.argsort(result.rank, kind="stable")
                     kept = data.take(order[result.kept[order]]).select(["dataset", "sample_id", "label", "record"])
-                    write_manifest(store.root / "manifests" / recorder.run_id, name, kept)
+                    write_manifest(recorder.staging, name, kept)
                 names.append(name)
         return {"selections": names, "samples": data.num_rows}
 

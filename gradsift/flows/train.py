@@ -71,7 +71,7 @@ def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: floa
     samples = staging.read("samples").select(["dataset", "sample_id", "label"]).to_pandas()
     seeds = [
         pq.read_table(p).to_pandas().set_index("sample_id").loc[samples["sample_id"]]
-        for p in staging.parts("_seed_scores")
+        for p in staging.scratch.parts("seed_scores")
     ]
     groups = samples["label"].to_numpy() if config.vog_normalise == "class" else None
     combined = combine_seeds(seeds, groups, config.gradient_scores)

@@ -15,8 +15,6 @@ A train flow with several seeds writes one ``train_run_id`` per seed: ``<run_id>
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 from gradsift.models.embeddings import build_head
 from gradsift.models.folders import check_model_folder
 from gradsift.models.loading import load_model, load_tokenizer
+from gradsift.storage.atomic import write_dir_atomic
 
 
 @dataclass(frozen=True)
@@ -47,23 +46,23 @@ def checkpoint_root(store_root: str | Path, train_run_id: str) -> Path:
 def save_checkpoint(
     store_root: str | Path, train_run_id: str, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, meta: dict
 ) -> CheckpointInfo:
-    """Write one checkpoint folder atomically (a ``.tmp`` folder renamed into place)."""
+    """Write one checkpoint folder atomically (a hidden temp folder moved into place, ``storage.atomic``)."""
     final = checkpoint_root(store_root, train_run_id) / f"step-{meta['step']:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "model").mkdir(parents=True)
-    if meta.get("mode") == "frozen":
-        from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model" / "head.safetensors")
-    else:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    def write(tmp: Path) -> None:
+        (tmp / "model").mkdir()
+        if meta.get("mode") == "frozen":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model" / "head.safetensors")
+        else:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    write_dir_atomic(final, write)
     return _info(final)
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gradsift.models.folders import SAFE_LOAD, check_model_folder
-from gradsift.storage.store import write_parquet_atomic
+from gradsift.storage.atomic import write_parquet_atomic
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from gradsift.storage.atomic import write_atomic
+
 
 def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy") -> Path:
     """``metric`` (accuracy, or loss for causal LMs) vs fraction kept: mean over seeds with a min-max band,
@@ -45,10 +47,11 @@ def plot_curves(table: pa.Table, path: Path, title: str, metric: str = "accuracy
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 

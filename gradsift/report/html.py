@@ -2,7 +2,8 @@
 
 ``write_report`` takes plain tables (pyarrow) of what a run produced and writes
 ``<out>/index.html`` plus one PNG per plot; it returns a markdown summary for the Prefect artifact.
-Sections appear only for the tables given.
+Sections appear only for the tables given. Flows write into the run's staging folder
+(``RunStaging.artifact_dir("reports")``) and name the folder the commit moves it to (``final``).
 """
 
 from __future__ import annotations
@@ -114,26 +115,33 @@ PLOTS = {
 
 
 def write_report(
-    out: Path, run_id: str, tables: dict[str, pa.Table], summaries: dict[str, pa.Table]
+    out: Path,
+    run_id: str,
+    tables: dict[str, pa.Table],
+    summaries: dict[str, pa.Table],
+    final: Path | None = None,
 ) -> tuple[Path, str]:
     """Write ``out/index.html`` and its PNGs from ``tables`` (keys of PLOTS) and small ``summaries``
-    (titled tables shown as they are, e.g. top influential samples); returns (page, markdown)."""
+    (titled tables shown as they are, e.g. top influential samples); returns (page, markdown).
+
+    ``final``: the folder ``out`` is moved to once written (a staged run's report, committed with the run);
+    the page returned and the paths in the markdown are there. Default: ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    shown = final or out
     parts = [f"<h1>gradsift run {html.escape(run_id)}</h1>"]
-    md = [f"# gradsift run `{run_id}`", "", f"Report: `{out / 'index.html'}`", ""]
+    md = [f"# gradsift run `{run_id}`", "", f"Report: `{shown / 'index.html'}`", ""]
     for key, (title, plot) in PLOTS.items():
         table = tables.get(key)
         if table is None or table.num_rows == 0:
             continue
         name = plot(table, out / f"{key}.png")
         parts.append(f"<h2>{title}</h2><img src='{name}'>")
-        md.append(f"- {title}: `{out / name}`")
+        md.append(f"- {title}: `{shown / name}`")
     for title, table in summaries.items():
         parts.append(f"<h2>{html.escape(title)}</h2>{_html_table(table)}")
         md += ["", f"## {title}", "", _md_table(table)]
     style = "<style>body{font-family:sans-serif;max-width:1200px}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-    page = out / "index.html"
-    page.write_text(
+    (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(parts)}</body></html>"
     )
-    return page, "\n".join(md) + "\n"
+    return shown / "index.html", "\n".join(md) + "\n"

@@ -94,10 +94,20 @@ def _pick(order: np.ndarray, n_total: int, groups: Sequence | None) -> np.ndarra
     return kept
 
 
-def _ranks(order: np.ndarray) -> np.ndarray:
+def ranks(order: np.ndarray) -> np.ndarray:
+    """The rank of every item given ``order`` (indices, most preferred first): ``rank[order[k]] == k``.
+
+    The one rank function of gradsift: selections rank by their preference order, influence by
+    ``score_ranks``."""
+    order = np.asarray(order)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
+
+
+def score_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank 0 for the highest score; ties by position."""
+    return ranks(np.argsort(-np.asarray(scores), kind="stable"))
 
 
 def _n_keep(n: int, fraction: float) -> int:
@@ -121,7 +131,7 @@ def keep_fraction(
     order = _order(s, drop, np.random.default_rng(seed))
     kept = _pick(order, _n_keep(len(ids), fraction), groups)
     by = " stratified" if groups is not None else ""
-    return SelectionResult(ids, kept, _ranks(order), f"{name} keep {fraction:.0%} drop {drop}{by}")
+    return SelectionResult(ids, kept, ranks(order), f"{name} keep {fraction:.0%} drop {drop}{by}")
 
 
 def random_fraction(ids: Sequence, fraction: float, seed: int = 0, groups: Sequence | None = None) -> SelectionResult:
@@ -130,7 +140,7 @@ def random_fraction(ids: Sequence, fraction: float, seed: int = 0, groups: Seque
     order = np.random.default_rng(seed).permutation(len(ids))
     kept = _pick(order, _n_keep(len(ids), fraction), groups)
     by = " stratified" if groups is not None else ""
-    return SelectionResult(ids, kept, _ranks(order), f"random keep {fraction:.0%} seed {seed}{by}")
+    return SelectionResult(ids, kept, ranks(order), f"random keep {fraction:.0%} seed {seed}{by}")
 
 
 def proportional_sample(
@@ -153,7 +163,7 @@ def proportional_sample(
     gumbel = np.random.default_rng(seed).gumbel(size=len(s))
     order = np.argsort(-(s / temperature + gumbel), kind="stable")
     kept = _pick(order, min(int(n), len(ids)), groups)
-    return SelectionResult(ids, kept, _ranks(order), f"{name} softmax sample {n} T={temperature:g} seed {seed}")
+    return SelectionResult(ids, kept, ranks(order), f"{name} softmax sample {n} T={temperature:g} seed {seed}")
 
 
 def selection_table(result: SelectionResult, selection: str, datasets: Sequence[str] | str) -> pa.Table:
@@ -186,8 +196,6 @@ def weighted_sample(
         sub = proportional_sample(ids_a[sel], np.zeros(len(sel)), q, seed=seed)
         kept[sel] = sub.kept
         key[sel] = sub.rank / max(len(sel), 1)
-    order = np.lexsort((key, ~kept))
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
+    rank = ranks(np.lexsort((key, ~kept)))
     reason = "mixture sample " + ", ".join(f"{d}={w:.3f}" for d, w in sorted(weights.items()))
     return SelectionResult(ids_a, kept, rank, reason)

@@ -33,6 +33,7 @@ from gradsift.models.adapter import adapter
 from gradsift.models.checkpoints import CheckpointInfo, load_checkpoint
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import Method
+from gradsift.storage.keys import FEATURE_KINDS, CheckpointFeature, FeaturePart
 
 TRAIN_KIND = {"less": "adam", "tracin": "grad", "cosine": "grad"}
 """Which training-side features each method reads; the target side always reads plain gradients."""
@@ -133,14 +134,6 @@ def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.
     return np.take_along_axis(rows, order, axis=0), np.take_along_axis(vals, order, axis=0)
 
 
-def ranks(scores: np.ndarray) -> np.ndarray:
-    """Rank 0 for the highest score; ties by position."""
-    order = np.argsort(-scores, kind="stable")
-    out = np.empty(len(scores), dtype=np.int64)
-    out[order] = np.arange(len(scores))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Features at a training checkpoint
 
@@ -199,7 +192,7 @@ class CheckpointFeaturizer:
         self.label_index = meta.get("label_index")
 
     def featurize(self, samples: pa.Table) -> dict[str, pa.Table]:
-        """Rows of ``features`` for one shard: checkpoint "<step>:grad" and "<step>:adam"."""
+        """Rows of ``features`` for one shard: checkpoint ``CheckpointFeature(name, "grad" / "adam").value``."""
         from gradsift.models.adapter import task_of
         from gradsift.signals.scoring import features_table
 
@@ -211,11 +204,11 @@ class CheckpointFeaturizer:
             flat = self.engine.flat_grads(collate(group, self.tokenizer.pad_token_id).to(self.device)).to(self.device)
             adam = adam_direction(flat, self.exp_avg, self.exp_avg_sq, self.betas, self.eps)
             for kind, g in (("grad", flat), ("adam", adam)):
+                value = CheckpointFeature(self.name, kind).value
                 feats = proj.project_flat(g, names, shapes).cpu().numpy()
                 for it, f in zip(group, feats, strict=True):
                     rows[kind].append(
-                        {"checkpoint": f"{self.name}:{kind}", "dataset": it.dataset, "sample_id": it.sample_id}
-                        | {"feature": f}
+                        {"checkpoint": value, "dataset": it.dataset, "sample_id": it.sample_id} | {"feature": f}
                     )
         return {kind: features_table(r, proj.feature_dim) for kind, r in rows.items()}
 
@@ -224,17 +217,31 @@ class CheckpointFeaturizer:
 # Reading feature shards
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureSource:
     """Where one checkpoint's features live in a run's staging folder.
 
-    ``part_suffix``: parts are ``features/<shard><part_suffix>.parquet``; ``kinds`` maps "grad"/"adam"
-    to the ``checkpoint`` value of their rows; ``lr``: the checkpoint's learning rate."""
+    ``kinds`` maps "grad"/"adam" to the ``checkpoint`` value of their rows; ``checkpoint``: parts are
+    ``features/<FeaturePart(shard, checkpoint).name>.parquet`` (None: the score stage's ``features/<shard>``);
+    ``lr``: the checkpoint's learning rate."""
 
     name: str
     lr: float
     kinds: dict[str, str]
-    part_suffix: str = ""
+    checkpoint: str | None = None
+
+    @classmethod
+    def final(cls, checkpoint: str) -> FeatureSource:
+        """The score stage's plain gradient features, stored with ``checkpoint`` as their checkpoint value."""
+        return cls(checkpoint, 1.0, {"grad": checkpoint})
+
+    @classmethod
+    def at_checkpoint(cls, name: str, lr: float) -> FeatureSource:
+        """Features computed at training checkpoint ``name`` (``checkpoint_name``): "grad" and LESS "adam"."""
+        return cls(name, lr, {kind: CheckpointFeature(name, kind).value for kind in FEATURE_KINDS}, name)
+
+    def part(self, shard: str) -> str:
+        return FeaturePart(shard, self.checkpoint).name
 
 
 def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource]) -> tuple[dict, dict]:
@@ -257,7 +264,7 @@ def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource
             for d, ds in zip(samples.column("domain").to_pylist(), samples.column("dataset").to_pylist(), strict=True)
         ]
         for j, src in enumerate(sources):
-            part = pq.read_table(staging_dir / "features" / f"{shard}{src.part_suffix}.parquet")
+            part = pq.read_table(staging_dir / "features" / f"{src.part(shard)}.parquet")
             ckpt = part.column("checkpoint").to_numpy(zero_copy_only=False)
             pid = part.column("sample_id").to_numpy(zero_copy_only=False)
             flat = part.column("feature").combine_chunks()

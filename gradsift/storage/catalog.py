@@ -1,8 +1,11 @@
 """The DuckDB catalog: read-only SQL over the store's Parquet tables.
 
-``catalog.duckdb`` holds only views (absolute paths) and is rebuilt as a temp file then
-``os.replace``-d, so readers never see a half-built catalog and a writer never holds it open.
+``catalog.duckdb`` holds only views (absolute paths) and is rebuilt as a temp file then renamed into
+place (``storage.atomic``), so readers never see a half-built catalog and a writer never holds it open.
 Derived tables show rows of completed runs only.
+
+Values in the SQL gradsift runs are bound parameters (``query(store, sql, params)``); only the catalog's
+DDL (a view's SELECT cannot be prepared) quotes its paths into the text, escaped by ``_sql_path``.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import os
 import re
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from gradsift.schemas.tables import TABLES
+from gradsift.storage.atomic import write_atomic
 from gradsift.storage.store import Store
 
 _DUCK_TYPES = {
@@ -79,15 +82,16 @@ def view_sql(store: Store, table: str, schema: pa.Schema | None) -> str:
 def build_catalog(store: Store) -> Path:
     """(Re)build ``catalog.duckdb`` atomically; returns its path."""
     store.ensure()
-    tmp = store.root / f".catalog.{uuid.uuid4().hex}.duckdb"
-    con = duckdb.connect(str(tmp))
-    try:
-        for table, schema in [*TABLES.items(), ("features", None)]:
-            con.execute(f"CREATE VIEW {table} AS {view_sql(store, table, schema)}")
-    finally:
-        con.close()
-    os.replace(tmp, store.catalog_path)
-    return store.catalog_path
+
+    def build(tmp: Path) -> None:
+        con = duckdb.connect(str(tmp))
+        try:
+            for table, schema in [*TABLES.items(), ("features", None)]:
+                con.execute(f"CREATE VIEW {table} AS {view_sql(store, table, schema)}")
+        finally:
+            con.close()
+
+    return write_atomic(store.catalog_path, build)
 
 
 class ReadOnlyQueryError(RuntimeError):
@@ -167,9 +171,9 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
         },
     )
     try:
-        con.execute(f"ATTACH '{_sql_path(store.catalog_path)}' AS catalog (READ_ONLY)")
+        con.execute("ATTACH $path AS catalog (READ_ONLY)", {"path": str(store.catalog_path)})
         con.execute("USE catalog")
-        con.execute(f"SET allowed_directories = ['{_sql_path(store.tables)}{os.sep}']")
+        con.execute("SET allowed_directories = $dirs", {"dirs": [f"{store.tables}{os.sep}"]})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     except BaseException:
@@ -191,10 +195,13 @@ def _refusal(store: Store, err: BaseException) -> BaseException:
     return err
 
 
-def query(store: Store, sql: str, timeout: float | None = None) -> pa.Table:
+def query(store: Store, sql: str, params: dict | list | None = None, timeout: float | None = None) -> pa.Table:
     """Run one read-only SELECT against the catalog and return an Arrow table.
 
-    Refuses anything else with ``ReadOnlyQueryError`` (see ``check_read_only``). The query runs in a worker
+    ``params``: values bound to the statement's parameters (``$name`` with a dict, ``?`` / ``$1`` with a list);
+    code that puts a value in a query passes it here, never in the SQL text. Refuses anything but one
+    read-only SELECT with ``ReadOnlyQueryError`` (see ``check_read_only``; parameters are bound into the
+    statement it checked, so they cannot change what runs). The query runs in a worker
     thread so that Ctrl-C (``KeyboardInterrupt``, re-raised once DuckDB has stopped) and ``timeout`` seconds
     (``QueryTimeoutError``) interrupt it at once instead of when DuckDB next returns to Python.
     """
@@ -207,7 +214,7 @@ def query(store: Store, sql: str, timeout: float | None = None) -> pa.Table:
 
         def run() -> None:
             try:
-                outcome["table"] = con.sql(statement).to_arrow_table()
+                outcome["table"] = con.sql(statement, params=params).to_arrow_table()
             except BaseException as err:  # handed to the waiting thread
                 outcome["error"] = err
             finally:

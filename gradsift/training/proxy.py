@@ -377,13 +377,14 @@ def threshold_samples(rows: list[dict], label_index: dict, seed: int) -> tuple[l
 
 def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: int, label_index: dict | None) -> dict:
     """One seed of a train run, resumably: train (dynamics parts and checkpoints), then its per-seed
-    scores as the staging part ``_seed_scores/seed<k>`` (the flow combines seeds). Returns small metadata.
+    scores as the scratch part ``seed_scores/seed<k>`` (``staging.scratch``: read by the flow, which combines
+    the seeds, and never committed). Returns small metadata.
 
     With ``cfg.aum_threshold_samples`` the seed's threshold samples get no scores (NaN) and the seed's
     AUM threshold (99th percentile of their AUM) is returned."""
     staging = Store(cfg.store).staging(run_id)
     part, train_run_id = f"seed{seed}", f"{run_id}-seed{seed}"
-    if not staging.has_part("_seed_scores", part):
+    if not staging.scratch.has_part("seed_scores", part):
         rows = staging.read("samples").to_pylist()
         ids = [r["sample_id"] for r in rows]
         fake = np.zeros(len(rows), dtype=bool)
@@ -406,13 +407,14 @@ def train_and_score_seed(cfg: TrainConfig, base_model: str, run_id: str, seed: i
         scores = checkpoint_scores(
             proxies, [c.lr for c in infos], cfg.score_epoch - 1, cfg.score_batch_size, cfg.gradient_scores
         )
-        dynamics = pa.concat_tables([pq.read_table(p) for p in sorted(staging.dir.glob(f"dynamics/{part}-epoch*"))])
+        epochs = [p for p in staging.parts("dynamics") if p.name.startswith(f"{part}-epoch")]
+        dynamics = pa.concat_tables([pq.read_table(p) for p in epochs])
         scores.update(visit_scores(dynamics, ids))
         threshold = dyn.aum_threshold(scores["aum"][fake]) if fake.any() else np.nan
         scores = {k: np.where(fake, np.nan, v.astype(np.float64)) for k, v in scores.items()}
         scores["aum_threshold"] = np.full(len(ids), threshold)
-        staging.write_part("_seed_scores", part, pa.table({"sample_id": ids, **scores}))
-    threshold = pq.read_table(staging.part_path("_seed_scores", part), columns=["aum_threshold"])[0][0].as_py()
+        staging.scratch.write_part("seed_scores", part, pa.table({"sample_id": ids, **scores}))
+    threshold = pq.read_table(staging.scratch.part_path("seed_scores", part), columns=["aum_threshold"])[0][0].as_py()
     return {
         "seed": seed,
         "train_run_id": train_run_id,
