@@ -25,9 +25,9 @@ import uuid
 from pathlib import Path
 
 import gradsift
-from gradsift.executors.ray_pool import SCORE_TABLES
 from gradsift.models.folders import model_fingerprint
 from gradsift.schemas.config import DataSource, RunConfig
+from gradsift.schemas.tables import SCORE_TABLES
 from gradsift.storage.store import RunStaging, Store, write_json_atomic
 
 
