@@ -2,7 +2,8 @@
 
 Generates N x k float16 train features as Parquet shards in a staging folder (the layout the
 influence stage reads) and M x k targets, streams cosine influence (subtask mean/max + top-k per
-target) over blocks as Ray tasks, and times a single float32 numpy matmul of the same size (the floor).
+target) over blocks on a pool of Ray actors (one per CPU), and times a single float32 numpy matmul of
+the same size (the floor).
 Usage: .venv/bin/python bench/influence.py --n 200000 --k 8192 --m 1000 --block-rows 8192
 """
 
@@ -34,9 +35,11 @@ def main() -> None:
 
     import ray
 
-    from gradsift.executors.influence_pool import group_shards, stream_influence
+    from gradsift.executors.ray import run_on_pool
+    from gradsift.executors.workers import InfluenceBlocks
+    from gradsift.schemas.config import RayConfig
     from gradsift.schemas.tables import SAMPLES
-    from gradsift.signals.influence import FeatureSource, Targets
+    from gradsift.signals.influence import FeatureSource, Targets, group_shards, merge_blocks
     from gradsift.signals.scoring import features_table
     from gradsift.storage.store import write_parquet_atomic
 
@@ -69,7 +72,9 @@ def main() -> None:
     blocks = group_shards(shards, rows, args.block_rows)
     src = [FeatureSource("c", 1.0, {"grad": "c"})]
     t0 = time.perf_counter()
-    res = stream_influence(tmp, blocks, src, targets, ["cosine"], top_k=10)
+    pool = RayConfig(address=None, num_actors=int(ray.cluster_resources()["CPU"]))
+    done = run_on_pool(InfluenceBlocks, (str(tmp), src, targets, ["cosine"], 10), list(enumerate(blocks)), pool)
+    res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
     streamed = time.perf_counter() - t0
     print(
         f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {int(ray.cluster_resources()['CPU'])} CPUs: {streamed:.1f}s"

@@ -7,6 +7,8 @@ them after scoring; ``influence_flow`` runs them on training checkpoints without
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,8 +17,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.executors.influence_pool import featurize_checkpoints, group_shards, stream_influence
-from gradsift.executors.ray_pool import ensure_ray
+from gradsift.executors.ray import run_on_pool
+from gradsift.executors.workers import CheckpointFeatures, InfluenceBlocks
 from gradsift.flows.pipeline import run_pipeline
 from gradsift.flows.retry import retry_transient
 from gradsift.models.checkpoints import list_checkpoints
@@ -30,7 +32,15 @@ from gradsift.selection.subsets import (
     proportional_sample,
     selection_table,
 )
-from gradsift.signals.influence import FeatureSource, Targets, checkpoint_name, ranks, read_block
+from gradsift.signals.influence import (
+    FeatureSource,
+    Targets,
+    checkpoint_name,
+    group_shards,
+    merge_blocks,
+    ranks,
+    read_block,
+)
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
 from gradsift.storage.store import RunStaging, Store
 
@@ -54,7 +64,9 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
         infos = [c for c in infos if c.step in set(ck.steps)]
     if not infos:
         raise FileNotFoundError(f"no checkpoints of training run {ck.train_run!r} (steps {ck.steps})")
-    featurize_checkpoints(store, staging.run_id, shards, infos, target.feature_dim, config.seed, config.ray)
+    todo = [(c, [s for s in shards if not staging.has_part("features", f"{s}@{checkpoint_name(c)}")]) for c in infos]
+    worker = (str(store.root), staging.run_id, target.feature_dim, config.seed)
+    run_on_pool(CheckpointFeatures, worker, [(c, s) for c, s in todo if s], config.ray)  # a checkpoint an item
     sources = []
     for info in infos:
         name = checkpoint_name(info)
@@ -75,7 +87,6 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
     shards = results["ingest"]["shards"]
     target_shards = [s for s in shards if shard_dataset(s) in target.datasets]
     train_shards = [s for s in shards if shard_dataset(s) not in target.datasets]
-    ensure_ray(config.ray)
     sources = _sources(config, store, staging, shards)
     t_keys, t_feats = read_block(staging.dir, target_shards, sources)
     subtask = np.array([target.datasets.index(d) for d in t_keys["dataset"]])
@@ -91,7 +102,12 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
     logger.info(
         "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), len(subtask), len(blocks)
     )
-    res = stream_influence(staging.dir, blocks, sources, targets, target.methods, target.top_k)
+    start = time.perf_counter()
+    numpy_only = config.ray.model_copy(update={"num_gpus_per_actor": 0.0})  # block products need no GPU
+    worker = (str(staging.dir), sources, targets, target.methods, target.top_k)  # the targets shipped once
+    done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), numpy_only)
+    res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
+    seconds = time.perf_counter() - start
     n = len(res.keys["sample_id"])
     for method, scores in res.scores.items():
         part = {"target": [target.name] * n, "method": [method] * n, "dataset": res.keys["dataset"]}
@@ -110,7 +126,7 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
         "targets": len(subtask),
         "checkpoints": [s.name for s in sources],
         "blocks": res.blocks,
-        "seconds": round(res.seconds, 2),
+        "seconds": round(seconds, 2),
         "alignment": aligned,
         "domain_counts": res.domain_sums[0].count,
     }
