@@ -59,8 +59,8 @@ def run_on_pool(
     """``worker(item)`` for every item on ``min(config.num_actors, len(items))`` actors; the results in the
     order they finished (a worker that needs its item's place returns it).
 
-    Items go to whichever actor is free (``ray.util.ActorPool``); ``init_args`` are put in the object store
-    once and shared by every actor; ``on_done(result, n_done, n_items)`` follows each result (progress).
+    Items go to whichever actor is free (``ray.util.ActorPool``); ``init_args`` are small (configs and paths,
+    sent inline: an actor restarts from them); ``on_done(result, n_done, n_items)`` follows each result.
     The actors are killed at the end, on failure too. An actor's process title names the worker:
     ``ray::<worker class>.__call__``.
     """
@@ -68,8 +68,7 @@ def run_on_pool(
         return []
     ensure_ray(config)
     actor_cls = ray.remote(worker_cls).options(**actor_options(config))
-    shared = [ray.put(arg) for arg in init_args]
-    actors = [actor_cls.remote(*shared) for _ in range(min(config.num_actors, len(items)))]
+    actors = [actor_cls.remote(*init_args) for _ in range(min(config.num_actors, len(items)))]
     try:
         results = []
         for result in ActorPool(actors).map_unordered(lambda actor, item: actor.__call__.remote(item), list(items)):

@@ -71,11 +71,13 @@ class CheckpointFeatures:
 
 
 class InfluenceBlocks:
-    """Influence of blocks of training shards on the targets (numpy only; the targets are shared by the pool)."""
+    """Influence of blocks of training shards on the target shards (numpy only), all in one staging folder."""
 
-    def __init__(self, staging_dir: str, sources: list, targets, methods: list, top_k: int):
-        self.staging_dir, self.sources, self.targets = Path(staging_dir), sources, targets
-        self.methods, self.top_k = methods, top_k
+    def __init__(self, staging_dir: str, target_shards: list[str], sources: list, datasets: list[str], methods, top_k):
+        from gradsift.signals.influence import read_targets
+
+        self.staging_dir, self.sources, self.methods, self.top_k = Path(staging_dir), sources, methods, top_k
+        self.targets = read_targets(self.staging_dir, target_shards, sources, datasets)[0]
 
     def __call__(self, item: tuple[int, list[str]]) -> dict:
         """``item``: (block index, shards) -> ``signals.influence.score_block``'s result and the block index."""

@@ -34,7 +34,6 @@ from gradsift.selection.subsets import (
 )
 from gradsift.signals.influence import (
     FeatureSource,
-    Targets,
     checkpoint_name,
     group_shards,
     merge_blocks,
@@ -89,22 +88,15 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
     train_shards = [s for s in shards if shard_dataset(s) not in target.datasets]
     sources = _sources(config, store, staging, shards)
     t_keys, t_feats = read_block(staging.dir, target_shards, sources)
-    subtask = np.array([target.datasets.index(d) for d in t_keys["dataset"]])
-    targets = Targets(
-        [s.name for s in sources],
-        [f.astype(np.float32) for f in t_feats["grad"]],
-        np.array([s.lr for s in sources]),
-        subtask,
-        t_keys["sample_id"],
-    )
+    n_targets = len(t_keys["sample_id"])
     rows = {s: staging.count_rows("samples", s) for s in train_shards}
     blocks = group_shards(train_shards, rows, target.block_rows)
     logger.info(
-        "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), len(subtask), len(blocks)
+        "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), n_targets, len(blocks)
     )
     start = time.perf_counter()
     numpy_only = config.ray.model_copy(update={"num_gpus_per_actor": 0.0})  # block products need no GPU
-    worker = (str(staging.dir), sources, targets, target.methods, target.top_k)  # the targets shipped once
+    worker = (str(staging.dir), target_shards, sources, target.datasets, target.methods, target.top_k)  # paths
     done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), numpy_only)
     res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
     seconds = time.perf_counter() - start
@@ -117,13 +109,13 @@ def influence_stage(config: NightlyConfig, store: Store, run_id: str, results: d
             staging.write_part(
                 "influence_topk", f"{target.name}-{method}", _topk_table(target.name, method, res, t_keys)
             )
-    t_groups = np.asarray(["target"] * len(subtask), dtype=object)
+    t_groups = np.asarray(["target"] * n_targets, dtype=object)
     aligned = [
         alignment(d, DomainSums().add(t, t_groups)) for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
     ]
     info = {
         "rows": n * len(res.scores),
-        "targets": len(subtask),
+        "targets": n_targets,
         "checkpoints": [s.name for s in sources],
         "blocks": res.blocks,
         "seconds": round(seconds, 2),

@@ -287,6 +287,22 @@ def group_shards(shards: list[str], rows: dict[str, int], block_rows: int) -> li
     return blocks + ([cur] if cur else [])
 
 
+def read_targets(
+    staging_dir: Path, shards: list[str], sources: list[FeatureSource], datasets: list[str]
+) -> tuple[Targets, dict, dict]:
+    """The target side read from the target shards' features, each of ``datasets`` a subtask: (Targets, keys,
+    feats) with ``read_block``'s keys and feats."""
+    keys, feats = read_block(Path(staging_dir), shards, sources)
+    targets = Targets(
+        [s.name for s in sources],
+        [f.astype(np.float32) for f in feats["grad"]],
+        np.array([s.lr for s in sources]),
+        np.array([datasets.index(d) for d in keys["dataset"]]),
+        keys["sample_id"],
+    )
+    return targets, keys, feats
+
+
 def score_block(
     staging_dir: Path, shards: list[str], sources: list[FeatureSource], targets: Targets, methods: list, top_k: int
 ) -> dict:
