@@ -2,7 +2,8 @@
 
 Generates N x k float16 train features as Parquet shards in a staging folder (the layout the
 influence stage reads) and M x k targets, streams cosine influence (subtask mean/max + top-k per
-target) over blocks as Ray tasks, and times a single float32 numpy matmul of the same size (the floor).
+target) over blocks on a pool of Ray actors (one per CPU), and times a single float32 numpy matmul of
+the same size (the floor).
 Usage: .venv/bin/python bench/influence.py --n 200000 --k 8192 --m 1000 --block-rows 8192
 """
 
@@ -34,42 +35,49 @@ def main() -> None:
 
     import ray
 
-    from gradsift.executors.influence_pool import group_shards, stream_influence
+    from gradsift.executors.ray import run_on_pool
+    from gradsift.executors.workers import InfluenceBlocks
+    from gradsift.schemas.config import RayConfig
     from gradsift.schemas.tables import SAMPLES
-    from gradsift.signals.influence import FeatureSource, Targets
+    from gradsift.signals.influence import FeatureSource, group_shards, merge_blocks, read_targets
     from gradsift.signals.scoring import features_table
     from gradsift.storage.atomic import write_parquet_atomic
 
     tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-influence-"))
     rng = np.random.default_rng(0)
-    shards, rows = [], {}
-    t0 = time.perf_counter()
-    for i, start in enumerate(range(0, args.n, args.shard)):
-        n = min(args.shard, args.n - start)
-        name = f"train-{i:05d}-x"
-        ids = [f"s{start + j}" for j in range(n)]
+
+    def write_shard(name: str, dataset: str, first: int, n: int) -> None:
+        ids = [f"{dataset}{first + j}" for j in range(n)]
         samples = pa.Table.from_pylist(
-            [{"dataset": "train", "sample_id": s, "domain": "d"} for s in ids], schema=SAMPLES
+            [{"dataset": dataset, "sample_id": s, "domain": "d"} for s in ids], schema=SAMPLES
         )
         write_parquet_atomic(samples, tmp / "samples" / f"{name}.parquet")
         feats = rng.standard_normal((n, args.k), dtype=np.float32).astype(np.float16)
         recs = [
-            {"checkpoint": "c", "dataset": "train", "sample_id": s, "feature": f}
+            {"checkpoint": "c", "dataset": dataset, "sample_id": s, "feature": f}
             for s, f in zip(ids, feats, strict=True)
         ]
         write_parquet_atomic(features_table(recs, args.k), tmp / "features" / f"{name}.parquet")
+
+    shards, rows = [], {}
+    t0 = time.perf_counter()
+    for i, start in enumerate(range(0, args.n, args.shard)):
+        name, n = f"train-{i:05d}-x", min(args.shard, args.n - start)
+        write_shard(name, "train", start, n)
         shards.append(name)
         rows[name] = n
+    write_shard("target-00000-x", "target", 0, args.m)
     print(f"generated {args.n} x {args.k} float16 features in {len(shards)} shards in {time.perf_counter() - t0:.1f}s")
-    targets = Targets(
-        ["c"], [rng.standard_normal((args.m, args.k), dtype=np.float32)], np.ones(1), np.zeros(args.m, int), []
-    )
+    src = [FeatureSource("c", 1.0, {"grad": "c"})]
+    targets = read_targets(tmp, ["target-00000-x"], src, ["target"])[0]
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     blocks = group_shards(shards, rows, args.block_rows)
-    src = [FeatureSource("c", 1.0, {"grad": "c"})]
     t0 = time.perf_counter()
-    res = stream_influence(tmp, blocks, src, targets, ["cosine"], top_k=10)
+    pool = RayConfig(address=None, num_actors=int(ray.cluster_resources()["CPU"]))
+    worker = (str(tmp), ["target-00000-x"], src, ["target"], ["cosine"], 10)
+    done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), pool)
+    res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
     streamed = time.perf_counter() - t0
     print(
         f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {int(ray.cluster_resources()['CPU'])} CPUs: {streamed:.1f}s"

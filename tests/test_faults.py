@@ -28,9 +28,9 @@ TABLE_KEYS = {
 
 
 def _scoring_actor() -> psutil.Process | None:
-    """A Ray worker whose process title says it is running ScoringActor.score_shard right now."""
+    """A Ray worker whose process title says it is running ScoringWorker.__call__ (a shard) right now."""
     for proc in psutil.process_iter(["cmdline"]):
-        if any("ray::ScoringActor.score_shard" in part for part in proc.info["cmdline"] or []):
+        if any("ray::ScoringWorker.__call__" in part for part in proc.info["cmdline"] or []):
             return proc
     return None
 

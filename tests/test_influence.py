@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from gradsift.data.batching import collate
@@ -170,3 +171,32 @@ def test_blocked_streaming_equals_dense():
         )
         np.testing.assert_array_equal(rows, np.argsort(-dense, axis=0, kind="stable")[:5])
         np.testing.assert_allclose(vals, np.sort(dense, axis=0)[::-1][:5], rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_features_on_the_pool_equal_direct_and_resume(tmp_path, ray_local):
+    """Featurising at checkpoints through the executor (a checkpoint an item) writes what the featurizer
+    computes in process, one part per shard and checkpoint; a rerun finds every part and does nothing."""
+    from gradsift.executors.ray import run_on_pool
+    from gradsift.executors.workers import CheckpointFeatures
+    from gradsift.schemas.config import RayConfig
+    from gradsift.signals.influence import checkpoint_name
+    from gradsift.storage.store import Store
+
+    store = Store(tmp_path / "store")
+    infos = _lora_checkpoints(store.root, tmp_path)
+    staging = store.staging("r")
+    staging.write_part("samples", "d-0", _samples())
+    items = [(info, ["d-0"]) for info in infos]
+    worker, config = (str(store.root), "r", 64, 3), RayConfig(address=None, num_actors=2)
+    done = run_on_pool(CheckpointFeatures, worker, items, config)
+    assert sorted(d["checkpoint"] for d in done) == sorted(checkpoint_name(c) for c in infos)
+    assert all(d["rows"] == 4 for d in done)
+    for info in infos:
+        got = pq.read_table(staging.part_path("features", f"d-0@{checkpoint_name(info)}"))
+        want = pa.concat_tables(CheckpointFeaturizer(info, feature_dim=64, seed=3).featurize(_samples()).values())
+        assert got.column("checkpoint").to_pylist() == want.column("checkpoint").to_pylist()
+        np.testing.assert_array_equal(
+            np.stack(got.column("feature").to_numpy(zero_copy_only=False)),
+            np.stack(want.column("feature").to_numpy(zero_copy_only=False)),
+        )
+    assert [d["rows"] for d in run_on_pool(CheckpointFeatures, worker, items, config)] == [0, 0]

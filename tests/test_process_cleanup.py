@@ -110,7 +110,7 @@ def test_sigkilled_cli_leaves_no_process_behind(tmp_path):
 ENSURE_RAY = """
 import json, os, psutil, ray
 from gradsift.schemas.config import RayConfig
-from gradsift.executors.ray_pool import ensure_ray
+from gradsift.executors.ray import ensure_ray
 ensure_ray(RayConfig())
 children = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
 print(json.dumps({"children": children, "runtime_env": ray.get_runtime_context().runtime_env}))

@@ -1,16 +1,13 @@
 """Gradient analyses of one file, as one committed run: preference-pair entanglement (``pair_scores``)
 or fast vs slow thinking layer curves (``layer_curves``, ``layer_diffs``), then the report.
 
-The Prefect task is the whole analysis (coarse, with retries); inside it Ray tasks each load the model
-once and work through a chunk of pairs or one response variant, returning small tables.
+The Prefect task is the whole analysis (coarse, with retries); inside it a pool of Ray actors, each loading
+the model once, works through chunks of pairs (writing their parts) or the response variants.
 """
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
-import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,62 +20,14 @@ from gradsift.data.pairs import (
     unreadable_reason,
 )
 from gradsift.data.readers import read_rows
-from gradsift.executors.ray_pool import ensure_ray
+from gradsift.executors.ray import run_on_pool
+from gradsift.executors.workers import PairEntanglement, VariantCurves
 from gradsift.flows.retry import retry_transient
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.report.html import write_report
 from gradsift.schemas.config import AnalyzeConfig, DataSource
-from gradsift.schemas.engine import EngineConfig
-from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, PAIR_SCORES, QUARANTINE
+from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, QUARANTINE
 from gradsift.storage.store import Store
-
-
-def _engine(config: AnalyzeConfig, **overrides):
-    from gradsift.engine.gradients import PerSampleGradients
-    from gradsift.models.loading import load_model
-    from gradsift.signals.scoring import pick_device
-
-    model, tokenizer = load_model(config.model.name_or_path, seed=config.seed)
-    model.to(pick_device())
-    base = config.score.engine.model_dump() | {"parameters": "all", "layer_stats": True}
-    return PerSampleGradients(model, EngineConfig(**(base | overrides))), tokenizer
-
-
-@ray.remote
-def _pairs_chunk(config: AnalyzeConfig, rows: list[tuple[int, str, str, str]]) -> tuple[pa.Table, list[dict]]:
-    """pair_scores rows of ``rows`` (line, prompt, chosen, rejected), and quarantine rows of the pairs
-    that have no response tokens."""
-    from gradsift.signals.entanglement import encode_pair, pair_batch, pair_id
-
-    pc = config.pairs
-    dataset = pc.dataset or _stem(config.data)
-    engine, tokenizer = _engine(config, loss_reduction="sum", micro_batch_size=config.score.engine.micro_batch_size)
-    usable, bad = [], []
-    for line, prompt, chosen, rejected in rows:
-        try:
-            encode_pair(tokenizer, prompt, chosen, rejected, config.model.max_tokens)
-            usable.append((line, prompt, chosen, rejected))
-        except ValueError as err:
-            raw = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False)
-            bad.append(quarantine_row(dataset, config.data, line, f"empty text: {err}", raw))
-    out = []
-    step = max(1, engine.config.micro_batch_size // 2)
-    for i in range(0, len(usable), step):
-        chunk = usable[i : i + step]
-        res = pair_batch(engine, tokenizer, [r[1:] for r in chunk], config.model.max_tokens, pc.exact)
-        for j, (line, prompt, chosen, rejected) in enumerate(chunk):
-            row = {"dataset": dataset, "pair_id": pair_id(prompt, chosen, rejected), "line": line}
-            values = {k: float(v[j]) for k, v in res.items() if k != "truncated"}
-            out.append(row | values | {"truncated": bool(res["truncated"][j])})
-    return pa.Table.from_pylist(out, schema=PAIR_SCORES), bad
-
-
-@ray.remote
-def _variant_curve(config: AnalyzeConfig, pairs: list[tuple[str, str]]) -> dict:
-    from gradsift.signals.layer_curves import nuclear_curves
-
-    engine, tokenizer = _engine(config, nuclear_modules=config.fast_slow.modules, feature_dim=0)
-    return nuclear_curves(engine, tokenizer, pairs, config.model.max_tokens)
 
 
 def _stem(path: str) -> str:
@@ -148,21 +97,17 @@ TRUNCATION = "prompt end and response start kept"
 
 @task(name="pairs", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
-    """Entanglement of every usable pair, chunks fanned out as Ray tasks; every other row is quarantined."""
+    """Entanglement of every usable pair, in chunks on the Ray pool; every other row is quarantined."""
     logger = get_run_logger()
     staging = store.staging(run_id)
     rows, quarantine = usable_pairs(config)
+    dataset = config.pairs.dataset or _stem(config.data)
     n_chunks = max(1, min(len(rows), 4 * config.ray.num_actors))
     size = -(-len(rows) // n_chunks)
-    refs = [_pairs_chunk.remote(config, rows[i : i + size]) for i in range(0, len(rows), size)]
-    n_pairs = n_cut = 0
-    for k, (table, bad) in enumerate(ray.get(refs)):
-        staging.write_part("pair_scores", f"chunk-{k:05d}", table)
-        quarantine += bad
-        n_pairs += table.num_rows
-        n_cut += sum(table.column("truncated").to_pylist())
-    quarantine.sort(key=lambda q: q["line"])
-    dataset = config.pairs.dataset or _stem(config.data)
+    chunks = list(enumerate(rows[i : i + size] for i in range(0, len(rows), size)))
+    done = run_on_pool(PairEntanglement, (config, dataset, str(store.root), run_id), chunks, config.ray)
+    n_pairs, n_cut = sum(d["rows"] for d in done), sum(d["truncated"] for d in done)
+    quarantine = sorted(quarantine + [q for d in done for q in d["bad"]], key=lambda q: q["line"])
     staging.write_part("quarantine", dataset, pa.Table.from_pylist(quarantine, schema=QUARANTINE))
     if not n_pairs:
         raise NoUsableRows(no_rows_message(config.data, quarantine))
@@ -174,7 +119,7 @@ def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
 
 @task(name="fast-slow", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
-    """Nuclear-norm layer curves per variant (one Ray task each) and their early/middle/late differences."""
+    """Nuclear-norm layer curves per variant (an item of the Ray pool each) and their early/middle/late differences."""
     from gradsift.signals.layer_curves import gsm8k_variants, third_diffs
 
     fs = config.fast_slow
@@ -187,7 +132,8 @@ def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
         for name, pair in gsm8k_variants(question, answer).items():
             variants.setdefault(name, []).append(pair)
     names = sorted(variants)
-    curves = dict(zip(names, ray.get([_variant_curve.remote(config, variants[n]) for n in names]), strict=True))
+    done = run_on_pool(VariantCurves, (config,), [(n, variants[n]) for n in names], config.ray)
+    curves = {d["variant"]: d["curve"] for d in done}
     dataset = fs.dataset or _stem(config.data)
     rows = [
         {"dataset": dataset, "variant": v, "layer": layer, "module": module}
@@ -212,7 +158,6 @@ def analyze_flow(config: AnalyzeConfig) -> dict:
     kind = "pairs" if config.pairs is not None else "fast_slow"
 
     def body(recorder: RunRecorder) -> dict:
-        ensure_ray(config.ray)
         result = (pairs_stage if kind == "pairs" else fast_slow_stage)(config, recorder.store, recorder.run_id)
         staging = recorder.staging
         tables = {t: staging.read(t) for t in ("pair_scores", "layer_curves")}

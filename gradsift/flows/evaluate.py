@@ -16,7 +16,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.executors.ray_pool import run_jobs
+from gradsift.executors.ray import run_jobs
 from gradsift.flows.runs import run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.report.curves import plot_curves, summary_markdown
@@ -53,7 +53,8 @@ def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], di
 
 @task(name="retrain", cache_policy=NO_CACHE)
 def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: tuple, label_index, jobs) -> list:
-    """Every (selection, seed) retraining, in as many Ray tasks as the config has actors."""
+    """Every (selection, seed) retraining, in as many groups as the config has actors (a group an item of the
+    Ray pool, loading the data once)."""
     groups = [jobs[i :: config.ray.num_actors] for i in range(min(config.ray.num_actors, len(jobs)))]
     calls = [(train, base, parts[0], parts[1], label_index, group, config.budget) for group in groups]
     return [row for rows in run_jobs(evaluate_selections, calls, config.ray) for row in rows]

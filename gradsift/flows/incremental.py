@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 
 import gradsift
-from gradsift.executors.ray_pool import SCORE_TABLES
 from gradsift.models.folders import model_fingerprint
 from gradsift.schemas.config import DataSource, RunConfig
+from gradsift.schemas.tables import SCORE_TABLES
 from gradsift.storage.atomic import link_atomic, write_json_atomic
 from gradsift.storage.store import RunStaging, Store
 

@@ -7,6 +7,7 @@ them after scoring; ``influence_flow`` runs them on training checkpoints without
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,8 +18,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.executors.influence_pool import featurize_checkpoints, group_shards, stream_influence
-from gradsift.executors.ray_pool import ensure_ray
+from gradsift.executors.ray import run_on_pool
+from gradsift.executors.workers import CheckpointFeatures, InfluenceBlocks
 from gradsift.flows.pipeline import Stage, run_pipeline
 from gradsift.flows.retry import retry_transient
 from gradsift.models.checkpoints import list_checkpoints
@@ -27,9 +28,9 @@ from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.stages import InfluenceOutput, ReportOutput, SelectionOutput, StageOutput
 from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
 from gradsift.selection.subsets import keep_fraction, score_ranks, selection_table, weighted_sample
-from gradsift.signals.influence import FeatureSource, Targets, checkpoint_name, read_block
+from gradsift.signals.influence import FeatureSource, checkpoint_name, group_shards, merge_blocks, read_block
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
-from gradsift.storage.keys import ShardKey
+from gradsift.storage.keys import FeaturePart, ShardKey
 from gradsift.storage.store import RunStaging, Store
 
 
@@ -46,7 +47,10 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
         infos = [c for c in infos if c.step in set(ck.steps)]
     if not infos:
         raise FileNotFoundError(f"no checkpoints of training run {ck.train_run!r} (steps {ck.steps})")
-    featurize_checkpoints(store, staging.run_id, shards, infos, target.feature_dim, config.seed, config.ray)
+    todo = [(c, [s for s in shards if not staging.has_part("features", FeaturePart(s, checkpoint_name(c)).name)])
+            for c in infos]  # fmt: skip
+    worker = (str(store.root), staging.run_id, target.feature_dim, config.seed)
+    run_on_pool(CheckpointFeatures, worker, [(c, s) for c, s in todo if s], config.ray)  # a checkpoint an item
     return [FeatureSource.at_checkpoint(checkpoint_name(info), info.lr) for info in infos]
 
 
@@ -65,23 +69,20 @@ def influence_stage(
     shards = results["ingest"].shards
     target_shards = [s for s in shards if ShardKey.parse(s).dataset in target.datasets]
     train_shards = [s for s in shards if ShardKey.parse(s).dataset not in target.datasets]
-    ensure_ray(config.ray)
     sources = _sources(config, store, staging, shards)
     t_keys, t_feats = read_block(staging.dir, target_shards, sources)
-    subtask = np.array([target.datasets.index(d) for d in t_keys["dataset"]])
-    targets = Targets(
-        [s.name for s in sources],
-        [f.astype(np.float32) for f in t_feats["grad"]],
-        np.array([s.lr for s in sources]),
-        subtask,
-        t_keys["sample_id"],
-    )
+    n_targets = len(t_keys["sample_id"])
     rows = {s: staging.count_rows("samples", s) for s in train_shards}
     blocks = group_shards(train_shards, rows, target.block_rows)
     logger.info(
-        "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), len(subtask), len(blocks)
+        "influence of %d training samples on %d targets in %d blocks", sum(rows.values()), n_targets, len(blocks)
     )
-    res = stream_influence(staging.dir, blocks, sources, targets, target.methods, target.top_k)
+    start = time.perf_counter()
+    numpy_only = config.ray.model_copy(update={"num_gpus_per_actor": 0.0})  # block products need no GPU
+    worker = (str(staging.dir), target_shards, sources, target.datasets, target.methods, target.top_k)  # paths
+    done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), numpy_only)
+    res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
+    seconds = time.perf_counter() - start
     n = len(res.keys["sample_id"])
     for method, scores in res.scores.items():
         part = {"target": [target.name] * n, "method": [method] * n, "dataset": res.keys["dataset"]}
@@ -91,16 +92,16 @@ def influence_stage(
             staging.write_part(
                 "influence_topk", f"{target.name}-{method}", _topk_table(target.name, method, res, t_keys)
             )
-    t_groups = np.asarray(["target"] * len(subtask), dtype=object)
+    t_groups = np.asarray(["target"] * n_targets, dtype=object)
     aligned = [
         alignment(d, DomainSums().add(t, t_groups)) for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
     ]
     info = InfluenceOutput(
         rows=n * len(res.scores),
-        targets=len(subtask),
+        targets=n_targets,
         checkpoints=[s.name for s in sources],
         blocks=res.blocks,
-        seconds=round(res.seconds, 2),
+        seconds=round(seconds, 2),
         alignment=aligned,
         domain_counts=res.domain_sums[0].count,
     )

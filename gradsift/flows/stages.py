@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gradsift.data.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
-from gradsift.executors.ray_pool import ensure_ray, score_shards
+from gradsift.executors.ray import ensure_ray, run_on_pool
+from gradsift.executors.workers import ScoringWorker
 from gradsift.flows.incremental import (
     ingest_key,
     known_parameter_set,
@@ -195,30 +196,22 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
             bar.update(job, advance=1, rate=f"{info['rows'] / max(info['seconds'], 1e-9):.1f} samples/s")
             update_progress_artifact(artifact, progress=100.0 * (n_done_before + n_done) / len(shards))
 
-        result = score_shards(
-            store,
-            run_id,
-            shards,
-            config.model,
-            config.score.engine,
-            config.ray,
-            ingest.label_index,
-            config.seed,
-            on_done,
-        )
-    parameter_set = result.parameter_set or known_parameter_set(store, key)
+        start = time.perf_counter()
+        worker = (str(store.root), run_id, config.model, config.score.engine, ingest.label_index, config.seed)
+        scored = run_on_pool(ScoringWorker, worker, todo, config.ray, on_done)
+        seconds = time.perf_counter() - start
+    parameter_set = next((d["parameter_set"] for d in scored if d["parameter_set"]), None)
+    parameter_set = parameter_set or known_parameter_set(store, key)
     record_scores(store, run_id, key, shards, parameter_set)
     info = ScoreOutput(
-        shards_scored=result.shards_scored,
-        shards_resumed=result.shards_skipped - len(reused),
+        shards_scored=len(scored),
+        shards_resumed=n_done_before - len(reused),
         shards_reused=len(reused),
         rows=staging.count_rows("scores"),
-        rows_scored=result.rows,
-        seconds=round(result.seconds, 2),
+        rows_scored=sum(d["rows"] for d in scored),
+        seconds=round(seconds, 2),
         parameter_set=parameter_set,
     )
-    logger.info(
-        "scored %d shards (%d already done) in %.1fs", result.shards_scored, result.shards_skipped, result.seconds
-    )
+    logger.info("scored %d shards (%d already done) in %.1fs", len(scored), n_done_before, seconds)
     staging.mark_done("score", info.model_dump())
     return info

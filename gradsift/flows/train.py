@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gradsift.executors.ray_pool import run_jobs
+from gradsift.executors.ray import run_jobs
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.models.embeddings import cached_embeddings
@@ -60,7 +60,7 @@ def embed_stage(config: TrainConfig, base: str, staging) -> int:
 
 @task(name="train-seeds", cache_policy=NO_CACHE)
 def train_stage(config: TrainConfig, base: str, run_id: str, label_index: dict | None) -> list[dict]:
-    """Train and score every seed (Ray tasks when there are several)."""
+    """Train and score every seed (a seed an item of the Ray pool when there are several)."""
     jobs = [(config, base, run_id, seed, label_index) for seed in config.seeds]
     return run_jobs(train_and_score_seed, jobs, config.ray)
 

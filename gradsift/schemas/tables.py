@@ -231,3 +231,6 @@ TABLES: dict[str, pa.Schema] = {
     "evaluations": EVALUATIONS,
 }
 VIEW_NAMES = [*TABLES, "features"]
+
+SCORE_TABLES = ("features", "layer_stats", "scores")
+"""What scoring writes per shard, in write order: a shard is done once its scores part exists."""

@@ -15,12 +15,15 @@ gradients (exact) or from projected features (an unbiased estimate, for models t
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from gradsift.data.batching import IGNORE_INDEX, Encoded, collate, prompt_ids, response_ids, special_ids
-from gradsift.data.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf dialogues; re-exported)
+from gradsift.data.pairs import ASSISTANT, quarantine_row, split_dialogue  # noqa: F401 (hh-rlhf; re-exported)
+from gradsift.schemas.tables import PAIR_SCORES
 
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:
@@ -95,6 +98,31 @@ def pair_batch(engine, tokenizer, pairs: list[tuple[str, str, str]], max_tokens:
     res["logp_chosen"], res["logp_rejected"] = -loss[0::2].astype(np.float64), -loss[1::2].astype(np.float64)
     res["truncated"] = np.array(cut, dtype=bool)
     return res
+
+
+def score_pairs(
+    engine, tokenizer, rows: list[tuple[int, str, str, str]], dataset: str, source: str, max_tokens: int, exact: bool
+) -> tuple[pa.Table, list[dict]]:
+    """``pair_scores`` rows of ``rows`` (line, prompt, chosen, rejected), in micro-batches of the engine's size
+    (two samples a pair), and quarantine rows of the pairs that have no response tokens."""
+    usable, bad = [], []
+    for line, prompt, chosen, rejected in rows:
+        try:
+            encode_pair(tokenizer, prompt, chosen, rejected, max_tokens)
+            usable.append((line, prompt, chosen, rejected))
+        except ValueError as err:
+            raw = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False)
+            bad.append(quarantine_row(dataset, source, line, f"empty text: {err}", raw))
+    out = []
+    step = max(1, engine.config.micro_batch_size // 2)
+    for i in range(0, len(usable), step):
+        chunk = usable[i : i + step]
+        res = pair_batch(engine, tokenizer, [r[1:] for r in chunk], max_tokens, exact)
+        for j, (line, prompt, chosen, rejected) in enumerate(chunk):
+            row = {"dataset": dataset, "pair_id": pair_id(prompt, chosen, rejected), "line": line}
+            values = {k: float(v[j]) for k, v in res.items() if k != "truncated"}
+            out.append(row | values | {"truncated": bool(res["truncated"][j])})
+    return pa.Table.from_pylist(out, schema=PAIR_SCORES), bad
 
 
 def autograd_pair(model, tokenizer, prompt: str, chosen: str, rejected: str, max_tokens: int) -> dict[str, float]:

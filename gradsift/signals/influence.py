@@ -1,6 +1,7 @@
 """Target-aware influence: LESS, TracIn and gradient cosine, streamed over feature blocks.
 
-Pure compute (no prefect or ray): ``tasks.influence_pool`` fans blocks out as Ray tasks.
+Pure compute (no prefect or ray): ``executors.workers.InfluenceBlocks`` runs ``score_block`` on a pool of
+Ray actors and the influence stage merges the blocks' small results (``merge_blocks``).
 
 Formulas (c runs over checkpoints with learning rate eta_c; z a training sample, z' a target sample):
 
@@ -33,6 +34,7 @@ from gradsift.models.adapter import adapter
 from gradsift.models.checkpoints import CheckpointInfo, load_checkpoint
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import Method
+from gradsift.signals.mixture import DomainSums
 from gradsift.storage.keys import FEATURE_KINDS, CheckpointFeature, FeaturePart
 
 TRAIN_KIND = {"less": "adam", "tracin": "grad", "cosine": "grad"}
@@ -275,3 +277,77 @@ def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource
                 feats[kind][j].append(mat[[pos[i] for i in ids]].astype(np.float16, copy=False))
     out = {kind: [np.concatenate(per_src) for per_src in lists] for kind, lists in feats.items()}
     return keys, out
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming blocks
+
+
+def group_shards(shards: list[str], rows: dict[str, int], block_rows: int) -> list[list[str]]:
+    """Consecutive shards packed into blocks of at most ``block_rows`` rows (a bigger shard is its own block)."""
+    blocks, cur, n = [], [], 0
+    for s in shards:
+        if cur and n + rows[s] > block_rows:
+            blocks.append(cur)
+            cur, n = [], 0
+        cur.append(s)
+        n += rows[s]
+    return blocks + ([cur] if cur else [])
+
+
+def read_targets(
+    staging_dir: Path, shards: list[str], sources: list[FeatureSource], datasets: list[str]
+) -> tuple[Targets, dict, dict]:
+    """The target side read from the target shards' features, each of ``datasets`` a subtask: (Targets, keys,
+    feats) with ``read_block``'s keys and feats."""
+    keys, feats = read_block(Path(staging_dir), shards, sources)
+    targets = Targets(
+        [s.name for s in sources],
+        [f.astype(np.float32) for f in feats["grad"]],
+        np.array([s.lr for s in sources]),
+        np.array([datasets.index(d) for d in keys["dataset"]]),
+        keys["sample_id"],
+    )
+    return targets, keys, feats
+
+
+def score_block(
+    staging_dir: Path, shards: list[str], sources: list[FeatureSource], targets: Targets, methods: list, top_k: int
+) -> dict:
+    """One block's small result: keys, per-method scores, top-k per target and per-source domain sums of the
+    plain gradients, never its feature matrices. Memory: block_rows * (k * 2 bytes * sources + M * 4 bytes)
+    plus one float32 copy of one source's block."""
+    keys, feats = read_block(Path(staging_dir), shards, sources)
+    res = block_scores(feats, targets, methods, top_k)
+    groups = np.asarray(keys["domain"], dtype=object).astype(str)
+    sums = [DomainSums().add(f, groups) for f in feats["grad"]]
+    return {"keys": keys, "scores": res.scores, "top_rows": res.top_rows, "top_vals": res.top_vals, "sums": sums}
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of every training sample and what the mixture and report need."""
+
+    keys: dict[str, list]
+    scores: dict[str, np.ndarray]
+    top_k: dict[str, tuple[np.ndarray, np.ndarray]]  # method -> (global row ids [k, M], values [k, M])
+    domain_sums: list[DomainSums]  # per source (checkpoint), plain gradients
+    blocks: int = 0
+
+
+def merge_blocks(ordered: list[dict], methods: list[Method], top_k: int, n_sources: int) -> InfluenceResult:
+    """The blocks' results (``score_block``, in block order) as one result over all training rows."""
+    keys = {k: [v for r in ordered for v in r["keys"][k]] for k in ("dataset", "sample_id", "domain")}
+    scores = {m: np.concatenate([r["scores"][m] for r in ordered]) for m in methods}
+    top = {}
+    if top_k:
+        offsets = np.cumsum([0] + [len(r["keys"]["sample_id"]) for r in ordered])
+        for m in methods:
+            top[m] = merge_top_k(
+                [(r["top_rows"][m] + off, r["top_vals"][m]) for r, off in zip(ordered, offsets, strict=False)], top_k
+            )
+    sums = [DomainSums() for _ in range(n_sources)]
+    for r in ordered:
+        for acc, s in zip(sums, r["sums"], strict=True):
+            acc.merge(s)
+    return InfluenceResult(keys, scores, top, sums, len(ordered))

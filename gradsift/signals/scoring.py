@@ -1,6 +1,6 @@
 """Score one shard: encode, micro-batch, run the per-sample gradient engine, build Arrow tables.
 
-Pure compute (no prefect or ray): ``tasks.pool`` runs it inside Ray actors, tests call it directly.
+Pure compute (no prefect or ray): ``executors.workers.ScoringWorker`` runs it inside Ray actors, tests call it directly.
 """
 
 from __future__ import annotations

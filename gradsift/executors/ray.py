@@ -1,0 +1,101 @@
+"""The one Ray executor: start or join Ray, and run items on a pool of actors.
+
+It knows nothing about the steps. A worker is a plain class, ``worker_cls(*init_args)`` then
+``worker(item) -> small result`` per item, defined with the step it runs (``executors.workers``); it gets
+configs and paths, never live models or clients, writes its own Parquet parts and returns small metadata.
+Each actor builds its worker once (a model is loaded once per actor, not per item). A worker that dies
+mid-item costs a restart of its actor and a retry of that item (``max_restarts``, ``max_task_retries``):
+a worker's parts are deterministic and written atomically, so a retried item is done exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.util import ActorPool
+
+from gradsift.schemas.config import RayConfig
+
+
+def ensure_ray(config: RayConfig) -> str:
+    """Join the configured cluster, or start a local Ray sized to the machine; returns a description.
+
+    A cluster's workers get the driver's PREFECT_, HF_ and TRANSFORMERS_ settings through the job's
+    runtime_env. A local Ray's workers inherit the driver's environment, so it starts without one, and
+    without the dashboard unless ``config.dashboard``. Ray 2.60 then still starts its dashboard head with
+    the usage-stats module only (which probes the cloud metadata addresses once, usage stats on or off),
+    and the raylet's dashboard and runtime-env agents: no ray.init option turns those off.
+    """
+    if not ray.is_initialized():
+        if config.address:
+            env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "HF_", "TRANSFORMERS_"))}
+            ray.init(address=config.address, runtime_env={"env_vars": env}, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=config.dashboard, log_to_driver=False, configure_logging=False)
+    where = config.address or "local"
+    return f"{where} ({int(ray.cluster_resources().get('CPU', 0))} CPUs, {int(ray.cluster_resources().get('GPU', 0))} GPUs)"
+
+
+def actor_options(config: RayConfig) -> dict[str, Any]:
+    """What every pool actor declares and how it survives its worker dying."""
+    return {
+        "num_cpus": config.num_cpus_per_actor,
+        "num_gpus": config.num_gpus_per_actor,
+        "max_restarts": config.max_restarts,
+        "max_task_retries": config.max_task_retries,
+    }
+
+
+def run_on_pool(
+    worker_cls: type,
+    init_args: Sequence,
+    items: Sequence,
+    config: RayConfig,
+    on_done: Callable[[Any, int, int], None] | None = None,
+) -> list:
+    """``worker(item)`` for every item on ``min(config.num_actors, len(items))`` actors; the results in the
+    order they finished (a worker that needs its item's place returns it).
+
+    Items go to whichever actor is free (``ray.util.ActorPool``); ``init_args`` are small (configs and paths,
+    sent inline: an actor restarts from them); ``on_done(result, n_done, n_items)`` follows each result.
+    The actors are killed at the end, on failure too. An actor's process title names the worker:
+    ``ray::<worker class>.__call__``.
+    """
+    if not items:
+        return []
+    ensure_ray(config)
+    actor_cls = ray.remote(worker_cls).options(**actor_options(config))
+    actors = [actor_cls.remote(*init_args) for _ in range(min(config.num_actors, len(items)))]
+    try:
+        results = []
+        for result in ActorPool(actors).map_unordered(lambda actor, item: actor.__call__.remote(item), list(items)):
+            results.append(result)
+            if on_done:
+                on_done(result, len(results), len(items))
+        return results
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+class Jobs:
+    """A worker that calls ``fn(*args)`` for each (index, args) item and returns (index, result)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, job: tuple[int, tuple]) -> tuple[int, Any]:
+        index, args = job
+        return index, self.fn(*args)
+
+
+def run_jobs(fn: Callable, jobs: Sequence[tuple], config: RayConfig) -> list:
+    """``fn(*job)`` for each job, results in job order: in this process for one job (no Ray to start, its
+    progress lines on this console), else each job an item of ``run_on_pool``."""
+    if len(jobs) == 1:
+        return [fn(*jobs[0])]
+    done = run_on_pool(Jobs, (fn,), list(enumerate(jobs)), config)
+    return [result for _, result in sorted(done, key=lambda r: r[0])]

@@ -1,0 +1,143 @@
+"""The workers ``executors.ray.run_on_pool`` runs: one plain class per kind of work, no Ray in them.
+
+A worker is built once per actor from configs and paths (``__init__``), then called once per item
+(``__call__``). It reads its inputs from the run's staging folder, writes its own Parquet parts there
+(atomically, under deterministic names: a retried item rewrites the same part) and returns small
+metadata. The compute modules are imported inside the worker, so that the driver imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from gradsift.schemas.config import AnalyzeConfig, ModelConfig
+from gradsift.schemas.engine import EngineConfig
+from gradsift.schemas.tables import SCORE_TABLES
+from gradsift.storage.store import Store
+
+
+class ScoringWorker:
+    """Holds one model; scores shards of one run into that run's staging folder."""
+
+    def __init__(self, store_root: str, run_id: str, model: ModelConfig, engine: EngineConfig, label_index, seed: int):
+        from gradsift.signals.scoring import ShardScorer
+
+        self.staging = Store(store_root).staging(run_id)
+        self.scorer = ShardScorer(model, engine, label_index, seed)
+        self.reported = False
+
+    def __call__(self, shard: str) -> dict:
+        """Score one shard; the first result of each actor also says which parameters the gradients cover."""
+        start = time.perf_counter()
+        samples = pq.read_table(self.staging.part_path("samples", shard))
+        tables = self.scorer.score(samples)
+        for name in (t for t in SCORE_TABLES if t in tables):
+            self.staging.write_part(name, shard, tables[name])
+        info = {"shard": shard, "rows": tables["scores"].num_rows, "seconds": time.perf_counter() - start}
+        info |= {"pid": os.getpid(), "parameter_set": None if self.reported else self.scorer.parameter_set()}
+        self.reported = True
+        return info
+
+
+class CheckpointFeatures:
+    """Features ("grad" and LESS "adam") of shards at training checkpoints, into one run's staging folder."""
+
+    def __init__(self, store_root: str, run_id: str, feature_dim: int, seed: int):
+        self.staging = Store(store_root).staging(run_id)
+        self.feature_dim, self.seed = feature_dim, seed
+
+    def __call__(self, item: tuple) -> dict:
+        """``item``: (CheckpointInfo, shards). Loads that checkpoint once and featurises every shard that has
+        no part yet (a retry after a crash skips the finished ones); returns the rows featurised."""
+        import pyarrow as pa
+
+        from gradsift.signals.influence import CheckpointFeaturizer, checkpoint_name
+
+        info, shards = item
+        from gradsift.storage.keys import FeaturePart
+
+        name = checkpoint_name(info)
+        todo = [s for s in shards if not self.staging.has_part("features", FeaturePart(s, name).name)]
+        featurizer = CheckpointFeaturizer(info, self.feature_dim, self.seed) if todo else None
+        rows = 0
+        for shard in todo:
+            samples = pq.read_table(self.staging.part_path("samples", shard))
+            tables = featurizer.featurize(samples)
+            self.staging.write_part("features", FeaturePart(shard, name).name, pa.concat_tables(tables.values()))
+            rows += samples.num_rows
+        return {"checkpoint": name, "rows": rows}
+
+
+class InfluenceBlocks:
+    """Influence of blocks of training shards on the target shards (numpy only), all in one staging folder."""
+
+    def __init__(self, staging_dir: str, target_shards: list[str], sources: list, datasets: list[str], methods, top_k):
+        from gradsift.signals.influence import read_targets
+
+        self.staging_dir, self.sources, self.methods, self.top_k = Path(staging_dir), sources, methods, top_k
+        self.targets = read_targets(self.staging_dir, target_shards, sources, datasets)[0]
+
+    def __call__(self, item: tuple[int, list[str]]) -> dict:
+        """``item``: (block index, shards) -> ``signals.influence.score_block``'s result and the block index."""
+        from gradsift.signals.influence import score_block
+
+        index, shards = item
+        res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k)
+        return res | {"block": index}
+
+
+def analysis_engine(config: AnalyzeConfig, **overrides):
+    """The analysis model (all parameters, layer stats) on this worker's device, and its tokenizer."""
+    from gradsift.engine.gradients import PerSampleGradients
+    from gradsift.models.loading import load_model
+    from gradsift.signals.scoring import pick_device
+
+    model, tokenizer = load_model(config.model.name_or_path, seed=config.seed)
+    model.to(pick_device())
+    base = config.score.engine.model_dump() | {"parameters": "all", "layer_stats": True}
+    return PerSampleGradients(model, EngineConfig(**(base | overrides))), tokenizer
+
+
+class PairEntanglement:
+    """Entanglement of chunks of preference pairs, written as ``pair_scores`` parts of one run."""
+
+    def __init__(self, config: AnalyzeConfig, dataset: str, store_root: str, run_id: str):
+        self.config, self.dataset = config, dataset
+        self.staging = Store(store_root).staging(run_id)
+        micro = config.score.engine.micro_batch_size
+        self.engine, self.tokenizer = analysis_engine(config, loss_reduction="sum", micro_batch_size=micro)
+
+    def __call__(self, item: tuple[int, list[tuple[int, str, str, str]]]) -> dict:
+        """``item``: (chunk index, rows of (line, prompt, chosen, rejected)) -> part ``chunk-<index>``; returns
+        its row and truncation counts and the quarantine rows of pairs without response tokens."""
+        from gradsift.signals.entanglement import score_pairs
+
+        index, rows = item
+        cfg = self.config
+        table, bad = score_pairs(
+            self.engine, self.tokenizer, rows, self.dataset, cfg.data, cfg.model.max_tokens, cfg.pairs.exact
+        )
+        self.staging.write_part("pair_scores", f"chunk-{index:05d}", table)
+        return {"rows": table.num_rows, "truncated": sum(table.column("truncated").to_pylist()), "bad": bad}
+
+
+class VariantCurves:
+    """Nuclear-norm layer curves of response variants (fast vs slow thinking)."""
+
+    def __init__(self, config: AnalyzeConfig):
+        self.config = config
+        self.engine, self.tokenizer = analysis_engine(config, nuclear_modules=config.fast_slow.modules, feature_dim=0)
+
+    def __call__(self, item: tuple[str, list[tuple[str, str]]]) -> dict:
+        """``item``: (variant, (prompt, response) pairs) -> {"variant", "curve"} (``signals.layer_curves``)."""
+        from gradsift.signals.layer_curves import nuclear_curves
+
+        variant, pairs = item
+        return {
+            "variant": variant,
+            "curve": nuclear_curves(self.engine, self.tokenizer, pairs, self.config.model.max_tokens),
+        }
