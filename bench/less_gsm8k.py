@@ -11,7 +11,7 @@ Steps (each resumable: a completed flow run with the same config is not redone):
 4. influence: the influence flow (LESS, TracIn, cosine) on those checkpoints with the target rows, the top
    5% LESS selection, mixture weights and the report;
 5. retrain: from the same base and LoRA init, train on the LESS top 5% and on random 5% draws of the same
-   pool (same steps), then the mean target loss on the held-out gsm8k test rows (tasks.train.evaluate).
+   pool (same steps), then the mean target loss on the held-out gsm8k test rows (training.loop.evaluate).
 
 Usage: .venv/bin/python bench/less_gsm8k.py --data ../shared/data --work /tmp/gs5-less
 """
@@ -102,7 +102,8 @@ def main() -> None:
     from gradsift.schemas.train import TrainConfig
     from gradsift.storage.catalog import query
     from gradsift.storage.store import Store
-    from gradsift.training.proxy import TrainData, build_proxy, evaluate, rebind, train
+    from gradsift.training.loop import evaluate, train
+    from gradsift.training.proxy import TrainData, build_proxy, rebind
 
     work = Path(args.work)
     store_dir = work / "store"

@@ -226,7 +226,8 @@ def test_training_resumes_after_the_last_checkpoint(tmp_path):
     from gradsift.models.checkpoints import list_checkpoints
     from gradsift.models.loading import minilm_path
     from gradsift.schemas.train import TrainConfig
-    from gradsift.training.proxy import TrainData, train
+    from gradsift.training.loop import train
+    from gradsift.training.proxy import TrainData
 
     rng = np.random.default_rng(0)
     rows = [{"dataset": "d", "sample_id": f"s{i}", "label": str(i % 3)} for i in range(40)]

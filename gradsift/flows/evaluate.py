@@ -24,7 +24,7 @@ from gradsift.schemas.tables import EVALUATIONS
 from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 from gradsift.storage.catalog import query
 from gradsift.storage.store import Store
-from gradsift.training.proxy import evaluate_selections
+from gradsift.training.jobs import evaluate_selections
 
 
 def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], dict[str, dict]]:

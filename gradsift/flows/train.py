@@ -27,7 +27,8 @@ from gradsift.models.loading import minilm_path
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import TrainConfig
 from gradsift.signals.dynamics import combine_seeds
-from gradsift.training.proxy import embed_cache_dir, train_and_score_seed
+from gradsift.training.jobs import train_and_score_seed
+from gradsift.training.proxy import embed_cache_dir
 
 
 def resolve_model(name: str) -> str:
