@@ -9,7 +9,7 @@ import json
 import pytest
 
 from gradsift.data.batching import IGNORE_INDEX
-from gradsift.data.pairs import CATEGORIES, PairError, parse_pair
+from gradsift.data.pairs import CATEGORIES, BadRecord, parse_pair
 from gradsift.models.loading import byte_tokenizer
 from gradsift.schemas.config import AnalyzeConfig
 from gradsift.schemas.influence import PairsConfig
@@ -81,7 +81,7 @@ def test_configured_field_names_and_layout():
     pc = PairsConfig(prompt="question", chosen="good", rejected="bad", conversations="turns")
     assert parse_pair({"question": "Q", "good": "a", "bad": "b"}, pc) == ("Q", "a", "b")
     assert parse_pair({"turns": [{"role": "user", "content": "hi"}], "good": "a", "bad": "b"}, pc)[0] == CHAT_PROMPT
-    with pytest.raises(PairError, match="^wrong type: 'chosen' is a string"):
+    with pytest.raises(BadRecord, match="^wrong type: 'chosen' is a string"):
         parse_pair({"chosen": HH + " a", "rejected": HH + " b"}, PairsConfig(layout="messages"))
     with pytest.raises(ValueError, match="extra"):
         PairsConfig(chosen_field="x")
@@ -89,7 +89,7 @@ def test_configured_field_names_and_layout():
 
 @pytest.mark.parametrize(("line", "category"), [b for b in BAD if b[0].startswith("{") and b[1] != "invalid JSON"])
 def test_bad_rows_raise_their_category(line, category):
-    with pytest.raises(PairError) as err:
+    with pytest.raises(BadRecord) as err:
         parse_pair(json.loads(line), PairsConfig())
     assert str(err.value).startswith(category + ": ") and category in CATEGORIES
 

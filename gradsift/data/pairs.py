@@ -11,7 +11,7 @@ Layouts (``PairsConfig.layout``; ``auto`` picks one per row):
   ``prompt`` is a message list and chosen/rejected its continuations (message lists, one turn or strings).
 
 A turn may spell its keys {from, value} or {role, content}. Chat turns become text as ingest's
-``render_messages`` renders them. A row that does not fit raises ``PairError``; its message is the
+``render_messages`` renders them. A row that does not fit raises ``BadRecord``; its message is the
 quarantine reason, "<category>: <detail>", the category one of ``CATEGORIES``.
 """
 
@@ -61,8 +61,8 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-class PairError(ValueError):
-    """A row that is not a usable preference pair; the message is the quarantine reason."""
+class BadRecord(ValueError):
+    """A record an analysis cannot use (a preference pair, a gsm8k problem); the message is the quarantine reason."""
 
 
 class NoUsableRows(IngestError):
@@ -100,27 +100,27 @@ def _get(rec: dict, name: str) -> Any:
     value = rec.get(name)
     if value is None:
         fields = ", ".join(sorted(map(str, rec))) or "none"
-        raise PairError(f"missing field: {name!r} (fields in this row: {fields})")
+        raise BadRecord(f"missing field: {name!r} (fields in this row: {fields})")
     return value
 
 
 def _text(value: Any, where: str, expected: str = "a string") -> str:
     if not isinstance(value, str):
-        raise PairError(f"wrong type: {where} is {_kind(value)}, expected {expected}")
+        raise BadRecord(f"wrong type: {where} is {_kind(value)}, expected {expected}")
     return value
 
 
 def _turn(value: Any, where: str) -> Turn:
     if not isinstance(value, dict):
-        raise PairError(
+        raise BadRecord(
             f"wrong type: {where} is {_kind(value)}, expected a {{from, value}} or {{role, content}} object"
         )
     role = next((value[k] for k in ("from", "role") if value.get(k) is not None), None)
     text = next((value[k] for k in ("value", "content") if value.get(k) is not None), None)
     if role is None:
-        raise PairError(f"missing field: {where} has no 'from' (or 'role')")
+        raise BadRecord(f"missing field: {where} has no 'from' (or 'role')")
     if text is None:
-        raise PairError(f"missing field: {where} has no 'value' (or 'content')")
+        raise BadRecord(f"missing field: {where} has no 'value' (or 'content')")
     role = _text(role, f"the role of {where}")
     text = _text(text, f"the text of {where}")
     return ROLES.get(role.strip().lower(), role), text
@@ -128,7 +128,7 @@ def _turn(value: Any, where: str) -> Turn:
 
 def _turns(value: Any, where: str) -> list[Turn]:
     if not isinstance(value, list):
-        raise PairError(f"wrong type: {where} is {_kind(value)}, expected a list of turns")
+        raise BadRecord(f"wrong type: {where} is {_kind(value)}, expected a list of turns")
     return [_turn(t, f"turn {i} of {where}") for i, t in enumerate(value)]
 
 
@@ -141,11 +141,11 @@ def _reply(value: Any, where: str) -> tuple[list[Turn], str]:
     elif isinstance(value, list):
         turns = _turns(value, where)
         if not turns:
-            raise PairError(f"empty text: {where} is an empty list")
+            raise BadRecord(f"empty text: {where} is an empty list")
     else:
-        raise PairError(f"wrong type: {where} is {_kind(value)}, expected a string, a turn or a list of turns")
+        raise BadRecord(f"wrong type: {where} is {_kind(value)}, expected a string, a turn or a list of turns")
     if turns[-1][0] != "assistant":
-        raise PairError(f"no assistant turn: the last turn of {where} is from {turns[-1][0]!r}")
+        raise BadRecord(f"no assistant turn: the last turn of {where} is from {turns[-1][0]!r}")
     return turns[:-1], turns[-1][1]
 
 
@@ -158,10 +158,10 @@ def _chat(rec: dict, pc: PairsConfig, base: list[Turn], base_name: str | None) -
     (w_extra, chosen), (l_extra, rejected) = (_reply(_get(rec, n), repr(n)) for n in (pc.chosen, pc.rejected))
     w_turns, l_turns = base + _strip_shared(base, w_extra), base + _strip_shared(base, l_extra)
     if w_turns != l_turns:
-        raise PairError(f"mismatched prompt: {pc.chosen!r} and {pc.rejected!r} differ before their last turn")
+        raise BadRecord(f"mismatched prompt: {pc.chosen!r} and {pc.rejected!r} differ before their last turn")
     if not w_turns:
         where = f"{base_name!r} has no turns" if base_name else f"no turns before the last of {pc.chosen!r}"
-        raise PairError(f"empty text: no prompt turns ({where})")
+        raise BadRecord(f"empty text: no prompt turns ({where})")
     messages = [{"role": role, "content": text} for role, text in w_turns]
     prompt, _ = render_messages([*messages, {"role": "assistant", "content": chosen}])
     return prompt, chosen, rejected
@@ -173,7 +173,7 @@ def _prompt_layout(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
     for name in (pc.chosen, pc.rejected):
         extra, text = _reply(_get(rec, name), repr(name))
         if extra:
-            raise PairError(
+            raise BadRecord(
                 f"wrong type: {name!r} holds {len(extra) + 1} turns; with a string prompt it must be one reply"
             )
         out.append(text)
@@ -188,10 +188,10 @@ def _hh_layout(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
         try:
             parts.append(split_dialogue(text))
         except ValueError:
-            raise PairError(f"no assistant turn: {name!r} has no {ASSISTANT!r} turn to split at") from None
+            raise BadRecord(f"no assistant turn: {name!r} has no {ASSISTANT!r} turn to split at") from None
     (prompt, chosen), (other, rejected) = parts
     if prompt != other:
-        raise PairError(f"mismatched prompt: {pc.chosen!r} and {pc.rejected!r} differ before their last Assistant turn")
+        raise BadRecord(f"mismatched prompt: {pc.chosen!r} and {pc.rejected!r} differ before their last Assistant turn")
     return prompt, chosen, rejected
 
 
@@ -208,7 +208,7 @@ def detect_layout(rec: dict, pc: PairsConfig) -> str:
 
 
 def parse_pair(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) of one record, or ``PairError`` with the reason."""
+    """(prompt, chosen response, rejected response) of one record, or ``BadRecord`` with the reason."""
     layout = detect_layout(rec, pc) if pc.layout == "auto" else pc.layout
     if layout == "prompt":
         prompt, chosen, rejected = _prompt_layout(rec, pc)
@@ -223,14 +223,14 @@ def parse_pair(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
         if not base:
             for name in (pc.chosen, pc.rejected):
                 if not isinstance(_get(rec, name), list):
-                    raise PairError(
+                    raise BadRecord(
                         f"wrong type: {name!r} is {_kind(rec[name])}, expected a message list "
                         f"(messages layout without a {pc.prompt!r} message list)"
                     )
         prompt, chosen, rejected = _chat(rec, pc, base, pc.prompt if base else None)
     for name, text in ((pc.chosen, chosen), (pc.rejected, rejected)):
         if not text.strip():
-            raise PairError(f"empty text: the {name!r} response is empty")
+            raise BadRecord(f"empty text: the {name!r} response is empty")
     return prompt, chosen, rejected
 
 

@@ -12,8 +12,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from gradsift.data.pairs import (
+    BadRecord,
     NoUsableRows,
-    PairError,
     no_rows_message,
     parse_pair,
     quarantine_row,
@@ -36,51 +36,40 @@ def _stem(path: str) -> str:
     return Path(path).name.split(".")[0]
 
 
-def gsm8k_rows(config: AnalyzeConfig) -> tuple[list[tuple[str, str]], list[dict]]:
-    """(question, answer) of the first ``fast_slow.limit`` usable problems, and a quarantine row for every
-    other row read (not an object, a missing or non-string field, an empty text)."""
-    fs = config.fast_slow
-    dataset = fs.dataset or _stem(config.data)
+def usable_rows(config: AnalyzeConfig, section, parse) -> tuple[list[tuple], list[dict]]:
+    """``(line, *parse(record))`` of the first ``section.limit`` usable records of ``config.data``, and a quarantine
+    row for every other row read: ``parse`` raises ``BadRecord`` with the category and detail of a bad one."""
+    dataset = section.dataset or _stem(config.data)
     good, bad = [], []
     for row in read_rows(DataSource(path=config.data)):
-        if fs.limit and len(good) >= fs.limit:
+        if section.limit and len(good) >= section.limit:
             break
-        reason = unreadable_reason(row) if row.record is None else _gsm8k_problem(row.record, fs.question, fs.answer)
-        if reason:
-            bad.append(quarantine_row(dataset, config.data, row.line, reason, row.raw))
-        else:
-            good.append((row.record[fs.question], row.record[fs.answer]))
+        try:
+            if row.record is None:
+                raise BadRecord(unreadable_reason(row))
+            good.append((row.line, *parse(row.record)))
+        except BadRecord as err:
+            bad.append(quarantine_row(dataset, config.data, row.line, str(err), row.raw))
     return good, bad
 
 
-def _gsm8k_problem(record: dict, question: str, answer: str) -> str | None:
+def gsm8k_problem(record: dict, question: str, answer: str) -> tuple[str, str]:
+    """(question, answer) of a gsm8k-style record; ``BadRecord`` says what is wrong with a bad one."""
     for name in (question, answer):
         value = record.get(name)
         if value is None:
-            return f"missing field: {name!r} (fields in this row: {', '.join(sorted(record)) or 'none'})"
+            raise BadRecord(f"missing field: {name!r} (fields in this row: {', '.join(sorted(record)) or 'none'})")
         if not isinstance(value, str):
-            return f"wrong type: field {name!r} is {type(value).__name__}, expected a string"
+            raise BadRecord(f"wrong type: field {name!r} is {type(value).__name__}, expected a string")
         if not value.strip():
-            return f"empty text: field {name!r} is empty"
-    return None
+            raise BadRecord(f"empty text: field {name!r} is empty")
+    return record[question], record[answer]
 
 
 def pair_rows(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
     """(line, prompt, chosen, rejected) of every usable pair in ``config.data`` (the first ``pairs.limit``),
-    and a quarantine row for every other row read (tasks.pairs: layouts and reasons)."""
-    pc = config.pairs
-    dataset = pc.dataset or _stem(config.data)
-    good, bad = [], []
-    for row in read_rows(DataSource(path=config.data)):
-        if pc.limit and len(good) >= pc.limit:
-            break
-        try:
-            if row.record is None:
-                raise PairError(unreadable_reason(row))
-            good.append((row.line, *parse_pair(row.record, pc)))
-        except PairError as err:
-            bad.append(quarantine_row(dataset, config.data, row.line, str(err), row.raw))
-    return good, bad
+    and a quarantine row for every other row read (data.pairs: layouts and reasons)."""
+    return usable_rows(config, config.pairs, lambda record: parse_pair(record, config.pairs))
 
 
 def usable_pairs(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
@@ -123,12 +112,12 @@ def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     from gradsift.signals.layer_curves import gsm8k_variants, third_diffs
 
     fs = config.fast_slow
-    problems, quarantine = gsm8k_rows(config)
+    problems, quarantine = usable_rows(config, fs, lambda record: gsm8k_problem(record, fs.question, fs.answer))
     if not problems:
         hint = "Map the fields with fast_slow.question and fast_slow.answer"
         raise NoUsableRows(no_rows_message(config.data, quarantine, "gsm8k problem", hint))
     variants: dict[str, list[tuple[str, str]]] = {}
-    for question, answer in problems:
+    for _, question, answer in problems:
         for name, pair in gsm8k_variants(question, answer).items():
             variants.setdefault(name, []).append(pair)
     names = sorted(variants)

@@ -16,13 +16,14 @@ path)`` naming the destination (pyarrow's and ``write()``'s own errors name no f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,19 +52,11 @@ def _remove(tmp: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, data: bytes | str | Writer) -> Path:
-    """Write ``data`` to ``path`` via a temp file and rename: readers see all of it or nothing; returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """A failed write leaves no temp file (nor its side files); a full disk is named by ``path``."""
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        elif isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            data(tmp)
-        os.replace(tmp, path)
+        yield
     except OSError as err:
         _remove(tmp)
         full = _full_disk(err, path)
@@ -73,6 +66,21 @@ def write_atomic(path: Path, data: bytes | str | Writer) -> Path:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_atomic(path: Path, data: bytes | str | Writer) -> Path:
+    """Write ``data`` to ``path`` via a temp file and rename: readers see all of it or nothing; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    with _removed_on_failure(tmp, path):
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        elif isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            data(tmp)
+        os.replace(tmp, path)
     return path
 
 
@@ -163,16 +171,7 @@ def write_dir_atomic(path: Path, write: Writer) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path, "tmpdir")
     tmp.mkdir()
-    try:
+    with _removed_on_failure(tmp, path):
         write(tmp)
         replace_dir(tmp, path)
-    except OSError as err:
-        _remove(tmp)
-        full = _full_disk(err, path)
-        if full is err:
-            raise
-        raise full from err
-    except BaseException:
-        _remove(tmp)
-        raise
     return path
