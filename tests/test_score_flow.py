@@ -190,3 +190,28 @@ def test_new_weights_in_the_same_folder_are_a_new_run(tmp_path, model_dir, data_
     weights = folder / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert run_id_for("score", config, config.ingest.sources) != before
+
+
+def test_select_by_grad_norm_of_a_score_run(tmp_path, model_dir, data_file, prefect_harness, ray_local):
+    """The score flow's main signal is selectable: drop the highest-gradient half of a score run."""
+    from gradsift.flows.select import select_flow
+    from gradsift.schemas.train import SelectConfig
+
+    store = str(tmp_path / "store")
+    config = RunConfig.model_validate(
+        {
+            "store": store,
+            "model": {"name_or_path": str(model_dir), "max_tokens": 128},
+            "ingest": {"sources": [{"path": str(data_file)}], "shard_size": 32},
+            "score": {"engine": {"feature_dim": 0, "micro_batch_size": 16}},
+            "ray": {"num_actors": 1},
+        }
+    )
+    run = score_flow(config)["run_id"]
+    sel = select_flow(SelectConfig(store=store, scores_run=run, score="grad_norm", fractions=[0.5], drop="hard",
+                                   stratify="none"))  # fmt: skip
+    kept = query(Store(store), "SELECT max(grad_norm) AS top FROM scores JOIN selections USING (sample_id) "
+                               "WHERE kept").column("top")[0].as_py()  # fmt: skip
+    dropped = query(Store(store), "SELECT min(grad_norm) AS low FROM scores JOIN selections USING (sample_id) "
+                                  "WHERE NOT kept").column("low")[0].as_py()  # fmt: skip
+    assert sel["status"] == "completed" and kept <= dropped

@@ -50,10 +50,13 @@ def select_flow(config: SelectConfig) -> dict:
     if data.num_rows == 0:
         raise ValueError(f"no scores of run {config.scores_run!r} in {store.root}: run `gradsift train` first")
     if config.score and data.column(config.score).null_count == data.num_rows:
-        raise ValueError(
-            f"run {config.scores_run!r} has no {config.score} scores (trained with gradient_scores=false): "
-            "select by el2n, forgetting or aum, or train again with gradient scores"
+        why = (
+            "grad_norm comes from a score run (gradsift score); a train run has grand"
+            if config.score == "grad_norm"
+            else "trained with gradient_scores=false: select by el2n, forgetting or aum, or train again with "
+            "gradient scores"
         )
+        raise ValueError(f"run {config.scores_run!r} has no {config.score} scores ({why})")
     frame = {name: data.column(name).to_numpy(zero_copy_only=False) for name in data.column_names}
     frame["never_learned"] = frame["never_learned"].astype(bool)
 

@@ -12,7 +12,8 @@ from gradsift.schemas.config import DataSource, RayConfig
 Budget = Literal["epochs", "steps"]
 """Retraining budget of a selection: the train run's epochs, or as many optimiser steps as all data."""
 
-SCORE_NAMES = ("el2n", "grand", "forgetting", "aum", "vog", "self_influence", "loss")
+SCORE_NAMES = ("el2n", "grand", "forgetting", "aum", "vog", "self_influence", "loss", "grad_norm")
+"""Scores a selection can rank by: a train run's dynamics scores, and loss / grad_norm of a score run."""
 
 
 class TrainConfig(Config):
@@ -84,7 +85,7 @@ class SelectConfig(Config):
     """Selections from a scored training run: keep a fraction by a score, random, or softmax-sampled."""
 
     store: str = Field("store", description="Store folder.")
-    scores_run: str = Field(description="run_id of the train run whose scores select.")
+    scores_run: str = Field(description="run_id of the train (or score) run whose scores select.")
     score: Literal[SCORE_NAMES] | None = Field(
         None, description=f"Score to select by: {', '.join(SCORE_NAMES)} (None: the random baseline)."
     )
