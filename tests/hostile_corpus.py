@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 class Corpus:
     files: list[Path] = field(default_factory=list)
     good: dict[str, int] = field(default_factory=dict)  # file name -> rows that must be kept
-    bad: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # file name -> (line, reason prefix)
+    bad: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # file name -> (line, reason)
 
     def add(self, path: Path, good: int, bad: list[tuple[int, str]]) -> None:
         self.files.append(path)
@@ -45,11 +45,11 @@ def write_corpus(folder: Path, labelled: bool = False) -> Corpus:
         b"[1, 2, 3]",
         b'{"text": "\xff\xfe bad bytes"}',
     ]
-    bad = [(7, "invalid text"), (8, "invalid JSON"), (9, "over-long"), (10, "invalid JSON"), (11, "not an object"),
-           (12, "undecodable bytes")]  # fmt: skip
+    bad = [(7, "invalid_text"), (8, "invalid_json"), (9, "too_long"), (10, "invalid_json"), (11, "not_an_object"),
+           (12, "undecodable")]  # fmt: skip
     if labelled:
         rows += [{"text": "a row with an unknown class", "label": 7}, {"text": "a row with no label at all"}]
-        bad += [(13, "unknown label"), (14, "missing label")]
+        bad += [(13, "unknown_label"), (14, "missing_label")]
     path = folder / "hostile.jsonl"
     path.write_bytes(_jsonl(rows))
     corpus.add(path, 6, bad)
@@ -61,7 +61,7 @@ def write_corpus(folder: Path, labelled: bool = False) -> Corpus:
     lines.append("y " * 100_000 + ",1\n")  # line 7: a field over Python's csv limit of 131,072 characters
     path = folder / "hostile.csv"
     path.write_bytes((header + "".join(lines)).encode())
-    corpus.add(path, 4, [(3, "unbalanced quote"), (5, "invalid CSV"), (8, "over-long")])
+    corpus.add(path, 4, [(3, "unbalanced_quote"), (5, "invalid_csv"), (8, "too_long")])
 
     path = folder / "utf16.csv"
     path.write_bytes(codecs.BOM_UTF16_LE + (header + "utf-16 text one,0\nutf-16 text two,1\n").encode("utf-16-le"))
@@ -76,20 +76,20 @@ def write_corpus(folder: Path, labelled: bool = False) -> Corpus:
     corpus.add(path, 2, [])
     path = folder / "nobom16.jsonl"
     path.write_bytes(_jsonl([text(0, "utf-16 without bom")]).decode().encode("utf-16-le"))
-    corpus.add(path, 0, [(0, "unreadable file")])
+    corpus.add(path, 0, [(0, "unreadable_file")])
 
     whole = gzip.compress(_jsonl([text(i, "gzip") for i in range(40)]))
     path = folder / "truncated.jsonl.gz"
     path.write_bytes(whole[: len(whole) * 2 // 3])
-    corpus.add(path, -1, [(-1, "truncated file")])  # -1: some good rows, then the cut, at a line it decides
+    corpus.add(path, -1, [(-1, "truncated_file")])  # -1: some good rows, then the cut, at a line it decides
 
     for name, content in (("empty.json", b""), ("blank.json", b"  \n\t\n"), ("empty.parquet", b"")):
         path = folder / name
         path.write_bytes(content)
-        corpus.add(path, 0, [(0, "unreadable file")])
+        corpus.add(path, 0, [(0, "unreadable_file")])
     path = folder / "a-folder.jsonl"
     path.mkdir()
-    corpus.add(path, 0, [(0, "unreadable file")])
+    corpus.add(path, 0, [(0, "unreadable_file")])
 
     path = folder / "good.parquet"
     pq.write_table(pa.Table.from_pylist([text(i, "parquet") for i in range(3)]), path)
@@ -98,7 +98,7 @@ def write_corpus(folder: Path, labelled: bool = False) -> Corpus:
 
 
 def check_quarantine(corpus: Corpus, samples: list[dict], quarantine: list[dict]) -> None:
-    """Every good row kept, every bad row quarantined at its line with its category, and nothing else."""
+    """Every good row kept, every bad row quarantined at its line with its category (and a detail), nothing else."""
     by_file: dict[str, list[dict]] = {}
     for q in quarantine:
         by_file.setdefault(Path(q["source"]).name, []).append(q)
@@ -110,7 +110,8 @@ def check_quarantine(corpus: Corpus, samples: list[dict], quarantine: list[dict]
         want = corpus.bad[name]
         assert len(got) == len(want), f"{name}: quarantined {[(q['line'], q['reason']) for q in got]}, want {want}"
         for q, (line, category) in zip(got, want, strict=True):
-            assert q["reason"].startswith(category), f"{name} line {q['line']}: {q['reason']!r}, want {category}"
+            assert q["reason"] == category, f"{name} line {q['line']}: {q['reason']!r}, want {category}"
+            assert q["detail"], f"{name} line {q['line']}: {category} without a detail"
             assert line in (-1, q["line"]), f"{name}: {category} at line {q['line']}, want line {line}"
         if corpus.good[name] >= 0:
             assert kept.get(name, 0) == corpus.good[name], f"{name}: kept {kept.get(name, 0)}, want {corpus.good[name]}"

@@ -82,8 +82,9 @@ def test_fast_slow_quarantines_bad_problems(tmp_path, prefect_harness, ray_local
     store = tmp_path / "store"
     result = analyze_flow(AnalyzeConfig(data=str(data), store=str(store), fast_slow={"limit": 10}))
     assert result["status"] == "completed" and result["fast_slow"]["quarantined"] == 5
-    reasons = query(Store(store), "SELECT line, reason FROM quarantine ORDER BY line").to_pylist()
-    assert [(r["line"], r["reason"].split(":")[0]) for r in reasons] == [
-        (3, "missing field"), (4, "wrong type"), (5, "empty text"), (6, "not an object"), (9, "invalid JSON")
+    reasons = query(Store(store), "SELECT line, reason, detail FROM quarantine ORDER BY line").to_pylist()
+    assert [(r["line"], r["reason"]) for r in reasons] == [
+        (3, "missing_field"), (4, "wrong_type"), (5, "empty_text"), (6, "not_an_object"), (9, "invalid_json")
     ]  # fmt: skip
+    assert reasons[0]["detail"].startswith("field 'answer' is missing") and all(r["detail"] for r in reasons)
     assert query(Store(store), "SELECT max(n_samples) AS n FROM layer_curves").column("n")[0].as_py() == 4

@@ -32,7 +32,7 @@ def _assert_clean(proc: subprocess.CompletedProcess, rc: int = 0) -> str:
 def _tables(store: Path) -> tuple[list[dict], list[dict]]:
     st = Store(store)
     samples = query(st, "SELECT source, line, sample_id FROM samples").to_pylist()
-    quarantine = query(st, "SELECT source, line, reason FROM quarantine").to_pylist()
+    quarantine = query(st, "SELECT source, line, reason, detail FROM quarantine").to_pylist()
     return samples, quarantine
 
 
@@ -81,8 +81,8 @@ def test_train_cli_quarantines_unlabelled_rows(tmp_path, tiny_bert, ray_local):
             "--score-epoch", "1", "--seeds", "0", "--batch-size", "4"]  # fmt: skip
     _assert_clean(_run(args, gradsift_env(tmp_path, ray_local)))
     samples, quarantine = _tables(store)
-    got = sorted((q["line"], q["reason"].split(":")[0]) for q in quarantine)
-    want = [(line, cat) for line, cat in corpus.bad["hostile.jsonl"] if cat != "unknown label"]
+    got = sorted((q["line"], q["reason"]) for q in quarantine)
+    want = [(line, cat) for line, cat in corpus.bad["hostile.jsonl"] if cat != "unknown_label"]
     assert got == want
     assert len(samples) == corpus.good["hostile.jsonl"] + 1
 

@@ -39,13 +39,13 @@ def test_jsonl_bad_rows_are_quarantined_with_reasons(tmp_path):
     ]
     result = ingest(write_jsonl(tmp_path / "d.jsonl", good + bad))
     assert len(result.samples) == 10
-    reasons = [q["reason"] for q in result.quarantine]
-    expected = ["empty text", "missing field", "wrong type", "invalid JSON", "undecodable bytes", "over-long",
-                "exact duplicate of line 1", "not an object"]  # fmt: skip
-    assert len(reasons) == len(expected)
-    for reason, want in zip(reasons, expected, strict=True):
-        assert want in reason
-    assert [q["line"] for q in result.quarantine] == list(range(11, 19))
+    got = [(q["line"], q["reason"]) for q in result.quarantine]
+    expected = ["empty_text", "missing_field", "wrong_type", "invalid_json", "undecodable", "too_long", "duplicate",
+                "not_an_object"]  # fmt: skip
+    assert got == list(zip(range(11, 19), expected, strict=True))
+    details = [q["detail"] for q in result.quarantine]
+    assert "'response' is empty" in details[0] and "303 tokens > max_tokens 200" in details[5]
+    assert details[6] == "exact duplicate of line 1" and details[7] == "the record is a JSON list"
 
 
 def test_sample_id_is_a_content_hash(tmp_path):
@@ -59,7 +59,9 @@ def test_duplicate_ids_with_different_content(tmp_path):
     rows = [{"id": 7, "text": "first"}, {"id": 7, "text": "second"}, {"id": 8, "text": "third"}]
     result = ingest(write_jsonl(tmp_path / "d.jsonl", rows))
     assert [s["text"] for s in result.samples] == ["first", "third"]
-    assert "duplicate id 7 with different content (first at line 1)" in result.quarantine[0]["reason"]
+    assert [(q["reason"], q["detail"]) for q in result.quarantine] == [
+        ("duplicate_id", "id 7 with different content (first at line 1)")
+    ]
 
 
 def test_formats_and_field_mapping(tmp_path):
@@ -74,12 +76,12 @@ def test_formats_and_field_mapping(tmp_path):
     (tmp_path / "t.tsv").write_bytes(b"good movie\tpositive\nbad \xff bytes\tnegative\nonly one column\n")
     r = ingest(tmp_path / "t.tsv", columns=["text", "label"], constant_domain="news")
     assert [s["text"] for s in r.samples] == ["good movie"] and r.samples[0]["domain"] == "news"
-    assert ["undecodable" in q["reason"] for q in r.quarantine] == [True, False]
-    assert "expected 2 columns" in r.quarantine[1]["reason"]
+    assert [q["reason"] for q in r.quarantine] == ["undecodable", "wrong_columns"]
+    assert "expected 2 columns" in r.quarantine[1]["detail"]
 
     pq.write_table(pa.table({"text": ["a parquet row", ""]}), tmp_path / "p.parquet")
     r = ingest(tmp_path / "p.parquet")
-    assert len(r.samples) == 1 and "empty text" in r.quarantine[0]["reason"]
+    assert len(r.samples) == 1 and r.quarantine[0]["reason"] == "empty_text"
 
 
 def test_chat_messages(tmp_path):
@@ -87,7 +89,8 @@ def test_chat_messages(tmp_path):
     not_last = {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
     r = ingest(write_jsonl(tmp_path / "m.jsonl", [chat, not_last]))
     assert r.samples[0]["prompt"] == "<|user|>\nhi\n<|assistant|>\n" and r.samples[0]["response"] == "hello!"
-    assert "last message must be the assistant" in r.quarantine[0]["reason"]
+    assert r.quarantine[0]["reason"] == "no_assistant_turn"
+    assert "last message must be the assistant" in r.quarantine[0]["detail"]
 
 
 @pytest.mark.parametrize(
@@ -144,4 +147,4 @@ def test_csv_lines_are_physical_lines(tmp_path):
     path.write_text('text,label\n"two\nlines",1\nthird row,0\n\nlast,1,extra\n')
     r = ingest(path)
     assert [(s["text"], s["line"]) for s in r.samples] == [("two\nlines", 2), ("third row", 4)]
-    assert [(q["line"], q["reason"][:13]) for q in r.quarantine] == [(6, "wrong columns")]
+    assert [(q["line"], q["reason"]) for q in r.quarantine] == [(6, "wrong_columns")]

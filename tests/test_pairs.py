@@ -9,7 +9,8 @@ import json
 import pytest
 
 from gradsift.data.batching import IGNORE_INDEX
-from gradsift.data.pairs import CATEGORIES, BadRecord, parse_pair
+from gradsift.data.pairs import BadRecord, parse_pair
+from gradsift.data.reasons import REASONS
 from gradsift.models.loading import byte_tokenizer
 from gradsift.schemas.config import AnalyzeConfig
 from gradsift.schemas.influence import PairsConfig
@@ -58,17 +59,17 @@ GOOD = [
 
 # (JSONL line, reason category)
 BAD = [
-    (json.dumps({"prompt": "Q", "rejected": "b"}), "missing field"),
-    (json.dumps({"prompt": "Q", "chosen": 7, "rejected": "b"}), "wrong type"),
+    (json.dumps({"prompt": "Q", "rejected": "b"}), "missing_field"),
+    (json.dumps({"prompt": "Q", "chosen": 7, "rejected": "b"}), "wrong_type"),
     (
         json.dumps({"conversations": [{"from": "human", "value": "hi"}], "chosen": {"from": "gpt"}, "rejected": "b"}),
-        "missing field",
+        "missing_field",
     ),
-    (json.dumps({"prompt": "Q", "chosen": "a", "rejected": "   "}), "empty text"),
-    ('{"prompt": "Q", "chosen": ', "invalid JSON"),
-    ("[1, 2, 3]", "not an object"),
-    (json.dumps({"chosen": "Human: hi there", "rejected": "Human: hi\n\nAssistant: x"}), "no assistant turn"),
-    (json.dumps({"chosen": HH + " a", "rejected": "\n\nHuman: bye\n\nAssistant: b"}), "mismatched prompt"),
+    (json.dumps({"prompt": "Q", "chosen": "a", "rejected": "   "}), "empty_text"),
+    ('{"prompt": "Q", "chosen": ', "invalid_json"),
+    ("[1, 2, 3]", "not_an_object"),
+    (json.dumps({"chosen": "Human: hi there", "rejected": "Human: hi\n\nAssistant: x"}), "no_assistant_turn"),
+    (json.dumps({"chosen": HH + " a", "rejected": "\n\nHuman: bye\n\nAssistant: b"}), "mismatched_prompt"),
 ]
 
 
@@ -81,17 +82,18 @@ def test_configured_field_names_and_layout():
     pc = PairsConfig(prompt="question", chosen="good", rejected="bad", conversations="turns")
     assert parse_pair({"question": "Q", "good": "a", "bad": "b"}, pc) == ("Q", "a", "b")
     assert parse_pair({"turns": [{"role": "user", "content": "hi"}], "good": "a", "bad": "b"}, pc)[0] == CHAT_PROMPT
-    with pytest.raises(BadRecord, match="^wrong type: 'chosen' is a string"):
+    with pytest.raises(BadRecord, match="^wrong_type: 'chosen' is a string") as err:
         parse_pair({"chosen": HH + " a", "rejected": HH + " b"}, PairsConfig(layout="messages"))
+    assert err.value.reason == "wrong_type" and err.value.detail.startswith("'chosen' is a string")
     with pytest.raises(ValueError, match="extra"):
         PairsConfig(chosen_field="x")
 
 
-@pytest.mark.parametrize(("line", "category"), [b for b in BAD if b[0].startswith("{") and b[1] != "invalid JSON"])
+@pytest.mark.parametrize(("line", "category"), [b for b in BAD if b[0].startswith("{") and b[1] != "invalid_json"])
 def test_bad_rows_raise_their_category(line, category):
     with pytest.raises(BadRecord) as err:
         parse_pair(json.loads(line), PairsConfig())
-    assert str(err.value).startswith(category + ": ") and category in CATEGORIES
+    assert err.value.reason == category and category in REASONS and err.value.detail
 
 
 def test_truncation_keeps_prompt_end_and_response_start():
@@ -153,10 +155,10 @@ def test_analyze_pairs_cli_every_layout_and_bad_rows(tmp_path, prefect_harness, 
     scores = query(st, "SELECT line, truncated, condition_ratio FROM pair_scores ORDER BY line").to_pylist()
     assert [s["line"] for s in scores] == good_lines
     assert [s["line"] for s in scores if s["truncated"]] == [len(GOOD)]  # the long-prompt pair
-    quarantine = query(st, "SELECT dataset, line, reason FROM quarantine ORDER BY line").to_pylist()
+    quarantine = query(st, "SELECT dataset, line, reason, detail FROM quarantine ORDER BY line").to_pylist()
     assert [q["line"] for q in quarantine] == bad_lines
     for q, (_, category) in zip(quarantine, BAD, strict=True):
-        assert q["reason"].startswith(category + ": ") and q["dataset"] == "prefs", q
+        assert q["reason"] == category and q["detail"] and q["dataset"] == "prefs", q
 
 
 def test_analyze_pairs_cli_fails_clearly_without_a_usable_pair(tmp_path):
@@ -182,7 +184,7 @@ def test_hh_rlhf_pairs_keep_their_prompt(shared_data, tmp_path):
     cfg = AnalyzeConfig(store=str(tmp_path / "store"), data=str(path), pairs={})
     rows, bad = pair_rows(cfg)
     assert len(rows) + len(bad) == n_rows and len(bad) < 0.01 * n_rows
-    assert all(q["reason"].split(":")[0] in CATEGORIES for q in bad)
+    assert all(q["reason"] in REASONS and q["detail"] for q in bad)
     tok, n = byte_tokenizer(), 512
     n_cut = 0
     for _, prompt, chosen, rejected in rows[:300]:

@@ -77,12 +77,11 @@ def test_score_flow_end_to_end(tmp_path, model_dir, data_file, prefect_harness, 
     store = Store(config.store)
 
     assert query(store, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 95
-    reasons = query(store, "SELECT line, reason FROM quarantine ORDER BY line").to_pylist()
-    assert [r["line"] for r in reasons] == [11, 28, 45, 62, 79]
-    for row, want in zip(
-        reasons, ["empty text", "missing field", "wrong type", "invalid JSON", "undecodable"], strict=True
-    ):
-        assert want in row["reason"]
+    reasons = query(store, "SELECT line, reason, detail FROM quarantine ORDER BY line").to_pylist()
+    assert [(r["line"], r["reason"]) for r in reasons] == [
+        (11, "empty_text"), (28, "missing_field"), (45, "wrong_type"), (62, "invalid_json"), (79, "undecodable")
+    ]  # fmt: skip
+    assert all(r["detail"] for r in reasons), reasons
 
     rows = query(
         store,
@@ -167,6 +166,37 @@ def test_ingest_flow_writes_samples_and_quarantine_only(tmp_path, model_dir, dat
     counts = query(store, "SELECT (SELECT count(*) FROM samples) AS s, (SELECT count(*) FROM quarantine) AS q, "
                    "(SELECT count(*) FROM scores) AS sc").to_pylist()[0]  # fmt: skip
     assert (result["status"], counts) == ("completed", {"s": 95, "q": 5, "sc": 0})
+
+
+def test_quarantine_groups_by_category_with_the_specifics_in_detail(tmp_path, model_dir, prefect_harness):
+    """``GROUP BY reason`` gives one row per category; line numbers and token counts are in ``detail``."""
+    from gradsift.flows.score import ingest_flow
+
+    short = [{"text": f"row {i} is short"} for i in range(4)]
+    long = [{"text": f"long row {i} " + "x" * 200} for i in range(3)]
+    rows = [short[0], long[0], short[1], short[0], long[1], short[2], long[2], short[1], short[3]]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RunConfig.model_validate(
+        {
+            "store": str(tmp_path / "store"),
+            "model": {"name_or_path": str(model_dir), "max_tokens": 64},
+            "ingest": {"sources": [{"path": str(path)}]},
+        }
+    )
+    assert ingest_flow(config)["status"] == "completed"
+    store = Store(config.store)
+    grouped = query(store, "SELECT reason, count(*) FROM quarantine GROUP BY reason ORDER BY reason")
+    assert [tuple(r.values()) for r in grouped.to_pylist()] == [("duplicate", 2), ("too_long", 3)]
+    got = query(store, "SELECT line, reason, detail FROM quarantine ORDER BY line").to_pylist()
+    assert [(q["line"], q["reason"]) for q in got] == [
+        (2, "too_long"), (4, "duplicate"), (5, "too_long"), (7, "too_long"), (8, "duplicate")
+    ]  # fmt: skip
+    details = [q["detail"] for q in got]
+    assert details[1] == "exact duplicate of line 1" and details[4] == "exact duplicate of line 3"
+    for detail in details[0], details[2], details[3]:
+        n_tokens = int(detail.split()[0])
+        assert n_tokens > 64 and detail == f"{n_tokens} tokens > max_tokens 64"
 
 
 def test_new_weights_in_the_same_folder_are_a_new_run(tmp_path, model_dir, data_file):

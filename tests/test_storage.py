@@ -209,3 +209,24 @@ def test_typed_keys_round_trip():
     assert feat.value == "train-x-seed0.step-000012:adam" and CheckpointFeature.parse(feat.value) == feat
     with pytest.raises(ValueError, match="feature kind"):
         CheckpointFeature("c", "hessian")
+
+
+def test_a_column_added_to_a_schema_reads_as_null_from_older_parts(tmp_path):
+    """A quarantine part written before ``detail`` existed still reads: alone, and next to a newer part."""
+    from gradsift.schemas.tables import QUARANTINE
+
+    store = Store(tmp_path).ensure()
+    old = pa.table({"dataset": ["d"], "source": ["d.jsonl"], "line": [3], "reason": ["over-long: 9 > 8"], "raw": [""]})
+    for run_id, part in (("old", old), ("new", None)):
+        if part is None:
+            row = {"dataset": "d", "source": "d.jsonl", "line": 4, "reason": "too_long", "detail": "9 > 8", "raw": ""}
+            part = pa.Table.from_pylist([row], schema=QUARANTINE)
+        staging = store.staging(run_id)
+        staging.write_part("quarantine", "d", part)
+        staging.commit()
+        store.write_run({"run_id": run_id, "flow": "t", "status": "completed", "started_at": utc_now()})
+        build_catalog(store)
+        got = query(store, "SELECT run_id, line, reason, detail FROM quarantine ORDER BY line").to_pylist()
+        assert got[0] == {"run_id": "old", "line": 3, "reason": "over-long: 9 > 8", "detail": None}
+    assert got[1] == {"run_id": "new", "line": 4, "reason": "too_long", "detail": "9 > 8"}
+    assert query(store, "SELECT * FROM quarantine").column_names == [*QUARANTINE.names, "run_id"]

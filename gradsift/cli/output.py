@@ -60,7 +60,7 @@ def analyze_summary(result: dict, store, kind: str) -> None:
             highlight=False,
         )
         if info["quarantined"]:
-            sql = f"SELECT line, reason FROM quarantine WHERE run_id = '{result['run_id']}' ORDER BY line"
+            sql = f"SELECT line, reason, detail FROM quarantine WHERE run_id = '{result['run_id']}' ORDER BY line"
             _try(store, sql, "Quarantined rows: ")
     _try(store, f"SELECT * FROM {'pair_scores' if kind == 'pairs' else 'layer_diffs'} LIMIT 20")
 

@@ -1,8 +1,8 @@
 """Ingest: raw rows (tasks.readers) -> validated samples with content-hash ids, plus quarantine rows.
 
-A bad row never stops ingest: it becomes a quarantine row whose reason starts with its category
-("missing field", "wrong type", "invalid text", "unknown label", "over-long", "tokenizer error", ...)
-and says what is wrong. A file that cannot be read at all raises ``IngestError`` naming the file.
+A bad row never stops ingest: it becomes a quarantine row with its category as ``reason`` (``missing_field``,
+``wrong_type``, ``invalid_text``, ``unknown_label``, ``too_long``, ``tokenizer_error``, ...: data.reasons) and
+what is wrong as ``detail``. A file that cannot be read at all raises ``IngestError`` naming the file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from gradsift.data.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
+from gradsift.data.reasons import BadRow, Problem, Reason, quarantine_row
 from gradsift.schemas.config import DataSource
 from gradsift.schemas.tables import QUARANTINE
 from gradsift.storage.keys import ShardKey
@@ -42,24 +43,32 @@ class LabelRule:
     required: bool = False
     classes: tuple[str, ...] | None = None
 
-    def problem(self, label: str | None, field_name: str | None) -> str | None:
+    def problem(self, label: str | None, field_name: str | None) -> Problem | None:
         if label is None:
-            return f"missing label: a classifier needs field {field_name!r} on every row" if self.required else None
+            detail = f"a classifier needs field {field_name!r} on every row"
+            return Problem("missing_label", detail) if self.required else None
         if self.classes is not None and label not in self.classes:
             shown = ", ".join(self.classes[:20]) + (", ..." if len(self.classes) > 20 else "")
-            return (
-                f"unknown label: {label!r} is not one of the {len(self.classes)} classes ({shown}); "
-                "name the classes with model.labels (--labels)"
+            return Problem(
+                "unknown_label",
+                f"{label!r} is not one of the {len(self.classes)} classes ({shown}); "
+                "name the classes with model.labels (--labels)",
             )
         return None
 
 
 def render_messages(messages: list) -> tuple[str, str]:
-    """Chat messages -> (prompt, response): the last assistant turn is the response."""
-    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-        raise ValueError("messages must be a non-empty list of {role, content} objects with string content")
+    """Chat messages -> (prompt, response): the last assistant turn is the response; ``BadRow`` when they are not."""
+    if not isinstance(messages, list):
+        raise BadRow(
+            "wrong_type", f"messages is {type(messages).__name__}, expected a list of {{role, content}} objects"
+        )
+    if not messages:
+        raise BadRow("empty_text", "the messages list is empty")
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise BadRow("wrong_type", "messages must be a list of {role, content} objects with string content")
     if messages[-1].get("role") != "assistant":
-        raise ValueError("the last message must be the assistant's (it is the response)")
+        raise BadRow("no_assistant_turn", "the last message must be the assistant's (it is the response)")
     prompt = "".join(f"<|{m.get('role', 'user')}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
     return prompt, messages[-1]["content"]
 
@@ -74,13 +83,14 @@ def _record_json(record: dict) -> str:
     try:
         raw = json.dumps(record, ensure_ascii=False, default=str)
     except RecursionError as err:
-        raise ValueError("invalid record: nested too deep") from err
+        raise BadRow("invalid_record", "nested too deep") from err
     try:
         raw.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(
-            f"invalid text: a lone surrogate \\u{ord(raw[err.start]):04x} (an unpaired UTF-16 escape in the JSON) "
-            f"at character {err.start} of the record; it is no valid Unicode"
+        raise BadRow(
+            "invalid_text",
+            f"a lone surrogate \\u{ord(raw[err.start]):04x} (an unpaired UTF-16 escape in the JSON) "
+            f"at character {err.start} of the record; it is no valid Unicode",
         ) from err
     return raw
 
@@ -90,7 +100,7 @@ def _field(record: dict, name: str | None):
 
 
 def _sample_from_record(record: dict, source: DataSource) -> tuple[str | None, str | None, str]:
-    """Returns (prompt, response, text) or raises ValueError with the reason."""
+    """Returns (prompt, response, text) or raises ``BadRow`` with the reason."""
     messages = _field(record, source.messages)
     if messages is not None:
         prompt, response = render_messages(messages)
@@ -103,22 +113,23 @@ def _sample_from_record(record: dict, source: DataSource) -> tuple[str | None, s
     if response is not None or prompt is not None:
         for name, value in ((source.prompt, prompt), (source.response, response)):
             if value is None:
-                raise ValueError(f"missing field {name!r} (prompt and response go together)")
+                raise BadRow("missing_field", f"field {name!r} is missing (prompt and response go together)")
             if not isinstance(value, str):
-                raise ValueError(f"wrong type: field {name!r} is {type(value).__name__}, expected a string")
+                raise BadRow("wrong_type", f"field {name!r} is {type(value).__name__}, expected a string")
         if not response.strip():
-            raise ValueError(f"empty text in field {source.response!r}")
+            raise BadRow("empty_text", f"field {source.response!r} is empty")
         return prompt, response, prompt + response
     if text is None:
         fields = ", ".join(sorted(record)) or "none"
-        raise ValueError(
-            f"missing field: need {source.prompt!r}+{source.response!r}, {source.text!r} or {source.messages!r} "
-            f"(fields in this row: {fields}); map yours with the source's field options"
+        raise BadRow(
+            "missing_field",
+            f"need {source.prompt!r}+{source.response!r}, {source.text!r} or {source.messages!r} "
+            f"(fields in this row: {fields}); map yours with the source's field options",
         )
     if not isinstance(text, str):
-        raise ValueError(f"wrong type: field {source.text!r} is {type(text).__name__}, expected a string")
+        raise BadRow("wrong_type", f"field {source.text!r} is {type(text).__name__}, expected a string")
     if not text.strip():
-        raise ValueError(f"empty text in field {source.text!r}")
+        raise BadRow("empty_text", f"field {source.text!r} is empty")
     return None, None, text
 
 
@@ -132,33 +143,32 @@ def ingest_source(
     """Validate every row of one file: samples with content-hash ids, and quarantine rows with reasons.
 
     ``count_tokens(prompt, response, text)`` gives the length the sample will have when scored; an
-    exception it raises quarantines the row ("tokenizer error").
+    exception it raises quarantines the row (``tokenizer_error``).
     """
     result = IngestResult(source.name)
     seen_content: dict[str, int] = {}
     seen_ids: dict[str, tuple[str, int]] = {}
 
-    def reject(row: RawRow, reason: str) -> None:
-        result.quarantine.append(
-            {"dataset": source.name, "source": source.path, "line": row.line, "reason": reason, "raw": row.raw[:10_000]}
-        )
+    def reject(row: RawRow, reason: Problem | Reason, detail: str = "") -> None:
+        problem = reason if isinstance(reason, Problem) else Problem(reason, detail)
+        result.quarantine.append(quarantine_row(source.name, source.path, row.line, problem, row.raw))
 
     rows = open_rows(source, max_row_bytes)
     result.notes = rows.notes
     for row in rows.rows:
         if row.record is None:
-            reject(row, row.error or "unreadable row")
+            reject(row, row.problem)
             continue
         rec = row.record
         try:
             record_json = _record_json(rec)
             prompt, response, text = _sample_from_record(rec, source)
-        except ValueError as err:
-            reject(row, str(err))
+        except BadRow as err:
+            reject(row, err.problem)
             continue
         label = _field(rec, source.label)
         if label is not None and not isinstance(label, str | int | bool):
-            reject(row, f"wrong type: field {source.label!r} is {type(label).__name__}, expected a string or integer")
+            reject(row, "wrong_type", f"field {source.label!r} is {type(label).__name__}, expected a string or integer")
             continue
         label = None if label is None else str(label)
         if problem := labels.problem(label, source.label):
@@ -168,21 +178,21 @@ def ingest_source(
         try:
             n_tokens = count_tokens(prompt, response, text)
         except Exception as err:  # a tokenizer's own failure on one row must not stop the file
-            reject(row, f"tokenizer error: {type(err).__name__}: {err}"[:500])
+            reject(row, "tokenizer_error", f"{type(err).__name__}: {err}"[:500])
             continue
         if n_tokens > max_tokens:
-            reject(row, f"over-long: {n_tokens} tokens > max_tokens {max_tokens}")
+            reject(row, "too_long", f"{n_tokens} tokens > max_tokens {max_tokens}")
             continue
         sample_id = content_hash(prompt, response, text if prompt is None else None, label)
         own_id = _field(rec, source.id)
         if own_id is not None:
             first = seen_ids.get(str(own_id))
             if first and first[0] != sample_id:
-                reject(row, f"duplicate id {own_id!r} with different content (first at line {first[1]})")
+                reject(row, "duplicate_id", f"id {own_id!r} with different content (first at line {first[1]})")
                 continue
             seen_ids.setdefault(str(own_id), (sample_id, row.line))
         if sample_id in seen_content:
-            reject(row, f"exact duplicate of line {seen_content[sample_id]}")
+            reject(row, "duplicate", f"exact duplicate of line {seen_content[sample_id]}")
             continue
         seen_content[sample_id] = row.line
         result.samples.append(

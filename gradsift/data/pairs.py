@@ -11,30 +11,17 @@ Layouts (``PairsConfig.layout``; ``auto`` picks one per row):
   ``prompt`` is a message list and chosen/rejected its continuations (message lists, one turn or strings).
 
 A turn may spell its keys {from, value} or {role, content}. Chat turns become text as ingest's
-``render_messages`` renders them. A row that does not fit raises ``BadRecord``; its message is the
-quarantine reason, "<category>: <detail>", the category one of ``CATEGORIES``.
+``render_messages`` renders them. A row that does not fit raises ``BadRecord``: its ``reason`` (one of
+data.reasons' categories) and ``detail`` become the quarantine row's.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from gradsift.data.ingest import IngestError, RawRow, render_messages
+from gradsift.data.ingest import IngestError, render_messages
+from gradsift.data.reasons import BadRow
 from gradsift.schemas.influence import PairsConfig
-
-CATEGORIES = (
-    "invalid JSON",
-    "undecodable bytes",
-    "not an object",
-    "missing field",
-    "wrong type",
-    "empty text",
-    "no assistant turn",
-    "mismatched prompt",
-    "unreadable row",
-)
-"""Categories quarantine reasons start with (``SELECT split_part(reason, ':', 1), count(*) FROM quarantine``)."""
 
 ROLES = {
     "human": "user",
@@ -61,8 +48,8 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-class BadRecord(ValueError):
-    """A record an analysis cannot use (a preference pair, a gsm8k problem); the message is the quarantine reason."""
+class BadRecord(BadRow):
+    """A record an analysis cannot use (a preference pair, a gsm8k problem): ``.problem`` is its quarantine reason."""
 
 
 class NoUsableRows(IngestError):
@@ -84,43 +71,31 @@ def _kind(value: Any) -> str:
     return _JSON_KIND.get(type(value), type(value).__name__)
 
 
-def unreadable_reason(row: RawRow) -> str:
-    """The quarantine reason of a row ``read_rows`` could not turn into a record."""
-    err = row.error or "unreadable row"
-    if err == "record is not an object":
-        try:
-            kind = _kind(json.loads(row.raw))
-        except ValueError:
-            kind = "not a JSON object"
-        return f"not an object: the record is {kind}"
-    return err if err.split(":", 1)[0] in CATEGORIES else f"unreadable row: {err}"
-
-
 def _get(rec: dict, name: str) -> Any:
     value = rec.get(name)
     if value is None:
         fields = ", ".join(sorted(map(str, rec))) or "none"
-        raise BadRecord(f"missing field: {name!r} (fields in this row: {fields})")
+        raise BadRecord("missing_field", f"field {name!r} is missing (fields in this row: {fields})")
     return value
 
 
 def _text(value: Any, where: str, expected: str = "a string") -> str:
     if not isinstance(value, str):
-        raise BadRecord(f"wrong type: {where} is {_kind(value)}, expected {expected}")
+        raise BadRecord("wrong_type", f"{where} is {_kind(value)}, expected {expected}")
     return value
 
 
 def _turn(value: Any, where: str) -> Turn:
     if not isinstance(value, dict):
         raise BadRecord(
-            f"wrong type: {where} is {_kind(value)}, expected a {{from, value}} or {{role, content}} object"
+            "wrong_type", f"{where} is {_kind(value)}, expected a {{from, value}} or {{role, content}} object"
         )
     role = next((value[k] for k in ("from", "role") if value.get(k) is not None), None)
     text = next((value[k] for k in ("value", "content") if value.get(k) is not None), None)
     if role is None:
-        raise BadRecord(f"missing field: {where} has no 'from' (or 'role')")
+        raise BadRecord("missing_field", f"{where} has no 'from' (or 'role')")
     if text is None:
-        raise BadRecord(f"missing field: {where} has no 'value' (or 'content')")
+        raise BadRecord("missing_field", f"{where} has no 'value' (or 'content')")
     role = _text(role, f"the role of {where}")
     text = _text(text, f"the text of {where}")
     return ROLES.get(role.strip().lower(), role), text
@@ -128,7 +103,7 @@ def _turn(value: Any, where: str) -> Turn:
 
 def _turns(value: Any, where: str) -> list[Turn]:
     if not isinstance(value, list):
-        raise BadRecord(f"wrong type: {where} is {_kind(value)}, expected a list of turns")
+        raise BadRecord("wrong_type", f"{where} is {_kind(value)}, expected a list of turns")
     return [_turn(t, f"turn {i} of {where}") for i, t in enumerate(value)]
 
 
@@ -141,11 +116,11 @@ def _reply(value: Any, where: str) -> tuple[list[Turn], str]:
     elif isinstance(value, list):
         turns = _turns(value, where)
         if not turns:
-            raise BadRecord(f"empty text: {where} is an empty list")
+            raise BadRecord("empty_text", f"{where} is an empty list")
     else:
-        raise BadRecord(f"wrong type: {where} is {_kind(value)}, expected a string, a turn or a list of turns")
+        raise BadRecord("wrong_type", f"{where} is {_kind(value)}, expected a string, a turn or a list of turns")
     if turns[-1][0] != "assistant":
-        raise BadRecord(f"no assistant turn: the last turn of {where} is from {turns[-1][0]!r}")
+        raise BadRecord("no_assistant_turn", f"the last turn of {where} is from {turns[-1][0]!r}")
     return turns[:-1], turns[-1][1]
 
 
@@ -158,10 +133,10 @@ def _chat(rec: dict, pc: PairsConfig, base: list[Turn], base_name: str | None) -
     (w_extra, chosen), (l_extra, rejected) = (_reply(_get(rec, n), repr(n)) for n in (pc.chosen, pc.rejected))
     w_turns, l_turns = base + _strip_shared(base, w_extra), base + _strip_shared(base, l_extra)
     if w_turns != l_turns:
-        raise BadRecord(f"mismatched prompt: {pc.chosen!r} and {pc.rejected!r} differ before their last turn")
+        raise BadRecord("mismatched_prompt", f"{pc.chosen!r} and {pc.rejected!r} differ before their last turn")
     if not w_turns:
         where = f"{base_name!r} has no turns" if base_name else f"no turns before the last of {pc.chosen!r}"
-        raise BadRecord(f"empty text: no prompt turns ({where})")
+        raise BadRecord("empty_text", f"no prompt turns ({where})")
     messages = [{"role": role, "content": text} for role, text in w_turns]
     prompt, _ = render_messages([*messages, {"role": "assistant", "content": chosen}])
     return prompt, chosen, rejected
@@ -174,7 +149,7 @@ def _prompt_layout(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
         extra, text = _reply(_get(rec, name), repr(name))
         if extra:
             raise BadRecord(
-                f"wrong type: {name!r} holds {len(extra) + 1} turns; with a string prompt it must be one reply"
+                "wrong_type", f"{name!r} holds {len(extra) + 1} turns; with a string prompt it must be one reply"
             )
         out.append(text)
     return out[0], out[1], out[2]
@@ -188,10 +163,12 @@ def _hh_layout(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
         try:
             parts.append(split_dialogue(text))
         except ValueError:
-            raise BadRecord(f"no assistant turn: {name!r} has no {ASSISTANT!r} turn to split at") from None
+            raise BadRecord("no_assistant_turn", f"{name!r} has no {ASSISTANT!r} turn to split at") from None
     (prompt, chosen), (other, rejected) = parts
     if prompt != other:
-        raise BadRecord(f"mismatched prompt: {pc.chosen!r} and {pc.rejected!r} differ before their last Assistant turn")
+        raise BadRecord(
+            "mismatched_prompt", f"{pc.chosen!r} and {pc.rejected!r} differ before their last Assistant turn"
+        )
     return prompt, chosen, rejected
 
 
@@ -224,19 +201,15 @@ def parse_pair(rec: dict, pc: PairsConfig) -> tuple[str, str, str]:
             for name in (pc.chosen, pc.rejected):
                 if not isinstance(_get(rec, name), list):
                     raise BadRecord(
-                        f"wrong type: {name!r} is {_kind(rec[name])}, expected a message list "
-                        f"(messages layout without a {pc.prompt!r} message list)"
+                        "wrong_type",
+                        f"{name!r} is {_kind(rec[name])}, expected a message list "
+                        f"(messages layout without a {pc.prompt!r} message list)",
                     )
         prompt, chosen, rejected = _chat(rec, pc, base, pc.prompt if base else None)
     for name, text in ((pc.chosen, chosen), (pc.rejected, rejected)):
         if not text.strip():
-            raise BadRecord(f"empty text: the {name!r} response is empty")
+            raise BadRecord("empty_text", f"the {name!r} response is empty")
     return prompt, chosen, rejected
-
-
-def quarantine_row(dataset: str, source: str, line: int, reason: str, raw: str) -> dict:
-    """One row of the quarantine table."""
-    return {"dataset": dataset, "source": source, "line": line, "reason": reason, "raw": raw[:10_000]}
 
 
 PAIR_FIELDS = (
@@ -246,11 +219,15 @@ PAIR_FIELDS = (
 
 
 def no_rows_message(path: str, quarantine: list[dict], what: str = "preference pair", hint: str = PAIR_FIELDS) -> str:
-    """Why a file gave no usable row: its most common quarantine reasons, and what to map."""
+    """Why a file gave no usable row: its most common quarantine reasons (with one detail each), and what to map."""
     if not quarantine:
         return f"{path}: no records: nothing to analyse"
     counts: dict[str, int] = {}
+    example: dict[str, str] = {}
     for q in quarantine:
         counts[q["reason"]] = counts.get(q["reason"], 0) + 1
-    top = "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+        example.setdefault(q["reason"], q["detail"])
+    top = "; ".join(
+        f"{n} x {r} (e.g. {example[r][:100]})" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    )
     return f"{path}: no usable {what}: all {len(quarantine)} rows quarantined ({top}). {hint}"

@@ -1,10 +1,10 @@
 """Reading input files into raw rows, one row at a time, never letting one row stop the others.
 
 Every per-row problem (undecodable bytes, invalid JSON, nesting too deep, a CSV field over the limit,
-an unbalanced quote, a bare carriage return, a line over ``max_row_bytes``) comes back on the row as an
-error that starts with its category; the file goes on. A file that cannot be read at all (missing, a
-folder, empty, not gzip, UTF-16 without a byte-order mark, corrupt Parquet, a .json that is no list)
-raises ``IngestError`` naming the file. Byte-order marks are detected and reported in ``notes``; a
+an unbalanced quote, a bare carriage return, a line over ``max_row_bytes``) comes back on the row as a
+``Problem`` (its category and the specifics, data.reasons); the file goes on. A file that cannot be read
+at all (missing, a folder, empty, not gzip, UTF-16 without a byte-order mark, corrupt Parquet, a .json
+that is no list) raises ``IngestError`` naming the file. Byte-order marks are detected and reported in ``notes``; a
 truncated ``.gz`` keeps the rows read before the cut and reports the cut as a row.
 
 Lines are physical line numbers of the (decompressed) file, for CSV too; the byte-length check runs
@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 import pyarrow.parquet as pq
 
+from gradsift.data.reasons import Problem
 from gradsift.schemas.config import DataSource, IngestConfig
 
 DEFAULT_MAX_ROW_BYTES: int = IngestConfig.model_fields["max_row_bytes"].default
@@ -48,7 +49,12 @@ class RawRow:
     line: int
     record: dict | None  # None when the row could not be parsed
     raw: str
-    error: str | None = None  # "category: detail"
+    error: Problem | None = None
+
+    @property
+    def problem(self) -> Problem:
+        """Why a row without a record has none."""
+        return self.error or Problem("unreadable_row", "the row gave no record and no reader error")
 
 
 @dataclass
@@ -109,7 +115,7 @@ def _sniff_encoding(path: Path, head: bytes) -> tuple[str, int, str | None]:
     return "utf-8", 0, None
 
 
-def _text_lines(path: Path, limit: int, notes: list[str]) -> Iterator[tuple[int, bytes | None, str | None]]:
+def _text_lines(path: Path, limit: int, notes: list[str]) -> Iterator[tuple[int, bytes | None, Problem | None]]:
     """(physical line number, UTF-8 bytes without the line end or None when over ``limit``, error) per line.
 
     Lines end at ``\\n`` only (a bare ``\\r`` stays inside its line). A decompression or decoding failure
@@ -139,20 +145,24 @@ def _text_lines(path: Path, limit: int, notes: list[str]) -> Iterator[tuple[int,
                 chunk = chunk.encode("utf-8", "surrogatepass")
             if len(chunk) > limit and not chunk.endswith(b"\n"):
                 size = len(chunk) + _skip_to_line_end(stream)
-                yield number, None, f"over-long: line of {size:,}+ bytes > max_row_bytes {limit:,} (not parsed)"
+                yield (
+                    number,
+                    None,
+                    Problem("too_long", f"line of {size:,}+ bytes > max_row_bytes {limit:,} (not parsed)"),
+                )
                 continue
             yield number, chunk.rstrip(b"\n").removesuffix(b"\r"), None
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         yield (
             number + 1,
             None,
-            f"truncated file: the compressed data ends early ({err}); rows before line {number + 1} kept",
+            Problem("truncated_file", f"the compressed data ends early ({err}); rows before line {number + 1} kept"),
         )
     except UnicodeDecodeError as err:
         yield (
             number + 1,
             None,
-            f"undecodable bytes: not valid {codec} ({err.reason}); rows before line {number + 1} kept",
+            Problem("undecodable", f"not valid {codec} ({err.reason}); rows before line {number + 1} kept"),
         )
     finally:
         fh.close()
@@ -168,22 +178,22 @@ def _skip_to_line_end(stream) -> int:
             return skipped
 
 
-def _decode(line: bytes) -> tuple[str, str | None]:
+def _decode(line: bytes) -> tuple[str, Problem | None]:
     try:
         return line.decode("utf-8"), None
     except UnicodeDecodeError as err:
-        return line.decode("utf-8", "replace"), f"undecodable bytes: {err.reason} at byte {err.start} (not UTF-8)"
+        return line.decode("utf-8", "replace"), Problem("undecodable", f"{err.reason} at byte {err.start} (not UTF-8)")
 
 
-def _json_record(text: str) -> tuple[dict | None, str | None]:
+def _json_record(text: str) -> tuple[dict | None, Problem | None]:
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as err:
-        return None, f"invalid JSON: {err.msg} at column {err.colno}"
+        return None, Problem("invalid_json", f"{err.msg} at column {err.colno}")
     except RecursionError:
-        return None, "invalid JSON: nested too deep to parse"
+        return None, Problem("invalid_json", "nested too deep to parse")
     if not isinstance(rec, dict):
-        return None, f"not an object: the record is a JSON {type(rec).__name__}"
+        return None, Problem("not_an_object", f"the record is a JSON {type(rec).__name__}")
     return rec, None
 
 
@@ -207,11 +217,11 @@ def _read_whole(path: Path, limit: int, notes: list[str]) -> str:
     parts = []
     for number, line, error in _text_lines(path, 1 << 62, notes):
         if error:
-            raise IngestError(f"{path}: {error.split('; rows before')[0]} at line {number}")
+            raise IngestError(f"{path}: {error.reason}: {error.detail.split('; rows before')[0]} at line {number}")
         parts.append(line)
     text, error = _decode(b"\n".join(parts))
     if error:
-        raise IngestError(f"{path}: {error}")
+        raise IngestError(f"{path}: {error.reason}: {error.detail}")
     return text
 
 
@@ -236,11 +246,11 @@ def _sized_record(number: int, rec, limit: int) -> RawRow:
     try:
         raw = json.dumps(rec, ensure_ascii=False, default=str)
     except (RecursionError, ValueError) as err:
-        return RawRow(number, None, "", f"invalid record: {err}")
+        return RawRow(number, None, "", Problem("invalid_record", str(err)))
     if len(raw.encode("utf-8", "surrogatepass")) > limit:
-        return RawRow(number, None, raw[:10_000], f"over-long: record over max_row_bytes {limit:,}")
+        return RawRow(number, None, raw[:10_000], Problem("too_long", f"record over max_row_bytes {limit:,}"))
     if not isinstance(rec, dict):
-        return RawRow(number, None, raw, f"not an object: the record is a JSON {type(rec).__name__}")
+        return RawRow(number, None, raw, Problem("not_an_object", f"the record is a JSON {type(rec).__name__}"))
     return RawRow(number, rec, raw)
 
 
@@ -256,17 +266,17 @@ def _parquet_rows(path: Path, limit: int) -> Iterator[RawRow]:
                 number += 1
                 yield _sized_record(number, rec, limit)
     except Exception as err:  # a corrupt row group after good ones: keep what was read
-        yield RawRow(number + 1, None, "", f"unreadable data: {type(err).__name__}: {err}; rows before kept")
+        yield RawRow(number + 1, None, "", Problem("unreadable_data", f"{type(err).__name__}: {err}; rows before kept"))
 
 
 class _LineFeed:
     """Physical lines for ``csv.reader``, remembering which lines the current record took, so that a
     record that went wrong across several lines can be re-read from its second line."""
 
-    def __init__(self, lines: Iterator[tuple[int, bytes | None, str | None]]):
+    def __init__(self, lines: Iterator[tuple[int, bytes | None, Problem | None]]):
         self.source = lines
-        self.pending: deque[tuple[int, bytes | None, str | None]] = deque()
-        self.taken: list[tuple[int, bytes | None, str | None]] = []
+        self.pending: deque[tuple[int, bytes | None, Problem | None]] = deque()
+        self.taken: list[tuple[int, bytes | None, Problem | None]] = []
 
     def __iter__(self) -> _LineFeed:
         return self
@@ -296,9 +306,9 @@ def _csv_rows(path: Path, fmt: str, source: DataSource, limit: int, notes: list[
         except StopIteration:
             return
         except csv.Error as err:
-            cells, error = None, f"invalid CSV: {err}"
+            cells, error = None, Problem("invalid_csv", str(err))
             if "new-line character" in str(err):
-                error = "invalid CSV: a bare carriage return (\\r) inside an unquoted field; quote the field"
+                error = Problem("invalid_csv", "a bare carriage return (\\r) inside an unquoted field; quote the field")
         if not feed.taken:
             return
         first, last = feed.taken[0][0], feed.taken[-1][0]
@@ -320,8 +330,10 @@ def _csv_rows(path: Path, fmt: str, source: DataSource, limit: int, notes: list[
                 first,
                 None,
                 raw.split("\n", 1)[0],
-                f"unbalanced quote: a quoted field opened on line {first} runs to line {last}; "
-                "the lines after it are read again",
+                Problem(
+                    "unbalanced_quote",
+                    f"a quoted field opened on line {first} runs to line {last}; the lines after it are read again",
+                ),
             )
             continue
         if error is not None:
@@ -329,13 +341,13 @@ def _csv_rows(path: Path, fmt: str, source: DataSource, limit: int, notes: list[
             continue
         joined = delimiter.join(cells)
         if any("\udc80" <= ch <= "\udcff" for ch in joined):
-            yield RawRow(first, None, raw, "undecodable bytes: not UTF-8")
+            yield RawRow(first, None, raw, Problem("undecodable", "not UTF-8"))
         elif len(cells) != len(header):
             yield RawRow(
                 first,
                 None,
                 joined,
-                f"wrong columns: expected {len(header)} columns ({', '.join(header)}), found {len(cells)}",
+                Problem("wrong_columns", f"expected {len(header)} columns ({', '.join(header)}), found {len(cells)}"),
             )
         else:
             yield RawRow(first, dict(zip(header, cells, strict=True)), joined)

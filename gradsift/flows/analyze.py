@@ -11,15 +11,9 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.data.pairs import (
-    BadRecord,
-    NoUsableRows,
-    no_rows_message,
-    parse_pair,
-    quarantine_row,
-    unreadable_reason,
-)
+from gradsift.data.pairs import BadRecord, NoUsableRows, no_rows_message, parse_pair
 from gradsift.data.readers import read_rows
+from gradsift.data.reasons import quarantine_row
 from gradsift.executors.ray import run_on_pool
 from gradsift.executors.workers import PairEntanglement, VariantCurves
 from gradsift.flows.retry import retry_transient
@@ -44,12 +38,13 @@ def usable_rows(config: AnalyzeConfig, section, parse) -> tuple[list[tuple], lis
     for row in read_rows(DataSource(path=config.data)):
         if section.limit and len(good) >= section.limit:
             break
+        if row.record is None:
+            bad.append(quarantine_row(dataset, config.data, row.line, row.problem, row.raw))
+            continue
         try:
-            if row.record is None:
-                raise BadRecord(unreadable_reason(row))
             good.append((row.line, *parse(row.record)))
         except BadRecord as err:
-            bad.append(quarantine_row(dataset, config.data, row.line, str(err), row.raw))
+            bad.append(quarantine_row(dataset, config.data, row.line, err.problem, row.raw))
     return good, bad
 
 
@@ -58,11 +53,12 @@ def gsm8k_problem(record: dict, question: str, answer: str) -> tuple[str, str]:
     for name in (question, answer):
         value = record.get(name)
         if value is None:
-            raise BadRecord(f"missing field: {name!r} (fields in this row: {', '.join(sorted(record)) or 'none'})")
+            fields = ", ".join(sorted(record)) or "none"
+            raise BadRecord("missing_field", f"field {name!r} is missing (fields in this row: {fields})")
         if not isinstance(value, str):
-            raise BadRecord(f"wrong type: field {name!r} is {type(value).__name__}, expected a string")
+            raise BadRecord("wrong_type", f"field {name!r} is {type(value).__name__}, expected a string")
         if not value.strip():
-            raise BadRecord(f"empty text: field {name!r} is empty")
+            raise BadRecord("empty_text", f"field {name!r} is empty")
     return record[question], record[answer]
 
 

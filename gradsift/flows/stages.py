@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gradsift.data.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
+from gradsift.data.reasons import Problem, quarantine_row
 from gradsift.executors.ray import ensure_ray, run_on_pool
 from gradsift.executors.workers import ScoringWorker
 from gradsift.flows.incremental import (
@@ -67,8 +68,8 @@ def label_rule(model: ModelConfig) -> tuple[TaskType, LabelRule]:
 def _unreadable_file(source: DataSource, err: IngestError) -> IngestResult:
     """A skipped file as a result: no samples, one quarantine row at line 0 naming the file and the problem."""
     result = IngestResult(source.name)
-    reason = f"unreadable file: {str(err).removeprefix(source.path + ': ')}"
-    result.quarantine.append({"dataset": source.name, "source": source.path, "line": 0, "reason": reason, "raw": ""})
+    problem = Problem("unreadable_file", str(err).removeprefix(source.path + ": "))
+    result.quarantine.append(quarantine_row(source.name, source.path, 0, problem, ""))
     return result
 
 

@@ -47,7 +47,8 @@ QUARANTINE = pa.schema(
         ("dataset", pa.string()),
         ("source", pa.string()),
         ("line", pa.int64()),
-        ("reason", pa.string()),
+        ("reason", pa.string()),  # a short category, one of gradsift.data.reasons.REASONS
+        ("detail", pa.string()),  # the specifics: line numbers, counts, field names
         ("raw", pa.string()),
     ]
 )

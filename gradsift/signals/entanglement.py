@@ -22,7 +22,8 @@ import pyarrow as pa
 import torch
 
 from gradsift.data.batching import IGNORE_INDEX, Encoded, collate, prompt_ids, response_ids, special_ids
-from gradsift.data.pairs import ASSISTANT, quarantine_row, split_dialogue  # noqa: F401 (hh-rlhf; re-exported)
+from gradsift.data.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf; re-exported)
+from gradsift.data.reasons import Problem, quarantine_row
 from gradsift.schemas.tables import PAIR_SCORES
 
 
@@ -112,7 +113,7 @@ def score_pairs(
             usable.append((line, prompt, chosen, rejected))
         except ValueError as err:
             raw = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False)
-            bad.append(quarantine_row(dataset, source, line, f"empty text: {err}", raw))
+            bad.append(quarantine_row(dataset, source, line, Problem("empty_text", str(err)), raw))
     out = []
     step = max(1, engine.config.micro_batch_size // 2)
     for i in range(0, len(usable), step):

@@ -71,6 +71,8 @@ def view_sql(store: Store, table: str, schema: pa.Schema | None) -> str:
         f"SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true, "
         "hive_types={'run_id': VARCHAR}) WHERE run_id IN (SELECT run_id FROM runs WHERE status = 'completed')"
     )
+    if schema is not None:  # every schema column, NULL in older parts without it (even when no part has it yet)
+        body = f"{_empty_select(schema, with_run_id=False)} UNION ALL BY NAME {body}"
     if table == "samples":  # one row per (dataset, sample_id), the latest ingest wins; joins USING (sample_id)
         body = (  # stay unambiguous, so its run column is called ingest_run_id
             f"SELECT * EXCLUDE (run_id), run_id AS ingest_run_id FROM ({body}) "
