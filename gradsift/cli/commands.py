@@ -213,6 +213,8 @@ def query(
 
     Anything else (COPY, EXPORT, INSTALL/LOAD, ATTACH, SET, CREATE, INSERT, ...) and files outside the store's
     tables are refused; Ctrl-C or --timeout interrupts a running query."""
+    import os
+
     import duckdb
 
     from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError
@@ -233,7 +235,9 @@ def query(
         )
         raise typer.Exit(124) from None
     except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error) as err:
-        fail(str(err))
+        tables = Store(store).tables
+        broken = isinstance(err, duckdb.Error) and f"{tables}{os.sep}" in str(err)  # a part it could not read
+        fail(f"{err}\n`gradsift store check --store {tables.parent}` lists broken parts" if broken else str(err))
     output.query_result(result, format, output_file, limit)
 
 
@@ -292,7 +296,9 @@ def status(
     limit: Annotated[int, typer.Option(help="Runs shown, newest first.")] = 10,
 ) -> None:
     """Last runs in the store (state, rows written, times) and the run holding the writer lock, if any. A run
-    recorded as running that does not hold the lock died mid-run: it shows as interrupted."""
+    recorded as running that does not hold the lock died mid-run: it shows as interrupted. A catalog that is missing
+    or not current (a run killed before it rebuilt it) is named, with the command that rebuilds it."""
+    from gradsift.storage.catalog import REBUILD_HINT, catalog_problem
     from gradsift.storage.lock import current_holder
     from gradsift.storage.store import Store
 
@@ -300,4 +306,62 @@ def status(
     runs = sorted(st.runs(), key=lambda r: r["started_at"] or r["finished_at"], reverse=True)[:limit]
     if not runs:
         fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
-    output.runs_table(st.root, runs, current_holder(st))
+    holder = current_holder(st)
+    output.runs_table(st.root, runs, holder)
+    if problem := catalog_problem(st):
+        busy = " (the run holding the writer lock rebuilds it as it completes)" if holder else ""
+        hint = REBUILD_HINT.format(root=st.root)
+        console.print(f"catalog {st.catalog_path} is {problem}{busy}: {hint}", highlight=False, soft_wrap=True)
+
+
+store_app = typer.Typer(help="Check a store's committed parts; rebuild its catalog.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("check")
+def store_check(
+    store: StoreOpt = Path("store"),
+    deep: Annotated[
+        bool, typer.Option(help="Read every part in full, not only its footer (reads all the data).")
+    ] = False,
+) -> None:
+    """List every committed part that is unreadable or does not hold the rows its run recorded, and whether the
+    catalog is current; exits 1 when something is broken. A broken part is recomputed by rerunning the command of
+    its run (incremental runs never reuse one)."""
+    from gradsift.storage.catalog import REBUILD_HINT, catalog_problem
+    from gradsift.storage.check import check_store
+    from gradsift.storage.store import Store
+
+    st = Store(store)
+    if not st.tables.is_dir():
+        fail(f"no store at {st.root}: run a flow first (gradsift demo / score / nightly)")
+    problems = check_store(st, deep=deep)
+    for problem in problems:
+        console.print(
+            f"broken: {problem}" + (f" (run {problem.run_id})" if problem.run_id else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+    parts = sum(1 for _ in st.tables.glob("*/run_id=*/*.parquet"))
+    catalog = catalog_problem(st)
+    if catalog:
+        hint = REBUILD_HINT.format(root=st.root)
+        console.print(f"catalog {st.catalog_path} is {catalog}: {hint}", highlight=False, soft_wrap=True)
+    if problems or catalog:
+        raise typer.Exit(1)
+    console.print(f"{st.root}: {parts} committed parts, all whole; catalog current", highlight=False, soft_wrap=True)
+
+
+@store_app.command("rebuild-catalog")
+def store_rebuild_catalog(store: StoreOpt = Path("store")) -> None:
+    """Rebuild catalog.duckdb from the store's tables (takes the writer lock; waits GRADSIFT_LOCK_WAIT seconds)."""
+    from gradsift.storage.catalog import build_catalog
+    from gradsift.storage.lock import StoreLock
+    from gradsift.storage.store import Store
+
+    st = Store(store)
+    if not (st.tables / "runs").is_dir():
+        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
+    with reported(), StoreLock(st, "rebuild-catalog"):
+        path = build_catalog(st)
+    console.print(f"rebuilt {path}", highlight=False)

@@ -121,11 +121,15 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
                 "samples": len(result.samples),
                 "quarantined": len(result.quarantine),
                 "labels": sorted({s["label"] for s in result.samples if s["label"] is not None}),
+                "rows": {"samples": {}, "quarantine": {}},  # each part's rows: reuse checks the parts against them
             }
             for name, rows in shard_samples(result.samples, result.dataset, config.ingest.shard_size):
                 staging.write_part("samples", name, pa.Table.from_pylist(rows, schema=SAMPLES))
                 entry["shards"].append(name)
-            staging.write_part("quarantine", entry["quarantine_part"], result.quarantine_table())
+                entry["rows"]["samples"][name] = len(rows)
+            quarantine = result.quarantine_table()
+            staging.write_part("quarantine", entry["quarantine_part"], quarantine)
+            entry["rows"]["quarantine"][entry["quarantine_part"]] = quarantine.num_rows
             record_ingest(staging.store, key, entry)
             action = "ingested"
         else:

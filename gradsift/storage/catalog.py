@@ -10,6 +10,8 @@ DDL (a view's SELECT cannot be prepared) quotes its paths into the text, escaped
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import threading
@@ -81,19 +83,75 @@ def view_sql(store: Store, table: str, schema: pa.Schema | None) -> str:
     return body
 
 
+class CatalogError(RuntimeError):
+    """The catalog could not be built: a part its views read is broken (unreadable Parquet)."""
+
+
+CATALOG_TAG = "gradsift catalog "
+REBUILD_HINT = "`gradsift store rebuild-catalog --store {root}` rebuilds it (or rerun the command of the last run)"
+
+
+def _views(store: Store) -> list[tuple[str, str]]:
+    return [(table, view_sql(store, table, schema)) for table, schema in [*TABLES.items(), ("features", None)]]
+
+
+def _signature(views: list[tuple[str, str]]) -> str:
+    """What the catalog is built from (every view's SQL), recorded in it as the comment of the runs view."""
+    return CATALOG_TAG + hashlib.sha256(json.dumps(views).encode()).hexdigest()[:16]
+
+
 def build_catalog(store: Store) -> Path:
-    """(Re)build ``catalog.duckdb`` atomically; returns its path."""
+    """(Re)build ``catalog.duckdb`` atomically; returns its path.
+
+    A view reads its table's parts by glob, so new runs show without a rebuild, except where a table (or the
+    runs table) had no parts when the catalog was built: its view is then an empty SELECT. The catalog records
+    what it was built from (``catalog_problem`` compares it with the store as it is now)."""
     store.ensure()
+    views = _views(store)
 
     def build(tmp: Path) -> None:
         con = duckdb.connect(str(tmp))
         try:
-            for table, schema in [*TABLES.items(), ("features", None)]:
-                con.execute(f"CREATE VIEW {table} AS {view_sql(store, table, schema)}")
+            for table, sql in views:
+                con.execute(f"CREATE VIEW {table} AS {sql}")
+            con.execute(f"COMMENT ON VIEW runs IS '{_signature(views)}'")  # hex digits: nothing to escape
         finally:
             con.close()
 
-    return write_atomic(store.catalog_path, build)
+    try:
+        return write_atomic(store.catalog_path, build)
+    except duckdb.Error as err:  # a view reads the footer of every part of its table as it is created
+        raise CatalogError(
+            f"cannot build the catalog {store.catalog_path}: {err}\n`gradsift store check --store {store.root}` "
+            "lists the broken parts; rerunning the command of their run recomputes them"
+        ) from err
+
+
+def catalog_problem(store: Store) -> str | None:
+    """Why ``catalog.duckdb`` does not show the store as it is now: "missing", "unreadable" or "out of date"
+    (built before a table had its first rows, e.g. by a run killed between completing and rebuilding it, or by
+    another gradsift version, or for the store at another path); None when it is current."""
+    if not store.catalog_path.exists():
+        return "missing"
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("ATTACH $path AS catalog (READ_ONLY)", {"path": str(store.catalog_path)})
+        found = con.execute(
+            "SELECT comment FROM duckdb_views() WHERE database_name = 'catalog' AND view_name = 'runs'"
+        ).fetchall()
+    except duckdb.Error:
+        return "unreadable"
+    finally:
+        con.close()
+    return None if found == [(_signature(_views(store)),)] else "out of date"
+
+
+def ensure_catalog(store: Store) -> str | None:
+    """Rebuild the catalog where ``catalog_problem`` finds one (the caller holds the writer lock); returns it."""
+    problem = catalog_problem(store)
+    if problem is not None:
+        build_catalog(store)
+    return problem
 
 
 class ReadOnlyQueryError(RuntimeError):
@@ -160,6 +218,11 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     and the two after it are SETs; the rest are connect-time config.
     """
     if not store.catalog_path.exists():
+        if any((store.tables / "runs").glob("*.parquet")):
+            raise FileNotFoundError(
+                f"no catalog at {store.catalog_path}, though the store has runs: "
+                + REBUILD_HINT.format(root=store.root)
+            )
         raise FileNotFoundError(
             f"no catalog at {store.catalog_path}: run a flow first (e.g. `gradsift demo` or `gradsift score`) "
             "or point --store at an existing store"

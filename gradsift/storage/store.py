@@ -22,6 +22,7 @@ before rerunning anything).
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 from gradsift.schemas.tables import RUNS
 from gradsift.storage.atomic import (
+    link_atomic,
     remove_dir,
     replace_dir,
     write_atomic,
@@ -270,6 +272,22 @@ class RunStaging(Parts):
         if remove:
             self.remove()
         return sum(plan["tables"].values())
+
+    def restage_committed(self, broken: list[Path]) -> int:
+        """Link this run's committed parts back into its staging folder (to redo a completed run), but for any
+        part named like one in ``broken`` in any table (a shard's parts go together; a path that is not a part,
+        e.g. the tables folder for a run whose rows do not add up, restages nothing). A flow's resume then skips
+        what is staged and recomputes the rest. Returns the parts linked."""
+        if any(path.suffix != ".parquet" for path in broken):
+            return 0
+        skip = {path.stem for path in broken}
+        linked = 0
+        for folder in sorted(self.store.tables.glob(f"*/run_id={glob.escape(self.run_id)}")):
+            for part in sorted(folder.glob("*.parquet")):
+                if part.stem not in skip:
+                    link_atomic(part, self.part_path(folder.parent.name, part.stem))
+                    linked += 1
+        return linked
 
     def remove(self) -> None:
         """Delete the staging folder (after a commit, or to discard the run's staged work)."""
