@@ -156,10 +156,13 @@ class _Candidate:
     record: str
     n_tokens: int | str = 0  # or the "tokenizer error" reason
     sample_id: str | None = None  # set once the row is within the length limit
+    key: bytes = b""  # the sample id's 10 bytes
+    own_key: bytes | None = None  # the digest of the row's own id, if it has one
 
 
-def _check(row: RawRow, source: DataSource, labels: LabelRule) -> _Candidate | str:
-    """The row's sample fields, or the reason it is quarantined (the checks before tokenizing, in order)."""
+def _check(row: RawRow, source: DataSource, labels: LabelRule, dataset: str) -> _Candidate | str:
+    """The row's sample fields, or the reason it is quarantined (the checks before tokenizing, in order);
+    ``dataset`` is ``source.name`` (a property worth computing once a file)."""
     if row.record is None:
         return row.error or "unreadable row"
     rec = row.record
@@ -174,7 +177,7 @@ def _check(row: RawRow, source: DataSource, labels: LabelRule) -> _Candidate | s
     label = None if label is None else str(label)
     if problem := labels.problem(label, source.label):
         return problem
-    domain = _field(rec, source.domain) or source.constant_domain or source.name
+    domain = _field(rec, source.domain) or source.constant_domain or dataset
     return _Candidate(row, prompt, response, text, label, str(domain), record_json)
 
 
@@ -222,6 +225,7 @@ class IngestStream:
         count_batch: BatchCounter | None = None,
     ):
         self.source, self.labels, self.max_tokens = source, labels, max_tokens
+        self.dataset, self.path = source.name, source.path
         self.count_tokens, self.count_batch = count_tokens, count_batch
         rows = open_rows(source, max_row_bytes)
         self.rows, self.notes = rows.rows, rows.notes
@@ -240,15 +244,18 @@ class IngestStream:
         yield from self._decide(batch)
 
     def _decide(self, batch: list[RawRow]) -> Iterator[tuple[str, dict]]:
-        checked = [_check(row, self.source, self.labels) for row in batch]
+        checked = [_check(row, self.source, self.labels, self.dataset) for row in batch]
         cands = [c for c in checked if isinstance(c, _Candidate)]
         for c, n_tokens in zip(cands, _count(cands, self.count_tokens, self.count_batch), strict=True):
             c.n_tokens = n_tokens
             if not isinstance(n_tokens, str) and n_tokens <= self.max_tokens:
                 c.sample_id = content_hash(c.prompt, c.response, c.text if c.prompt is None else None, c.label)
+                c.key = bytes.fromhex(c.sample_id)
+                if (own_id := _field(c.row.record, self.source.id)) is not None:
+                    c.own_key = _own_key(own_id)
         kept = [c for c in cands if c.sample_id is not None]
-        self.seen_content.preload(bytes.fromhex(c.sample_id) for c in kept)
-        self.seen_ids.preload(_own_key(own) for c in kept if (own := _field(c.row.record, self.source.id)) is not None)
+        self.seen_content.preload(c.key for c in kept)
+        self.seen_ids.preload(c.own_key for c in kept if c.own_key is not None)
         for row, c in zip(batch, checked, strict=True):
             reason = c if isinstance(c, str) else self._problem(c)
             if reason is None:
@@ -257,8 +264,8 @@ class IngestStream:
                 yield (
                     "quarantine",
                     {
-                        "dataset": self.source.name,
-                        "source": self.source.path,
+                        "dataset": self.dataset,
+                        "source": self.path,
                         "line": row.line,
                         "reason": reason,
                         "raw": row.raw[:10_000],
@@ -271,19 +278,18 @@ class IngestStream:
             return c.n_tokens
         if c.sample_id is None:
             return f"over-long: {c.n_tokens} tokens > max_tokens {self.max_tokens}"
-        key = bytes.fromhex(c.sample_id)
-        own_id = _field(c.row.record, self.source.id)
-        if own_id is not None:
-            first = self.seen_ids.first_or_add(_own_key(own_id), c.row.line, key)
-            if first is not None and first[1] != key:
+        if c.own_key is not None:
+            first = self.seen_ids.first_or_add(c.own_key, c.row.line, c.key)
+            if first is not None and first[1] != c.key:
+                own_id = _field(c.row.record, self.source.id)
                 return f"duplicate id {own_id!r} with different content (first at line {first[0]})"
-        if (first := self.seen_content.first_or_add(key, c.row.line)) is not None:
+        if (first := self.seen_content.first_or_add(c.key, c.row.line)) is not None:
             return f"exact duplicate of line {first[0]}"
         return None
 
     def _sample(self, c: _Candidate) -> dict:
         return {
-            "dataset": self.source.name,
+            "dataset": self.dataset,
             "sample_id": c.sample_id,
             "shard": None,
             "domain": c.domain,
@@ -292,7 +298,7 @@ class IngestStream:
             "response": c.response,
             "text": c.text,
             "n_tokens": c.n_tokens,
-            "source": self.source.path,
+            "source": self.path,
             "line": c.row.line,
             "record": c.record,
         }
