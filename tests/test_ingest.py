@@ -290,3 +290,25 @@ def test_batched_token_counts_are_the_row_by_row_counts(task):
     for tokenizer in (load_tokenizer("tiny"), load_tokenizer(str(minilm_path()))):
         assert counter.count_tokens_batch(tokenizer, rows) == [counter.count_tokens(tokenizer, *row) for row in rows]
         assert counter.count_tokens_batch(tokenizer, []) == []
+
+
+def test_first_seen_matches_a_dict_across_merges(monkeypatch):
+    """data.seen against a plain dict: keys and payloads ending in NUL bytes, lines past 2**32, many merges."""
+    import random
+
+    from gradsift.data.seen import FirstSeen
+
+    monkeypatch.setattr(FirstSeen, "RECENT", 7)
+    rng = random.Random(1)
+    keys = [rng.randbytes(9) + bytes([rng.choice([0, 1, 255])]) for _ in range(300)] + [b"\0" * 10, b"\1" + b"\0" * 9]
+    for payload_bytes in (0, 10):
+        seen, expected, line = FirstSeen(10, payload_bytes), {}, 0
+        for _ in range(300):
+            batch = [rng.choice(keys) for _ in range(13)]
+            seen.preload(batch)
+            for key in batch:
+                line += rng.choice([1, 1, 1 << 31])
+                payload = rng.randbytes(payload_bytes)[:-1] + b"\0" if payload_bytes else b""
+                assert seen.first_or_add(key, line, payload) == expected.get(key)
+                expected.setdefault(key, (line, payload))
+        assert len(seen) == len(expected) and seen._lines.dtype == "int64"

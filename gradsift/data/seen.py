@@ -22,7 +22,8 @@ class FirstSeen:
     """
 
     RECENT = 1024
-    """The recent dict holds this many entries (or 1/16 of the arrays' if more) before a merge."""
+    """The recent dict holds this many entries (or 1/32 of the arrays' if more) before a merge: ~140 bytes an
+    entry there, 14-30 in the arrays; a merge copies the arrays, one at a time."""
 
     def __init__(self, key_bytes: int, payload_bytes: int = 0):
         self.key_bytes, self.payload_bytes = key_bytes, payload_bytes
@@ -37,7 +38,7 @@ class FirstSeen:
 
     def preload(self, keys: Iterable[bytes]) -> None:
         """Search the arrays for the keys of the next batch at once (merging the recent entries first if due)."""
-        if len(self._recent) >= max(self.RECENT, len(self._keys) // 16):
+        if len(self._recent) >= max(self.RECENT, len(self._keys) // 32):
             self._merge()
         keys = list(keys)
         self._found = {}
@@ -50,11 +51,8 @@ class FirstSeen:
             self._found[keys[i]] = (int(self._lines[j]), self._payloads[j].tobytes()[: self.payload_bytes])
 
     def first_or_add(self, key: bytes, line: int, payload: bytes = b"") -> tuple[int, bytes] | None:
-        """The (line, payload) the key was first seen with; None (and the key recorded) when it is new."""
-        if len(key) != self.key_bytes or len(payload) != self.payload_bytes:
-            raise ValueError(
-                f"key of {len(key)} bytes, payload of {len(payload)}: expected {self.key_bytes} and {self.payload_bytes}"
-            )
+        """The (line, payload) the key was first seen with; None (and the key recorded) when it is new. ``key``
+        and ``payload`` are exactly ``key_bytes`` and ``payload_bytes`` long (not checked: this runs once a row)."""
         if (recent := self._recent.get(key)) is not None:
             return int.from_bytes(recent[:8], "little"), recent[8:]
         first = self._found.get(key)
