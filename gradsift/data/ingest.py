@@ -9,18 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from gradsift.data.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
-from gradsift.data.reasons import BadRow, Problem, Reason, quarantine_row
+from gradsift.data.reasons import BadRow, Problem, quarantine_row
+from gradsift.data.seen import FirstSeen
 from gradsift.schemas.config import DataSource
 from gradsift.schemas.tables import QUARANTINE
 from gradsift.storage.keys import ShardKey
 
-__all__ = ["IngestError", "IngestResult", "LabelRule", "ingest_source", "render_messages", "shard_samples"]
+__all__ = [
+    "BatchCounter",
+    "IngestError",
+    "IngestResult",
+    "IngestStream",
+    "LabelRule",
+    "TokenCounter",
+    "ingest_source",
+    "render_messages",
+    "shard_samples",
+]
 
 
 @dataclass
@@ -133,84 +144,188 @@ def _sample_from_record(record: dict, source: DataSource) -> tuple[str | None, s
     return None, None, text
 
 
+TokenCounter = Callable[[str | None, str | None, str], int]
+"""``count_tokens(prompt, response, text)``: the length a sample will have when scored."""
+BatchCounter = Callable[[list[tuple[str | None, str | None, str]]], list[int]]
+"""The same counts for many rows in one call (a tokenizer's batch call); it may raise for the whole batch."""
+
+BATCH_ROWS = 256
+"""Rows validated and tokenized together (fewer when their raw text passes ``BATCH_CHARS``)."""
+BATCH_CHARS = 8 << 20
+
+
+@dataclass
+class _Candidate:
+    """A row that passed every check that comes before tokenizing; then its length and sample id."""
+
+    row: RawRow
+    prompt: str | None
+    response: str | None
+    text: str
+    label: str | None
+    domain: str
+    record: str
+    n_tokens: int | Problem = 0  # or its tokenizer_error
+    sample_id: str | None = None  # set once the row is within the length limit
+    key: bytes = b""  # the sample id's 10 bytes
+    own_key: bytes | None = None  # the digest of the row's own id, if it has one
+
+
+def _check(row: RawRow, source: DataSource, labels: LabelRule, dataset: str) -> _Candidate | Problem:
+    """The row's sample fields, or the reason it is quarantined (the checks before tokenizing, in order);
+    ``dataset`` is ``source.name`` (a property worth computing once a file)."""
+    if row.record is None:
+        return row.problem
+    rec = row.record
+    try:
+        record_json = _record_json(rec)
+        prompt, response, text = _sample_from_record(rec, source)
+    except BadRow as err:
+        return err.problem
+    label = _field(rec, source.label)
+    if label is not None and not isinstance(label, str | int | bool):
+        return Problem("wrong_type", f"field {source.label!r} is {type(label).__name__}, expected a string or integer")
+    label = None if label is None else str(label)
+    if problem := labels.problem(label, source.label):
+        return problem
+    domain = _field(rec, source.domain) or source.constant_domain or dataset
+    return _Candidate(row, prompt, response, text, label, str(domain), record_json)
+
+
+def _count(
+    cands: list[_Candidate], count_tokens: TokenCounter, count_batch: BatchCounter | None
+) -> list[int | Problem]:
+    """Token count of each candidate, or its ``tokenizer_error``: one batch call when ``count_batch`` is
+    given and succeeds, else row by row (a tokenizer's failure on one row stays that row's)."""
+    texts = [(c.prompt, c.response, c.text) for c in cands]
+    if count_batch is not None and texts:
+        try:
+            counts = list(count_batch(texts))
+        except Exception:  # some row of the batch fails: count row by row to find it
+            counts = []
+        if len(counts) == len(texts):
+            return counts
+    counted: list[int | Problem] = []
+    for prompt, response, text in texts:
+        try:
+            counted.append(count_tokens(prompt, response, text))
+        except Exception as err:  # a tokenizer's own failure on one row must not stop the file
+            counted.append(Problem("tokenizer_error", f"{type(err).__name__}: {err}"[:500]))
+    return counted
+
+
+def _own_key(own_id) -> bytes:
+    """A row's own id as a 16-byte digest (ids compare as text: 7 and "7" are the same id)."""
+    return hashlib.blake2b(str(own_id).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class IngestStream:
+    """The validated rows of one file, read as they are taken: ``("sample", row)`` and ``("quarantine", row)``
+    items, in file order. Opening it reads the first row, so a file that cannot be read at all raises
+    ``IngestError`` then; ``notes`` are what was noticed about the file as a whole.
+
+    Rows are decided ``BATCH_ROWS`` at a time (one tokenizer call per batch with ``count_batch``); what stays
+    for the whole file is compact per-row state (data.seen): each sample id and own id with its first line.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        count_tokens: TokenCounter,
+        max_tokens: int,
+        labels: LabelRule = LabelRule(),
+        max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+        count_batch: BatchCounter | None = None,
+    ):
+        self.source, self.labels, self.max_tokens = source, labels, max_tokens
+        self.dataset, self.path = source.name, source.path
+        self.count_tokens, self.count_batch = count_tokens, count_batch
+        rows = open_rows(source, max_row_bytes)
+        self.rows, self.notes = rows.rows, rows.notes
+        self.seen_content = FirstSeen(10)  # sample id (its 10 bytes) -> first line
+        self.seen_ids = FirstSeen(16, payload_bytes=10)  # own id digest -> first line, sample id
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        batch: list[RawRow] = []
+        size = 0
+        for row in self.rows:
+            batch.append(row)
+            size += len(row.raw)
+            if len(batch) >= BATCH_ROWS or size >= BATCH_CHARS:
+                yield from self._decide(batch)
+                batch, size = [], 0
+        yield from self._decide(batch)
+
+    def _decide(self, batch: list[RawRow]) -> Iterator[tuple[str, dict]]:
+        checked = [_check(row, self.source, self.labels, self.dataset) for row in batch]
+        cands = [c for c in checked if isinstance(c, _Candidate)]
+        for c, n_tokens in zip(cands, _count(cands, self.count_tokens, self.count_batch), strict=True):
+            c.n_tokens = n_tokens
+            if not isinstance(n_tokens, Problem) and n_tokens <= self.max_tokens:
+                c.sample_id = content_hash(c.prompt, c.response, c.text if c.prompt is None else None, c.label)
+                c.key = bytes.fromhex(c.sample_id)
+                if (own_id := _field(c.row.record, self.source.id)) is not None:
+                    c.own_key = _own_key(own_id)
+        kept = [c for c in cands if c.sample_id is not None]
+        self.seen_content.preload(c.key for c in kept)
+        self.seen_ids.preload(c.own_key for c in kept if c.own_key is not None)
+        for row, c in zip(batch, checked, strict=True):
+            problem = c if isinstance(c, Problem) else self._problem(c)
+            if problem is None:
+                yield "sample", self._sample(c)
+            else:
+                yield "quarantine", quarantine_row(self.dataset, self.path, row.line, problem, row.raw)
+
+    def _problem(self, c: _Candidate) -> Problem | None:
+        """The checks after tokenizing, in file order: length, an own id reused for other content, exact duplicates."""
+        if isinstance(c.n_tokens, Problem):
+            return c.n_tokens
+        if c.sample_id is None:
+            return Problem("too_long", f"{c.n_tokens} tokens > max_tokens {self.max_tokens}")
+        if c.own_key is not None:
+            first = self.seen_ids.first_or_add(c.own_key, c.row.line, c.key)
+            if first is not None and first[1] != c.key:
+                own_id = _field(c.row.record, self.source.id)
+                return Problem("duplicate_id", f"id {own_id!r} with different content (first at line {first[0]})")
+        if (first := self.seen_content.first_or_add(c.key, c.row.line)) is not None:
+            return Problem("duplicate", f"exact duplicate of line {first[0]}")
+        return None
+
+    def _sample(self, c: _Candidate) -> dict:
+        return {
+            "dataset": self.dataset,
+            "sample_id": c.sample_id,
+            "shard": None,
+            "domain": c.domain,
+            "label": c.label,
+            "prompt": c.prompt,
+            "response": c.response,
+            "text": c.text,
+            "n_tokens": c.n_tokens,
+            "source": self.path,
+            "line": c.row.line,
+            "record": c.record,
+        }
+
+
 def ingest_source(
     source: DataSource,
-    count_tokens: Callable[[str | None, str | None, str], int],
+    count_tokens: TokenCounter,
     max_tokens: int,
     labels: LabelRule = LabelRule(),
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    count_batch: BatchCounter | None = None,
 ) -> IngestResult:
     """Validate every row of one file: samples with content-hash ids, and quarantine rows with reasons.
 
     ``count_tokens(prompt, response, text)`` gives the length the sample will have when scored; an
-    exception it raises quarantines the row (``tokenizer_error``).
+    exception it raises quarantines the row (``tokenizer_error``). Holds the whole file's samples: for
+    small files and tests; ingest itself streams (``IngestStream``, data.shards).
     """
-    result = IngestResult(source.name)
-    seen_content: dict[str, int] = {}
-    seen_ids: dict[str, tuple[str, int]] = {}
-
-    def reject(row: RawRow, reason: Problem | Reason, detail: str = "") -> None:
-        problem = reason if isinstance(reason, Problem) else Problem(reason, detail)
-        result.quarantine.append(quarantine_row(source.name, source.path, row.line, problem, row.raw))
-
-    rows = open_rows(source, max_row_bytes)
-    result.notes = rows.notes
-    for row in rows.rows:
-        if row.record is None:
-            reject(row, row.problem)
-            continue
-        rec = row.record
-        try:
-            record_json = _record_json(rec)
-            prompt, response, text = _sample_from_record(rec, source)
-        except BadRow as err:
-            reject(row, err.problem)
-            continue
-        label = _field(rec, source.label)
-        if label is not None and not isinstance(label, str | int | bool):
-            reject(row, "wrong_type", f"field {source.label!r} is {type(label).__name__}, expected a string or integer")
-            continue
-        label = None if label is None else str(label)
-        if problem := labels.problem(label, source.label):
-            reject(row, problem)
-            continue
-        domain = _field(rec, source.domain) or source.constant_domain or source.name
-        try:
-            n_tokens = count_tokens(prompt, response, text)
-        except Exception as err:  # a tokenizer's own failure on one row must not stop the file
-            reject(row, "tokenizer_error", f"{type(err).__name__}: {err}"[:500])
-            continue
-        if n_tokens > max_tokens:
-            reject(row, "too_long", f"{n_tokens} tokens > max_tokens {max_tokens}")
-            continue
-        sample_id = content_hash(prompt, response, text if prompt is None else None, label)
-        own_id = _field(rec, source.id)
-        if own_id is not None:
-            first = seen_ids.get(str(own_id))
-            if first and first[0] != sample_id:
-                reject(row, "duplicate_id", f"id {own_id!r} with different content (first at line {first[1]})")
-                continue
-            seen_ids.setdefault(str(own_id), (sample_id, row.line))
-        if sample_id in seen_content:
-            reject(row, "duplicate", f"exact duplicate of line {seen_content[sample_id]}")
-            continue
-        seen_content[sample_id] = row.line
-        result.samples.append(
-            {
-                "dataset": source.name,
-                "sample_id": sample_id,
-                "shard": None,
-                "domain": str(domain),
-                "label": label,
-                "prompt": prompt,
-                "response": response,
-                "text": text,
-                "n_tokens": n_tokens,
-                "source": source.path,
-                "line": row.line,
-                "record": record_json,
-            }
-        )
+    stream = IngestStream(source, count_tokens, max_tokens, labels, max_row_bytes, count_batch)
+    result = IngestResult(source.name, notes=stream.notes)
+    for kind, row in stream:
+        (result.samples if kind == "sample" else result.quarantine).append(row)
     return result
 
 

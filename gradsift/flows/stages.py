@@ -4,16 +4,17 @@ coarse, drive Ray directly inside them). Each stage is resumable through its sta
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
-import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gradsift.data.ingest import IngestError, IngestResult, LabelRule, ingest_source, shard_samples
+from gradsift.data.ingest import IngestError, IngestResult, IngestStream, LabelRule
 from gradsift.data.reasons import Problem, quarantine_row
+from gradsift.data.shards import write_source
 from gradsift.executors.ray import ensure_ray, run_on_pool
 from gradsift.executors.workers import ScoringWorker
 from gradsift.flows.incremental import (
@@ -31,7 +32,6 @@ from gradsift.models.adapter import TaskType, adapter
 from gradsift.models.loading import head_of_folder, load_tokenizer
 from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
 from gradsift.schemas.stages import IngestOutput, ScoreOutput
-from gradsift.schemas.tables import SAMPLES
 from gradsift.storage.store import RunStaging, Store
 
 
@@ -78,25 +78,27 @@ def _label_index(rule: LabelRule, found: set[str]) -> dict[str, int]:
     return {label: i for i, label in enumerate(rule.classes if rule.classes is not None else sorted(found))}
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
-    """Validate and shard every source into the run's staging folder; bad rows go to quarantine.
-
-    A source whose file and ingest settings an earlier completed run already ingested is not read
-    again: that run's parts are linked in (flows.incremental).
+def ingest_sources(
+    config: RunConfig, staging: RunStaging, logger: logging.Logger | logging.LoggerAdapter
+) -> IngestOutput:
+    """The ingest stage's work, without Prefect (``ingest_stage`` runs it with the run's logger): every source
+    validated and streamed into fixed-size ``samples`` shards and a ``quarantine`` part in ``staging``, a shard
+    at a time (data.shards). A source an earlier completed run ingested with the same file and settings is linked
+    in instead (flows.incremental). Starts from scratch: parts an interrupted attempt left are removed first.
     """
-    if (done := staging.stage_info("ingest")) is not None:
-        done = IngestOutput.model_validate(done)
-        get_run_logger().info("ingest already done for this run: %d samples, skipping", done.samples)
-        return done
-    logger = get_run_logger()
     tokenizer = load_tokenizer(config.model.name_or_path)
     task_type, labels = label_rule(config.model)
+    counter = adapter(task_type)
 
     def n_tokens(prompt, response, text):
-        return adapter(task_type).count_tokens(tokenizer, prompt, response, text)
+        return counter.count_tokens(tokenizer, prompt, response, text)
+
+    def n_tokens_batch(rows):
+        return counter.count_tokens_batch(tokenizer, rows)
 
     start = time.perf_counter()
+    for table in ("samples", "quarantine"):
+        staging.clear(table)
     shards: list[str] = []
     found: set[str] = set()
     n_samples = n_quarantined = n_reused = 0
@@ -104,32 +106,30 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
         key = ingest_key(config, source, file_digest(source.path))
         entry = reuse_ingest(staging.store, staging, key)
         if entry is None:
+            quarantine_part = f"{source.name}-{hashlib.sha256(f'{source.path}:{key}'.encode()).hexdigest()[:12]}"
             try:
-                result = ingest_source(source, n_tokens, config.model.max_tokens, labels, config.ingest.max_row_bytes)
+                stream = IngestStream(
+                    source, n_tokens, config.model.max_tokens, labels, config.ingest.max_row_bytes, n_tokens_batch
+                )
             except IngestError as err:
                 if config.ingest.on_bad_file == "fail":
                     raise
                 logger.warning("skipping %s (ingest.on_bad_file = 'skip'): %s", source.path, err)
-                result = _unreadable_file(source, err)
-            for note in result.notes:
+                stream = [("quarantine", row) for row in _unreadable_file(source, err).quarantine]
+            for note in getattr(stream, "notes", []):
                 logger.info(note)
+            written = write_source(stream, source.name, staging, config.ingest.shard_size, quarantine_part)
             entry = {
                 "run_id": staging.run_id,
-                "dataset": result.dataset,
-                "shards": [],
-                "quarantine_part": f"{result.dataset}-{hashlib.sha256(f'{source.path}:{key}'.encode()).hexdigest()[:12]}",
-                "samples": len(result.samples),
-                "quarantined": len(result.quarantine),
-                "labels": sorted({s["label"] for s in result.samples if s["label"] is not None}),
-                "rows": {"samples": {}, "quarantine": {}},  # each part's rows: reuse checks the parts against them
+                "dataset": written.dataset,
+                "shards": written.shards,
+                "quarantine_part": quarantine_part,
+                "samples": written.samples,
+                "quarantined": written.quarantined,
+                "labels": sorted(written.labels),
+                # each part's rows: reuse checks the parts against them
+                "rows": {"samples": written.shard_rows, "quarantine": {quarantine_part: written.quarantined}},
             }
-            for name, rows in shard_samples(result.samples, result.dataset, config.ingest.shard_size):
-                staging.write_part("samples", name, pa.Table.from_pylist(rows, schema=SAMPLES))
-                entry["shards"].append(name)
-                entry["rows"]["samples"][name] = len(rows)
-            quarantine = result.quarantine_table()
-            staging.write_part("quarantine", entry["quarantine_part"], quarantine)
-            entry["rows"]["quarantine"][entry["quarantine_part"]] = quarantine.num_rows
             record_ingest(staging.store, key, entry)
             action = "ingested"
         else:
@@ -154,6 +154,19 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
             f"no usable rows in {', '.join(s.path for s in config.ingest.sources)}: {n_quarantined} quarantined "
             "(see the reasons above, or in the quarantine table)"
         )
+    return info
+
+
+@task(name="ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
+    """Validate and shard every source into the run's staging folder (``ingest_sources``); bad rows go to
+    quarantine. Done once per run: a rerun after the stage finished returns its recorded output.
+    """
+    if (done := staging.stage_info("ingest")) is not None:
+        done = IngestOutput.model_validate(done)
+        get_run_logger().info("ingest already done for this run: %d samples, skipping", done.samples)
+        return done
+    info = ingest_sources(config, staging, get_run_logger())
     staging.mark_done("ingest", info.model_dump())
     return info
 

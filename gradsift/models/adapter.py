@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradsift.data.batching import IGNORE_INDEX, Batch, Encoded, encode_causal
+from gradsift.data.batching import IGNORE_INDEX, Batch, Encoded, encode_causal, special_ids
 
 TaskType = Literal["causal_lm", "classification"]
 
@@ -25,6 +25,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def count_tokens(self, tokenizer, prompt: str | None, response: str | None, text: str) -> int:
         """The length a sample will have when scored (ingest quarantines what is over the limit)."""
+
+    def count_tokens_batch(self, tokenizer, rows: list[tuple[str | None, str | None, str]]) -> list[int]:
+        """``count_tokens`` of each (prompt, response, text) row, in one tokenizer call where the task allows;
+        the same counts. Raises when any row fails (ingest then counts that batch row by row)."""
+        return [self.count_tokens(tokenizer, *row) for row in rows]
 
     @abstractmethod
     def encode(self, row: dict, tokenizer, label_index: dict[str, int] | None) -> Encoded:
@@ -46,6 +51,13 @@ class CausalLMAdapter(ModelAdapter):
 
     def count_tokens(self, tokenizer, prompt, response, text) -> int:
         return len(encode_causal(tokenizer, prompt, response, text)[0])
+
+    def count_tokens_batch(self, tokenizer, rows) -> list[int]:
+        """BOS + prompt + response + EOS, or BOS + text + EOS (``encode_causal``), each part tokenized in one call."""
+        bos, eos = special_ids(tokenizer)
+        parts = [part for p, r, t in rows for part in ((p, r or "") if p is not None else (t or "",))]
+        lengths = iter(map(len, tokenizer(parts, add_special_tokens=False)["input_ids"])) if parts else iter(())
+        return [len(bos) + next(lengths) + (next(lengths) if p is not None else 0) + len(eos) for p, _, _ in rows]
 
     def encode(self, row, tokenizer, label_index) -> Encoded:
         ids, targets = encode_causal(tokenizer, row["prompt"], row["response"], row["text"])
@@ -77,6 +89,9 @@ class ClassifierAdapter(ModelAdapter):
 
     def count_tokens(self, tokenizer, prompt, response, text) -> int:
         return len(tokenizer(text)["input_ids"])
+
+    def count_tokens_batch(self, tokenizer, rows) -> list[int]:
+        return [len(ids) for ids in tokenizer([t for _, _, t in rows])["input_ids"]] if rows else []
 
     def encode(self, row, tokenizer, label_index) -> Encoded:
         if not label_index or row["label"] not in label_index:

@@ -6,6 +6,7 @@ parts reused from earlier runs, training checkpoint folders, and the commit's fo
 
 * ``write_atomic(path, data)``: ``data`` is bytes, text, or a function ``write(tmp)`` that creates the
   temp file (it may also create sidecar files named ``<tmp>...``, e.g. DuckDB's ``.wal``).
+* ``parquet_writer_atomic(path, schema)``: a Parquet file written a table at a time, renamed into place at the end.
 * ``write_dir_atomic(path, write)``: ``write(tmp_dir)`` fills a temp folder that then replaces ``path``.
 * ``replace_dir(src, dest)``: move a finished folder onto ``dest``, replacing what is there;
   ``remove_dir(path)``: make a folder disappear at once (renamed aside, then deleted).
@@ -97,6 +98,22 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None
             compression="zstd",
         ),
     )
+
+
+@contextlib.contextmanager
+def parquet_writer_atomic(path: Path, schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    """``with parquet_writer_atomic(path, schema) as write: write(table) ...``: one Parquet file written a table
+    (a row group) at a time, with ``write_parquet_atomic``'s settings; it appears at ``path`` when the block ends
+    and not at all when the block raises. No ``write`` call: a file of no rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    vector_cols = [f.name for f in schema if pa.types.is_fixed_size_list(f.type)]
+    with _removed_on_failure(tmp, path):
+        use_dictionary = [f.name for f in schema if f.name not in vector_cols]
+        with pq.ParquetWriter(tmp, schema, use_dictionary=use_dictionary, compression="zstd") as writer:
+            yield lambda table: writer.write_table(table, row_group_size=1024 if vector_cols else None)
+        os.replace(tmp, path)
 
 
 def write_json_atomic(data: dict, path: Path) -> Path:

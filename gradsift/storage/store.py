@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from gradsift.schemas.tables import RUNS
 from gradsift.storage.atomic import (
     link_atomic,
+    parquet_writer_atomic,
     remove_dir,
     replace_dir,
     write_atomic,
@@ -142,8 +143,17 @@ class Parts:
     def write_part(self, table: str, part: str, data: pa.Table) -> Path:
         return write_parquet_atomic(data, self.part_path(table, part))
 
+    def part_writer(self, table: str, part: str, schema: pa.Schema):
+        """``with parts.part_writer(table, part, schema) as write: write(rows) ...``: a part written a batch at a
+        time (storage.atomic.parquet_writer_atomic); it is there, whole, once the block ends."""
+        return parquet_writer_atomic(self.part_path(table, part), schema)
+
     def parts(self, table: str) -> list[Path]:
         return sorted((self.root / _table_name(table)).glob("*.parquet"))
+
+    def clear(self, table: str) -> None:
+        """Remove every part of ``table`` (a stage that reruns from scratch: no part of the attempt before stays)."""
+        remove_dir(self.root / _table_name(table))
 
     def count_rows(self, table: str, part: str | None = None) -> int:
         """Rows of one part, or of every part of ``table``, from the Parquet footers."""
