@@ -341,10 +341,11 @@ def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = 
 
 # Table functions a read-only query must not call: DuckLake maintenance deletes data files BEFORE it fails on the
 # read-only catalog (measured: ducklake_cleanup_old_files removed scheduled files from a READ_ONLY attach), and
-# enable_logging(storage='file') passes lock_configuration in duckdb 1.5.5 then aborts the process on its write.
+# enable_logging(storage='file') passes lock_configuration in duckdb 1.5.5 then aborts the process on its write;
+# postgres_query / sqlite_* reach the catalog database directly (a READ_ONLY attach makes them read-only, still).
 _DENIED = re.compile(
     r"^(ducklake_(?!snapshots$|table_info$|list_files$|table_changes$|table_insertions$|table_deletions$|current_snapshot$|last_committed_snapshot$).*"
-    r"|enable_logging|disable_logging|truncate_duckdb_logs|checkpoint|force_checkpoint)$",
+    r"|postgres_.*|sqlite_.*|enable_logging|disable_logging|truncate_duckdb_logs|checkpoint|force_checkpoint)$",
     re.IGNORECASE,
 )
 
