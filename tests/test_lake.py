@@ -6,6 +6,7 @@ e.g. ``pip install --target .duck duckdb==1.5.5 duckdb-extension-ducklake==1.5.5
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -170,8 +171,6 @@ def test_killed_writer_leaves_previous_snapshot(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    import os
-
     paths = [p for p in sys.path if p]
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *paths])}
 
@@ -223,3 +222,75 @@ def test_compaction_keeps_current_state(tmp_path):
         lk.compact(older_than="0 seconds")
         assert count(lk.con, "SELECT count(*) FROM lake.scores") == 17
         assert len(sorted(lk.data_path.rglob("*.parquet"))) < len(files)
+
+
+def _has_sqlite_scanner() -> bool:
+    try:
+        lakemod._extension("duckdb_extension_sqlite_scanner", "sqlite_scanner")
+    except lakemod.LakeUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_sqlite_scanner(), reason="needs duckdb-extension-sqlite_scanner (same version as duckdb)")
+def test_reader_in_another_process_during_commit_sqlite_catalog(tmp_path):
+    """A SQLite catalog lets a reader process query while a writer process is half-way through a run."""
+    root = tmp_path / "store"
+    with Lake(root, "sqlite") as lk:
+        lk.commit_run("r000", {"scores": scores(100), "samples": samples(100)}, score_key="k")
+    half, done = tmp_path / "half-written", tmp_path / "go-on"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from gradsift.storage.lake import Lake
+        lk = Lake({str(root)!r}, "sqlite", inline_rows=0).open()
+        with lk.transaction("r001") as con:
+            con.execute("INSERT INTO lake.scores BY NAME SELECT 'r001' AS run_id, 'k' AS score_key, "
+                        "'n' || range AS sample_id FROM range(1000)")
+            Path({str(half)!r}).touch()
+            deadline = time.time() + 60
+            while not Path({str(done)!r}).exists() and time.time() < deadline:
+                time.sleep(0.05)
+            con.execute("INSERT INTO lake.samples BY NAME SELECT 'r001' AS run_id, 'n' || range AS sample_id "
+                        "FROM range(1000)")
+        lk.close()
+        """
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        con = connect_readonly(root, "sqlite")
+        both = "SELECT (SELECT count(*) FROM scores), (SELECT count(*) FROM samples)"
+        for _ in range(1200):
+            if half.exists() or writer.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        assert half.exists(), writer.stderr.read() if writer.poll() is not None else "writer never got half-way"
+        assert con.execute(both).fetchone() == (100, 100)  # half a run is invisible
+        done.touch()
+        assert writer.wait(60) == 0, writer.stderr.read()
+        assert con.execute(both).fetchone() == (1100, 1100)  # the same reader sees the new snapshot, whole
+        con.close()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+
+
+PG_DSN = os.environ.get("GRADSIFT_TEST_PG_DSN")  # e.g. "dbname=lake host=/tmp/pg port=5432 user=postgres" (empty db)
+
+
+@pytest.mark.skipif(not PG_DSN, reason="set GRADSIFT_TEST_PG_DSN to an empty PostgreSQL database to test that catalog")
+def test_postgres_catalog(tmp_path):
+    root = tmp_path / "store"
+    with Lake(root, PG_DSN) as lk:
+        for night_no in range(3):
+            lk.commit_run(f"r{night_no:03d}", night(100), run={"status": "completed"}, score_key="k")
+        con = connect_readonly(root, PG_DSN)  # another attach while the writer is attached
+        try:
+            assert query_readonly(con, "SELECT count(*) AS n FROM scores").to_pylist() == [{"n": 100}]
+            runs = query_readonly(con, "SELECT run_id, snapshot_id FROM runs ORDER BY run_id").to_pylist()
+            assert [r["run_id"] for r in runs] == ["r000", "r001", "r002"] and all(r["snapshot_id"] for r in runs)
+            with pytest.raises(ReadOnlyQueryError):
+                query_readonly(con, "SELECT * FROM postgres_query('__ducklake_metadata_lake', 'SELECT 1 AS x')")
+        finally:
+            con.close()

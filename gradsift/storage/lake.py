@@ -31,8 +31,9 @@ import importlib.util
 import json
 import os
 import re
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
 import duckdb
@@ -193,6 +194,11 @@ class Lake:
     def open(self) -> Lake:
         """Attach (creating the lake and its tables where missing)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.catalog == "sqlite":
+            # WAL: in SQLite's default rollback journal an idle reader's connection makes the writer's COMMIT fail
+            # ("database is locked", measured); in WAL mode readers and the one writer go on together.
+            with closing(sqlite3.connect(self.root / "lake.sqlite")) as db:
+                db.execute("PRAGMA journal_mode=WAL")
         con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
         try:
             self._load(con)
@@ -245,7 +251,8 @@ class Lake:
             )
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            with suppress(duckdb.TransactionException):  # a failed COMMIT has already rolled back
+                con.execute("ROLLBACK")
             raise
 
     def commit_run(
@@ -284,6 +291,9 @@ class Lake:
             unknown = sorted(set(data.column_names) - set(known))
             if unknown:
                 raise ValueError(f"{table}: columns not in its schema: {unknown}")
+            missing_key = [k for k in NATURAL_KEYS.get(table, ()) if k != "score_key" and k not in data.column_names]
+            if missing_key:
+                raise ValueError(f"{table}: rows need their key columns, missing: {missing_key}")
             cols = [c for c in known if c in data.column_names]  # the rest are null (INSERT ... BY NAME)
             select = f"SELECT {', '.join(extra)}, {', '.join(_q(c) for c in cols)} FROM {name}"
             target = f"{self.ALIAS}.{_q(stored_name(table))}"
