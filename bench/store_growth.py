@@ -10,8 +10,9 @@
 * ``lake-sqlite``: ``storage.lake`` with the catalog in SQLite (readers in other processes while a writer works).
 
 Prints query times after night 1 and after the last night, their ratio, the rows counted and the store size.
-Needs duckdb 1.5.5 with the ducklake extension for the lake rows:
-``PYTHONPATH=.duck:. python bench/store_growth.py``.
+The lake rows need duckdb 1.5.5 with the ducklake extension, ``PYTHONPATH=.duck:. python bench/store_growth.py
+--only lake --only lake-files --only lake-sqlite``; the parquet rows go through today's ``catalog.connect_readonly``,
+whose ``ATTACH $path`` needs duckdb 2.0: ``PYTHONPATH=. python bench/store_growth.py --only parquet``.
 """
 
 from __future__ import annotations
