@@ -98,6 +98,19 @@ def test_unchanged_nights_add_snapshots_not_rows(lake, tmp_path):
     assert len(set(runs.values())) == 32
 
 
+def test_current_view_of_per_run_tables_is_the_latest_commit(lake):
+    """Run ids are content hashes: the latest run is the one committed last, whatever its id sorts like."""
+    mix = {"zzz-first": [0.9, 0.1], "aaa-second": [0.2, 0.8]}
+    for run_id, weights in mix.items():
+        lake.commit_run(run_id, {"mixtures": pa.table({"domain": ["a", "b"], "weight": weights})})
+    lake.commit_run("mmm-third", {"selections": pa.table({"selection": ["top"], "sample_id": ["s1"]})})
+    rows = lake.con.execute(f"SELECT run_id, weight FROM ({current_view_sql('mixtures')}) ORDER BY domain").fetchall()
+    assert rows == [("aaa-second", 0.2), ("aaa-second", 0.8)]
+    first = lake.snapshots()[-3][0]
+    at_first = f"SELECT DISTINCT run_id FROM ({current_view_sql('mixtures', version=first)})"
+    assert lake.con.execute(at_first).fetchall() == [("zzz-first",)]
+
+
 def test_time_travel_sees_each_snapshot(lake):
     made = {}
     for night_no in range(5):  # 100 samples, 10 new each night

@@ -20,7 +20,8 @@ Tables (``TABLE_MODES``):
   whose key is already stored, so a nightly run over unchanged data adds a snapshot and no rows. ``run_id``
   is the run that first computed the row. Earlier states: time travel (``AT (VERSION => n)``).
 * ``run``: every other derived table, stored as ``<table>_history`` with ``run_id``; the ``<table>`` view is the
-  latest run's rows per ``CURRENT_GROUPS`` group (e.g. per selection).
+  latest run's rows per ``CURRENT_GROUPS`` group (e.g. per selection), latest by commit snapshot (run ids are
+  hashes, not times).
 * ``runs``: one row per run, appended in the same transaction as its results; the commit's snapshot records
   the run id (``commit_extra_info``), so the ``runs`` view shows which snapshot each run made.
 """
@@ -333,20 +334,29 @@ class Lake:
         return [(sid, json.loads(info)["run_id"] if info else None) for sid, info in rows]
 
 
+def run_snapshots_sql(alias: str = Lake.ALIAS) -> str:
+    """run_id -> the snapshot its commit made (run ids are content hashes: only snapshots order runs in time)."""
+    return (
+        "SELECT json_extract_string(commit_extra_info, '$.run_id') AS run_id, max(snapshot_id) AS snapshot_id "
+        f"FROM {alias}.snapshots() WHERE commit_extra_info IS NOT NULL GROUP BY ALL"
+    )
+
+
 def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = None) -> str:
     """The SELECT behind a user-facing view: the current state (or the state at snapshot ``version``)."""
     at = "" if version is None else f" AT (VERSION => {int(version)})"
-    src = f"{alias}.{_q(stored_name(table))}{at}"
+    src = f"(SELECT * FROM {alias}.{_q(stored_name(table))}{at})"  # `t AT (...) AS x` does not parse in 1.5.5
     if table == "runs":
-        return (
-            f"SELECT r.*, s.snapshot_id FROM (SELECT * FROM {src}) AS r LEFT JOIN (SELECT snapshot_id, "
-            f"json_extract_string(commit_extra_info, '$.run_id') AS run_id FROM {alias}.snapshots()) s USING (run_id)"
-        )
+        return f"SELECT r.*, s.snapshot_id FROM {src} AS r LEFT JOIN ({run_snapshots_sql(alias)}) AS s USING (run_id)"
     if table_mode(table) == "once":
         return f"SELECT * FROM {src}"
     group = CURRENT_GROUPS.get(table, ())
-    partition = f"PARTITION BY {', '.join(_q(g) for g in group)} " if group else ""
-    return f"SELECT * FROM {src} QUALIFY run_id = max(run_id) OVER ({partition})"
+    partition = f"PARTITION BY {', '.join(_q(g) for g in group)}" if group else ""
+    return (
+        f"SELECT * EXCLUDE (_run_snapshot) FROM (SELECT h.*, s.snapshot_id AS _run_snapshot FROM {src} AS h "
+        f"JOIN ({run_snapshots_sql(alias)}) AS s USING (run_id)) "
+        f"QUALIFY _run_snapshot = max(_run_snapshot) OVER ({partition})"
+    )
 
 
 # Table functions a read-only query must not call: DuckLake maintenance deletes data files BEFORE it fails on the
