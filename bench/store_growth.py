@@ -127,7 +127,8 @@ def parquet_nights(root: Path, nights: int, base: int, new_per_night: int, repea
 def lake_nights(
     root: Path, nights: int, base: int, new_per_night: int, repeats: int, inline: bool, catalog: str = "duckdb"
 ) -> dict:
-    from gradsift.storage.lake import Lake, connect_readonly
+    from gradsift.storage.lake import Lake
+    from gradsift.storage.lake_query import connect_readonly
 
     lake = Lake(root, catalog, inline_rows=None if inline else 0).open()
     out: dict = {"nights": []}

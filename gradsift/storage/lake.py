@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
@@ -50,8 +49,8 @@ NATURAL_KEYS: dict[str, tuple[str, ...]] = {
 }
 """Tables stored once per key: a row whose key is already in the lake is not written again."""
 
-SCORE_TABLES = ("scores", "layer_stats", "features")
-"""Tables that carry the scoring key (``score_key`` column)."""
+SCORE_TABLES = tuple(NATURAL_KEYS)[1:]
+"""Tables that carry the scoring key (``score_key`` column): the ones stored once per key but samples."""
 
 CURRENT_GROUPS: dict[str, tuple[str, ...]] = {
     "influence": ("target", "method"),
@@ -157,11 +156,11 @@ def lake_columns(table: str) -> list[tuple[str, str]]:
     return cols
 
 
-def _q(name: str) -> str:
+def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _lit(text: str) -> str:
+def literal(text: str) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
@@ -186,11 +185,11 @@ class Lake:
         return f"ducklake:postgres:{self.catalog}"  # a libpq DSN, e.g. "dbname=gradsift host=db"
 
     def _load(self, con: duckdb.DuckDBPyConnection) -> None:
-        con.execute(f"LOAD {_lit(str(ducklake_extension()))}")
+        con.execute(f"LOAD {literal(str(ducklake_extension()))}")
         if self.catalog == "sqlite":
-            con.execute(f"LOAD {_lit(str(_extension('duckdb_extension_sqlite_scanner', 'sqlite_scanner')))}")
+            con.execute(f"LOAD {literal(str(_extension('duckdb_extension_sqlite_scanner', 'sqlite_scanner')))}")
         elif self.catalog != "duckdb":
-            con.execute(f"LOAD {_lit(str(_extension('duckdb_extension_postgres_scanner', 'postgres_scanner')))}")
+            con.execute(f"LOAD {literal(str(_extension('duckdb_extension_postgres_scanner', 'postgres_scanner')))}")
 
     def open(self) -> Lake:
         """Attach (creating the lake and its tables where missing)."""
@@ -203,10 +202,10 @@ class Lake:
         con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
         try:
             self._load(con)
-            options = [f"DATA_PATH {_lit(str(self.data_path) + os.sep)}"]
+            options = [f"DATA_PATH {literal(str(self.data_path) + os.sep)}"]
             if self.inline_rows is not None:
                 options.append(f"DATA_INLINING_ROW_LIMIT {int(self.inline_rows)}")
-            con.execute(f"ATTACH {_lit(self.uri)} AS {self.ALIAS} ({', '.join(options)})")
+            con.execute(f"ATTACH {literal(self.uri)} AS {self.ALIAS} ({', '.join(options)})")
             existing = {
                 r[0]
                 for r in con.execute(
@@ -217,8 +216,8 @@ class Lake:
             if missing:
                 con.execute("BEGIN")
                 for table in missing:
-                    cols = ", ".join(f"{_q(n)} {t}" for n, t in lake_columns(table))
-                    con.execute(f"CREATE TABLE {self.ALIAS}.{_q(stored_name(table))} ({cols})")
+                    cols = ", ".join(f"{ident(n)} {t}" for n, t in lake_columns(table))
+                    con.execute(f"CREATE TABLE {self.ALIAS}.{ident(stored_name(table))} ({cols})")
                 con.execute("COMMIT")
         except BaseException:
             con.close()
@@ -285,9 +284,9 @@ class Lake:
     def _insert(self, con, name: str, run_id: str, table: str, data: pa.Table, score_key: str | None) -> int:
         con.register(name, _arrow_for_duckdb(data))
         try:
-            extra = [f"{_lit(run_id)} AS run_id"]
+            extra = [f"{literal(run_id)} AS run_id"]
             if table in SCORE_TABLES:
-                extra.append(f"{_lit(score_key)} AS score_key")
+                extra.append(f"{literal(score_key)} AS score_key")
             known = [n for n, _ in lake_columns(table) if n not in ("run_id", "score_key")]
             unknown = sorted(set(data.column_names) - set(known))
             if unknown:
@@ -296,14 +295,14 @@ class Lake:
             if missing_key:
                 raise ValueError(f"{table}: rows need their key columns, missing: {missing_key}")
             cols = [c for c in known if c in data.column_names]  # the rest are null (INSERT ... BY NAME)
-            select = f"SELECT {', '.join(extra)}, {', '.join(_q(c) for c in cols)} FROM {name}"
-            target = f"{self.ALIAS}.{_q(stored_name(table))}"
+            select = f"SELECT {', '.join(extra)}, {', '.join(ident(c) for c in cols)} FROM {name}"
+            target = f"{self.ALIAS}.{ident(stored_name(table))}"
             if table in NATURAL_KEYS:
                 key = NATURAL_KEYS[table]
-                on = " AND ".join(f"o.{_q(k)} IS NOT DISTINCT FROM n.{_q(k)}" for k in key)
+                on = " AND ".join(f"o.{ident(k)} IS NOT DISTINCT FROM n.{ident(k)}" for k in key)
                 select = (
                     f"SELECT * FROM ({select}) n QUALIFY row_number() OVER (PARTITION BY "
-                    f"{', '.join('n.' + _q(k) for k in key)}) = 1"
+                    f"{', '.join('n.' + ident(k) for k in key)}) = 1"
                 )
                 select = f"SELECT n.* FROM ({select}) n ANTI JOIN {target} o ON {on}"
             (count,) = con.execute(f"INSERT INTO {target} BY NAME {select}").fetchone()
@@ -317,13 +316,13 @@ class Lake:
         older than that and delete the files only they used (time travel to them then stops working)."""
         con = self.con
         assert con is not None
-        con.execute(f"CALL ducklake_flush_inlined_data({_lit(self.ALIAS)})")
-        con.execute(f"CALL ducklake_merge_adjacent_files({_lit(self.ALIAS)})")
+        con.execute(f"CALL ducklake_flush_inlined_data({literal(self.ALIAS)})")
+        con.execute(f"CALL ducklake_merge_adjacent_files({literal(self.ALIAS)})")
         if older_than is not None:
             con.execute(
-                f"CALL ducklake_expire_snapshots({_lit(self.ALIAS)}, older_than => now() - INTERVAL {_lit(older_than)})"
+                f"CALL ducklake_expire_snapshots({literal(self.ALIAS)}, older_than => now() - INTERVAL {literal(older_than)})"
             )
-        con.execute(f"CALL ducklake_cleanup_old_files({_lit(self.ALIAS)}, cleanup_all => true)")
+        con.execute(f"CALL ducklake_cleanup_old_files({literal(self.ALIAS)}, cleanup_all => true)")
 
     def snapshots(self) -> list[tuple[int, str | None]]:
         """(snapshot_id, run_id) of every snapshot, oldest first (run_id None: not a gradsift commit)."""
@@ -332,106 +331,3 @@ class Lake:
             f"SELECT snapshot_id, commit_extra_info FROM {self.ALIAS}.snapshots() ORDER BY snapshot_id"
         ).fetchall()
         return [(sid, json.loads(info)["run_id"] if info else None) for sid, info in rows]
-
-
-def run_snapshots_sql(alias: str = Lake.ALIAS) -> str:
-    """run_id -> the snapshot its commit made (run ids are content hashes: only snapshots order runs in time)."""
-    return (
-        "SELECT json_extract_string(commit_extra_info, '$.run_id') AS run_id, max(snapshot_id) AS snapshot_id "
-        f"FROM {alias}.snapshots() WHERE commit_extra_info IS NOT NULL GROUP BY ALL"
-    )
-
-
-def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = None) -> str:
-    """The SELECT behind a user-facing view: the current state (or the state at snapshot ``version``)."""
-    at = "" if version is None else f" AT (VERSION => {int(version)})"
-    src = f"(SELECT * FROM {alias}.{_q(stored_name(table))}{at})"  # `t AT (...) AS x` does not parse in 1.5.5
-    if table == "runs":
-        return f"SELECT r.*, s.snapshot_id FROM {src} AS r LEFT JOIN ({run_snapshots_sql(alias)}) AS s USING (run_id)"
-    if table_mode(table) == "once":
-        return f"SELECT * FROM {src}"
-    group = CURRENT_GROUPS.get(table, ())
-    partition = f"PARTITION BY {', '.join(_q(g) for g in group)}" if group else ""
-    return (
-        f"SELECT * EXCLUDE (_run_snapshot) FROM (SELECT h.*, s.snapshot_id AS _run_snapshot FROM {src} AS h "
-        f"JOIN ({run_snapshots_sql(alias)}) AS s USING (run_id)) "
-        f"QUALIFY _run_snapshot = max(_run_snapshot) OVER ({partition})"
-    )
-
-
-# Table functions a read-only query must not call: DuckLake maintenance deletes data files BEFORE it fails on the
-# read-only catalog (measured: ducklake_cleanup_old_files removed scheduled files from a READ_ONLY attach), and
-# enable_logging(storage='file') passes lock_configuration in duckdb 1.5.5 then aborts the process on its write;
-# postgres_query / sqlite_* reach the catalog database directly (a READ_ONLY attach makes them read-only, still).
-_DENIED = re.compile(
-    r"^(ducklake_(?!snapshots$|table_info$|list_files$|table_changes$|table_insertions$|table_deletions$|current_snapshot$|last_committed_snapshot$).*"
-    r"|postgres_.*|sqlite_.*|enable_logging|disable_logging|truncate_duckdb_logs|checkpoint|force_checkpoint)$",
-    re.IGNORECASE,
-)
-
-
-def _function_names(node) -> Iterator[str]:
-    if isinstance(node, dict):
-        if node.get("class") == "FUNCTION" or node.get("type") in ("FUNCTION", "TABLE_FUNCTION"):
-            name = node.get("function_name")
-            if isinstance(name, str):
-                yield name
-        for value in node.values():
-            yield from _function_names(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _function_names(value)
-
-
-def denied_functions(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
-    """Functions of ``sql`` (one SELECT) that ``connect_readonly`` refuses to run; raises on what cannot parse."""
-    tree = json.loads(con.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchone()[0])
-    if tree.get("error"):
-        raise ValueError(f"cannot check the statement: {tree.get('error_message')}")
-    return sorted({n for n in _function_names(tree) if _DENIED.match(n)})
-
-
-def connect_readonly(root: Path | str, catalog: str = "duckdb") -> duckdb.DuckDBPyConnection:
-    """A locked-down reader: the lake attached READ_ONLY, one temp view per table name showing the current state,
-    ``<table>_history`` views for the per-run tables, files only under the lake's data path, no other file, network
-    or extension access, settings locked (the same settings as ``storage.catalog.connect_readonly``). Run user SQL
-    through ``query_readonly`` (it also refuses DuckLake's maintenance functions)."""
-    lake = Lake(root, catalog)
-    con = duckdb.connect(
-        ":memory:",
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "python_enable_replacements": False,
-        },
-    )
-    try:
-        lake._load(con)
-        con.execute(f"ATTACH {_lit(lake.uri)} AS {Lake.ALIAS} (READ_ONLY)")
-        for table in LAKE_SCHEMAS:
-            con.execute(f"CREATE TEMP VIEW {_q(table)} AS {current_view_sql(table)}")
-            if table_mode(table) == "run":
-                con.execute(
-                    f"CREATE TEMP VIEW {_q(stored_name(table))} AS SELECT * FROM {Lake.ALIAS}.{_q(stored_name(table))}"
-                )
-        allowed = [f"{lake.data_path}{os.sep}"]
-        if catalog in ("duckdb", "sqlite"):
-            allowed.append(str(lake.uri.rsplit(":", 1)[1]))
-        con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-    except BaseException:
-        con.close()
-        raise
-    return con
-
-
-def query_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    """One read-only SELECT on a ``connect_readonly`` connection (gradsift's statement check plus the denylist)."""
-    from gradsift.storage.catalog import ReadOnlyQueryError, check_read_only
-
-    statement = check_read_only(con, sql)
-    denied = denied_functions(con, statement.query)
-    if denied:
-        raise ReadOnlyQueryError(f"gradsift query does not run lake maintenance or logging functions: {denied}")
-    return con.sql(statement.query).to_arrow_table()
