@@ -25,7 +25,7 @@ from gradsift.schemas.tables import TABLES
 from gradsift.storage.atomic import write_atomic
 from gradsift.storage.store import Store
 
-_DUCK_TYPES = {
+DUCK_TYPES = {
     pa.string(): "VARCHAR",
     pa.int32(): "INTEGER",
     pa.int64(): "BIGINT",
@@ -36,16 +36,17 @@ _DUCK_TYPES = {
 }
 
 
-def _duck_type(t: pa.DataType) -> str:
+def duck_type(t: pa.DataType) -> str:
+    """The DuckDB column type of an Arrow type (lists of any length; float16 read as FLOAT)."""
     if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
-        return f"{_duck_type(t.value_type)}[]"
-    return _DUCK_TYPES[t]
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+        return f"{duck_type(t.value_type)}[]"
+    return DUCK_TYPES[t]
 
 
 def _empty_select(schema: pa.Schema, with_run_id: bool) -> str:
-    cols = [f"NULL::{_duck_type(f.type)} AS {f.name}" for f in schema]
+    cols = [f"NULL::{duck_type(f.type)} AS {f.name}" for f in schema]
     if with_run_id:
         cols.insert(0, "NULL::VARCHAR AS run_id")
     return f"SELECT {', '.join(cols)} WHERE false"
@@ -227,6 +228,17 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
             f"no catalog at {store.catalog_path}: run a flow first (e.g. `gradsift demo` or `gradsift score`) "
             "or point --store at an existing store"
         )
+
+    def attach(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("ATTACH $path AS catalog (READ_ONLY)", {"path": str(store.catalog_path)})
+        con.execute("USE catalog")
+
+    return locked_down(attach, [f"{store.tables}{os.sep}"])
+
+
+def locked_down(attach, allowed: list[str]) -> duckdb.DuckDBPyConnection:
+    """A private in-memory DuckDB with no extension autoinstall/autoload and no Python replacement scans; after
+    ``attach(con)`` it may read files only under ``allowed``, reaches nothing else and its settings are locked."""
     con = duckdb.connect(
         ":memory:",
         config={
@@ -236,9 +248,8 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
         },
     )
     try:
-        con.execute("ATTACH $path AS catalog (READ_ONLY)", {"path": str(store.catalog_path)})
-        con.execute("USE catalog")
-        con.execute("SET allowed_directories = $dirs", {"dirs": [f"{store.tables}{os.sep}"]})
+        attach(con)
+        con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     except BaseException:

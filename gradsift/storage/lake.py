@@ -40,6 +40,7 @@ import duckdb
 import pyarrow as pa
 
 from gradsift.schemas.tables import TABLES
+from gradsift.storage.catalog import duck_type
 
 NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     "samples": ("dataset", "sample_id"),
@@ -111,26 +112,6 @@ def _extension(package: str, name: str) -> Path:
 def ducklake_extension() -> Path:
     """The ducklake extension file of the installed ``duckdb-extension-ducklake`` wheel."""
     return _extension("duckdb_extension_ducklake", "ducklake")
-
-
-_DUCK_TYPES = {
-    pa.string(): "VARCHAR",
-    pa.int32(): "INTEGER",
-    pa.int64(): "BIGINT",
-    pa.float16(): "FLOAT",
-    pa.float32(): "FLOAT",
-    pa.float64(): "DOUBLE",
-    pa.bool_(): "BOOLEAN",
-}
-
-
-def duck_type(t: pa.DataType) -> str:
-    """The DuckLake column type of an Arrow type (lists of any length, float16 widened to FLOAT)."""
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
-    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
-        return f"{duck_type(t.value_type)}[]"
-    return _DUCK_TYPES[t]
 
 
 def _widen(t: pa.DataType) -> pa.DataType:

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from gradsift.storage.catalog import locked_down
 from gradsift.storage.lake import CURRENT_GROUPS, LAKE_SCHEMAS, Lake, ident, literal, stored_name, table_mode
 
 
@@ -78,33 +79,20 @@ def connect_readonly(root: Path | str, catalog: str = "duckdb") -> duckdb.DuckDB
     or extension access, settings locked (the same settings as ``storage.catalog.connect_readonly``). Run user SQL
     through ``query_readonly`` (it also refuses DuckLake's maintenance functions)."""
     lake = Lake(root, catalog)
-    con = duckdb.connect(
-        ":memory:",
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "python_enable_replacements": False,
-        },
-    )
-    try:
+
+    def attach(con: duckdb.DuckDBPyConnection) -> None:
         lake._load(con)
         con.execute(f"ATTACH {literal(lake.uri)} AS {Lake.ALIAS} (READ_ONLY)")
         for table in LAKE_SCHEMAS:
             con.execute(f"CREATE TEMP VIEW {ident(table)} AS {current_view_sql(table)}")
             if table_mode(table) == "run":
-                con.execute(
-                    f"CREATE TEMP VIEW {ident(stored_name(table))} AS SELECT * FROM {Lake.ALIAS}.{ident(stored_name(table))}"
-                )
-        allowed = [f"{lake.data_path}{os.sep}"]
-        if catalog in ("duckdb", "sqlite"):
-            allowed.append(str(lake.uri.rsplit(":", 1)[1]))
-        con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-    except BaseException:
-        con.close()
-        raise
-    return con
+                history = ident(stored_name(table))
+                con.execute(f"CREATE TEMP VIEW {history} AS SELECT * FROM {Lake.ALIAS}.{history}")
+
+    allowed = [f"{lake.data_path}{os.sep}"]
+    if catalog in ("duckdb", "sqlite"):
+        allowed.append(str(lake.uri.rsplit(":", 1)[1]))
+    return locked_down(attach, allowed)
 
 
 def query_readonly(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
