@@ -49,13 +49,13 @@ def _cases(f):
     d, store = f["dir"], str(f["dir"] / "store")
     two = [{"path": f["a"], "text": "body", "label": "y"}, {"path": f["b"], "text": "body", "label": "y"}]
     ingest_toml = (
-        'store = "store"\n[model]\nmax_tokens = 64\nlabels = ["neg", "pos"]\n[ingest]\nshard_size = 8\n'
+        'store = "store"\n[model]\nname_or_path = "clf"\nmax_tokens = 64\nlabels = ["neg", "pos"]\n[ingest]\nshard_size = 8\n'
         'on_bad_file = "fail"\nsources = [{path = "a.jsonl", text = "body", label = "y"}, '
         '{path = "b.jsonl", text = "body", label = "y"}]\n'
     )
     ingest_flags = [f["a"], f["b"], "--store", store, "--text-field", "body", "--label-field", "y", "--shard-size", "8",
-                    "--on-bad-file", "fail", "--max-tokens", "64", "--labels", "neg,pos"]  # fmt: skip
-    ingest = {"store": store, "model": {"max_tokens": 64, "labels": ["neg", "pos"]},
+                    "--on-bad-file", "fail", "--max-tokens", "64", "--labels", "neg,pos", "--model", "clf"]  # fmt: skip
+    ingest = {"store": store, "model": {"name_or_path": "clf", "max_tokens": 64, "labels": ["neg", "pos"]},
               "ingest": {"sources": two, "shard_size": 8, "on_bad_file": "fail"}}  # fmt: skip
     score = ingest | {"score": {"engine": {"feature_dim": 64, "nuclear_modules": ["q_proj", "v_proj"]}},
                       "ray": {"num_actors": 1}, "seed": 3}  # fmt: skip

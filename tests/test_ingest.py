@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradsift.data.ingest import IngestError, ingest_source, shard_samples
+from gradsift.data.ingest import IngestError, LabelRule, ingest_source, shard_samples
 from gradsift.schemas.config import DataSource
 
 
@@ -124,7 +124,6 @@ def test_shards_are_fixed_size_and_deterministic(tmp_path):
 def test_hostile_corpus_every_bad_row_quarantined_with_its_category(tmp_path):
     from hostile_corpus import check_quarantine, write_corpus
 
-    from gradsift.data.ingest import LabelRule
     from gradsift.flows.stages import _unreadable_file
 
     corpus = write_corpus(tmp_path, labelled=True)
@@ -320,3 +319,27 @@ def test_first_seen_matches_a_dict_across_merges(monkeypatch):
                 assert seen.first_or_add(key, line, payload) == expected.get(key)
                 expected.setdefault(key, (line, payload))
         assert len(seen) == len(expected) and seen._lines.dtype == "int64"
+
+
+def test_the_label_set_is_fixed_by_the_config(tiny_bert):
+    from gradsift.flows.stages import label_rule
+    from gradsift.schemas.config import ModelConfig
+
+    def rule(**model):
+        return label_rule(ModelConfig(name_or_path=tiny_bert, **model))
+
+    assert rule(labels=["neg", "pos"]) == ("classification", LabelRule(True, ("neg", "pos")))
+    assert rule(num_labels=3) == ("classification", LabelRule(True, ("0", "1", "2")))
+    assert rule() == ("classification", LabelRule(True, ("0", "1")))  # the folder's own 2-class head
+    assert rule(task="classification") == ("classification", LabelRule(True, None))  # a proxy: the data's labels
+    assert label_rule(ModelConfig()) == ("causal_lm", LabelRule())  # tiny: a causal LM
+    assert ModelConfig(name_or_path=tiny_bert, labels=["a", "b"]).num_labels == 2
+    for bad, message in [({"labels": ["a", "a"]}, "distinct"), ({"labels": ["a"], "num_labels": 2}, "does not match"),
+                         ({"task": "causal_lm", "num_labels": 2}, "takes no num_labels"),
+                         ({"num_labels": 2}, "'tiny' is a causal LM")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(**bad)
+    rule = LabelRule(True, ("neg", "pos"))
+    assert rule.problem("pos", "label") is None
+    assert rule.problem("neutral", "label").reason == "unknown_label"
+    assert rule.problem(None, "label").reason == "missing_label"

@@ -71,6 +71,8 @@ class ModelConfig(Config):
             self.num_labels = len(self.labels)
         if self.task == "causal_lm" and self.num_labels is not None:
             raise ValueError("task causal_lm takes no num_labels or labels")
+        if self.name_or_path == "tiny" and (self.num_labels is not None or self.task == "classification"):
+            raise ValueError("'tiny' is a causal LM: a classifier (num_labels, labels) needs a model folder")
         return self
 
 
