@@ -81,6 +81,12 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _read_row(path: Path) -> dict:
+    """A run row: its file read in one go, so that a writer replacing it (temp file + rename) mid-read cannot
+    mix two versions (pyarrow opens a path once for the footer and again for the data)."""
+    return pq.read_table(pa.BufferReader(path.read_bytes())).to_pylist()[0]
+
+
 class Store:
     """A store folder of Parquet tables and a DuckDB catalog."""
 
@@ -101,16 +107,17 @@ class Store:
 
     def read_run(self, run_id: str) -> dict | None:
         path = self.run_path(run_id)
-        if not path.exists():
+        try:
+            return _read_row(path)
+        except FileNotFoundError:
             return None
-        return pq.read_table(path).to_pylist()[0]
 
     def write_run(self, row: dict) -> None:
         full = {name: row.get(name) for name in RUNS.names}
         write_parquet_atomic(pa.Table.from_pylist([full], schema=RUNS), self.run_path(row["run_id"]))
 
     def runs(self) -> list[dict]:
-        return [pq.read_table(p).to_pylist()[0] for p in sorted((self.tables / "runs").glob("*.parquet"))]
+        return [_read_row(p) for p in sorted((self.tables / "runs").glob("*.parquet"))]
 
     def staging(self, run_id: str) -> RunStaging:
         return RunStaging(self, run_id)
