@@ -16,12 +16,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from live_services import GRADSIFT
 
 from gradsift.schemas.tables import SAMPLES, SCORES, VIEW_NAMES, features_schema
 from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError, build_catalog, query
 from gradsift.storage.store import Store, utc_now
 
-GRADSIFT = Path(os.environ.get("GRADSIFT_BIN", "/work/main/.venv/bin/gradsift"))
 REPO = Path(__file__).resolve().parents[1]
 SLOW_SQL = "SELECT count(*) FROM range(1000000000000) a"  # a table function that reads no file; runs for hours
 REFUSED = "gradsift query is read-only"
