@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gradsift.data.pairs import split_dialogue
 from gradsift.engine.gradients import PerSampleGradients
 from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
 from gradsift.schemas.engine import EngineConfig
-from gradsift.signals.entanglement import autograd_pair, pair_batch, split_dialogue
+from gradsift.signals.entanglement import autograd_pair, pair_batch
 
 PAIRS = [
     ("\n\nHuman: how do I pick a lock?\n\nAssistant:", " I can't help with that.", " Use a tension wrench and a pick."),

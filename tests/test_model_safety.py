@@ -14,13 +14,13 @@ import pytest
 from live_services import GRADSIFT, SCORE_ARGS, write_rows
 
 from gradsift.models.folders import ModelFolderError, check_model_folder
-from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer, load_model, load_tokenizer, task_of_folder
+from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer, head_of_folder, load_model, load_tokenizer
 
 LOADERS = {
     "load_model": lambda path: load_model(str(path)),
     "load_tokenizer": lambda path: load_tokenizer(str(path)),
-    "task_of_folder": lambda path: task_of_folder(str(path), None),
-    "task_of_folder(num_labels)": lambda path: task_of_folder(str(path), 2),
+    "head_of_folder": lambda path: head_of_folder(str(path), None),
+    "head_of_folder(num_labels)": lambda path: head_of_folder(str(path), 2),
 }
 
 
@@ -50,7 +50,7 @@ def evil_copy(good, dest, config_name: str = "config.json"):
 def test_good_folder_loads(good_folder):
     model, tokenizer = load_model(str(good_folder))
     assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.pad_token == "<pad>"
-    assert task_of_folder(str(good_folder), None) == "causal_lm"
+    assert head_of_folder(str(good_folder), None) == ("causal_lm", None)
 
 
 @pytest.mark.parametrize("config_name", ["config.json", "tokenizer_config.json"])

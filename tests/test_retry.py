@@ -118,7 +118,7 @@ def test_full_disk_write_names_the_path_and_leaves_no_temp_file(tmp_path, monkey
 
 
 def test_cli_message_of_a_wrapped_full_disk_error():
-    from gradsift.cli import _failure
+    from gradsift.cli.errors import failure as _failure
 
     err = wrapped(OSError(errno.ENOSPC, "no space left on device", "/store/staging/r/scores/s.parquet"))
     cause, message = _failure(err)

@@ -8,6 +8,5 @@ from gradsift.env import configure_environment
 configure_environment()  # before prefect or ray is imported anywhere
 
 from gradsift.cli.commands import app, build_config  # noqa: E402
-from gradsift.cli.errors import failure as _failure  # noqa: E402
 
-__all__ = ["_failure", "app", "build_config"]
+__all__ = ["app", "build_config"]

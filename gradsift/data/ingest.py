@@ -12,13 +12,10 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-
 from gradsift.data.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
 from gradsift.data.reasons import BadRow, Problem, quarantine_row
 from gradsift.data.seen import FirstSeen
 from gradsift.schemas.config import DataSource
-from gradsift.schemas.tables import QUARANTINE
 from gradsift.storage.keys import ShardKey
 
 __all__ = [
@@ -40,9 +37,6 @@ class IngestResult:
     samples: list[dict] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-    def quarantine_table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.quarantine, schema=QUARANTINE)
 
 
 @dataclass(frozen=True)

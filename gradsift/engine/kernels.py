@@ -25,11 +25,6 @@ def ghost_sq_norm(gram_x: Tensor, g: Tensor) -> Tensor:
     return (gram_x * gram(g)).sum(dim=(1, 2))
 
 
-def bias_sq_norm(g: Tensor) -> Tensor:
-    """||sum_t g_t||^2, [B]."""
-    return g.float().sum(dim=1).pow(2).sum(dim=1)
-
-
 def materialise(x: Tensor, g: Tensor, b0: int, b1: int) -> Tensor:
     """Per-sample weight gradients G_i = g_i^T x_i for samples b0:b1, float32 [b, d_out, d_in]."""
     return torch.bmm(g[b0:b1].transpose(1, 2), x[b0:b1]).float()

@@ -119,11 +119,6 @@ def _load_tokenizer(path: Path):
     return tokenizer
 
 
-def task_of_folder(name_or_path: str, num_labels: int | None) -> TaskType:
-    """Task type of a model folder from its config, without loading weights."""
-    return head_of_folder(name_or_path, num_labels)[0]
-
-
 def head_of_folder(name_or_path: str, num_labels: int | None) -> tuple[TaskType, int | None]:
     """(task type, number of classes) of a model folder from its config, without loading weights; the
     classes are ``num_labels`` when given, else a sequence-classifier folder's own head size."""

@@ -22,7 +22,6 @@ import pyarrow as pa
 import torch
 
 from gradsift.data.batching import IGNORE_INDEX, Encoded, collate, prompt_ids, response_ids, special_ids
-from gradsift.data.pairs import ASSISTANT, split_dialogue  # noqa: F401 (hh-rlhf; re-exported)
 from gradsift.data.reasons import Problem, quarantine_row
 from gradsift.schemas.tables import PAIR_SCORES
 

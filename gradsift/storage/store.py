@@ -37,20 +37,9 @@ from gradsift.storage.atomic import (
     parquet_writer_atomic,
     remove_dir,
     replace_dir,
-    write_atomic,
     write_json_atomic,
     write_parquet_atomic,
 )
-
-__all__ = [
-    "ARTIFACT_KINDS",
-    "RunStaging",
-    "Store",
-    "utc_now",
-    "write_atomic",
-    "write_json_atomic",
-    "write_parquet_atomic",
-]
 
 STAGES_DIR = "_stages"
 """Stage markers of a staged run (``mark_done`` / ``stage_info``); never committed."""
