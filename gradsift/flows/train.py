@@ -24,10 +24,10 @@ from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.models.embeddings import cached_embeddings
 from gradsift.models.loading import minilm_path
-from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import TrainConfig
 from gradsift.signals.dynamics import combine_seeds
 from gradsift.training.jobs import train_and_score_seed
+from gradsift.training.loop import scores_table
 from gradsift.training.proxy import embed_cache_dir
 
 
@@ -76,17 +76,7 @@ def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: floa
     ]
     groups = samples["label"].to_numpy() if config.vog_normalise == "class" else None
     combined = combine_seeds(seeds, groups, config.gradient_scores)
-    n = len(samples)
-    table = pa.table(
-        {
-            "checkpoint": [f"{run_id}-seed*"] * n,
-            "dataset": samples["dataset"],
-            "sample_id": samples["sample_id"],
-            "grad_norm": pa.nulls(n, pa.float32()),
-            **{k: pa.array(v, from_pandas=True) for k, v in combined.items()},
-        }
-    )
-    table = table.select(SCORES.names).cast(SCORES)
+    table = scores_table(f"{run_id}-seed*", samples["dataset"].tolist(), samples["sample_id"].tolist(), combined)
     staging.write_part("scores", "train", table)
     flagged = int((combined["aum"] < aum_threshold).sum()) if aum_threshold is not None else None
     return {

@@ -199,6 +199,24 @@ DYNAMICS = pa.schema(
 )
 """Training dynamics: one row each time a training step sees a sample (train flow)."""
 
+CAPTURE_VISITS = pa.schema(
+    [
+        *DYNAMICS,  # checkpoint is the capture run's name
+        ("grad_norm", pa.float32()),  # || grad_w loss_i || of the training step's own backward
+        ("n_tokens", pa.int32()),  # target tokens (1 for a classifier)
+        ("token_loss_max", pa.float32()),  # the worst target token's loss (the loss for a classifier)
+        ("lr", pa.float64()),  # learning rate of the optimiser step the visit belongs to
+        ("rank", pa.int32()),  # data-parallel rank that recorded it
+    ]
+)
+"""Per-sample visits recorded inside a user's own training run (gradsift.capture), one row per sample per visit."""
+
+
+def capture_features_schema(dim: int) -> pa.Schema:
+    """Projected gradient features recorded during training: one row per sample per visit."""
+    return pa.schema([("step", pa.int64()), ("rank", pa.int32()), *features_schema(dim)])
+
+
 EVALUATIONS = pa.schema(
     [
         ("selection", pa.string()),
@@ -230,6 +248,7 @@ TABLES: dict[str, pa.Schema] = {
     "layer_diffs": LAYER_DIFFS,
     "dynamics": DYNAMICS,
     "evaluations": EVALUATIONS,
+    "capture_visits": CAPTURE_VISITS,
 }
 VIEW_NAMES = [*TABLES, "features"]
 

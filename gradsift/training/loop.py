@@ -22,7 +22,7 @@ from gradsift.models.checkpoints import (
     load_optimizer_state,
     save_checkpoint,
 )
-from gradsift.schemas.tables import DYNAMICS
+from gradsift.schemas.tables import DYNAMICS, SCORES
 from gradsift.schemas.train import TrainConfig
 from gradsift.signals import dynamics as dyn
 from gradsift.training.proxy import Proxy, TrainData, build_proxy
@@ -162,6 +162,21 @@ def visit_scores(dynamics: pa.Table, sample_ids: list[str]) -> dict[str, np.ndar
     margins = d["margin"].to_numpy().reshape(-1, v)[order]
     events, never = dyn.forgetting(correct)
     return {"forgetting": events, "never_learned": never, "aum": dyn.aum(margins)}
+
+
+def scores_table(checkpoint: str, datasets: list[str], sample_ids: list[str], combined: dict) -> pa.Table:
+    """``scores`` rows of a train or captured run from ``combine_seeds``' columns (grad_norm: a score run's)."""
+    n = len(sample_ids)
+    table = pa.table(
+        {
+            "checkpoint": [checkpoint] * n,
+            "dataset": datasets,
+            "sample_id": sample_ids,
+            "grad_norm": pa.nulls(n, pa.float32()),
+            **{k: pa.array(v, from_pandas=True) for k, v in combined.items()},
+        }
+    )
+    return table.select(SCORES.names).cast(SCORES)
 
 
 @torch.no_grad()

@@ -1,0 +1,165 @@
+"""The per-sample gradient engine's hooks on a training step's own forward and backward.
+
+``PerSampleGradients.compute`` runs its own forward and an activation-only backward; here the same module
+handlers (gradsift/engine/handlers.py) and accumulators (``MicroBatch``, gradsift/engine/state.py) are hooked
+into the user's training step instead: forward hooks keep each covered module's input, tensor hooks on its
+output receive the output gradient that the step's ``loss.backward()`` computes anyway, and the ghost
+identities (Li et al. 2022; Bu et al. 2022) turn them into per-sample squared norms and LoGra features (Choe et
+al. 2024). No second backward and no per-sample weight-gradient copies.
+
+Scale: the step's loss is some weighted sum sum_i c_i loss_i (a batch mean c_i = 1/B, a token mean over
+the batch c_i = n_i / N, divided by the accumulation steps or by the Trainer's ``num_items_in_batch``), so the
+output gradients the hooks see are c_i times those of loss_i. A tensor hook on the logits finds c_i exactly:
+dL/dlogits_i = c_i * dloss_i/dlogits_i, with dloss_i/dlogits_i from autograd through the loss alone (not the
+model). Norms are divided by |c_i|, features by c_i, so the record is || grad_w loss_i || whatever the
+reduction. Dropout is whatever the step uses (the recorded gradient is the step's own).
+
+Position ids: a model that takes ``position_ids`` and is not given them gets its default (0..T-1) as one row per
+sample, so that a position embedding's output gradient is per sample (a [1, T] default broadcasts over the batch).
+
+Not supported: gradient checkpointing (modules run twice per step: the engine raises), ``torch.compile``d
+models (the callback refuses them; capture the eager model), modules the engine does not cover (it names them).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gradsift.capture.ids import ID_KEY, MISSING_HINT, MissingSampleIdsError
+from gradsift.data.batching import IGNORE_INDEX
+from gradsift.engine.gradients import PerSampleGradients
+from gradsift.engine.state import Covered, MicroBatch
+from gradsift.models.adapter import per_sample_loss
+from gradsift.schemas.engine import EngineConfig
+from gradsift.signals import dynamics as dyn
+
+
+@dataclass
+class MicroResult:
+    """What one micro-batch's forward and backward recorded, [B] each (features [B, D]); CPU tensors."""
+
+    ids: list[tuple[str, str]] | None  # None: the batch carried none (the plain-loop ``step`` gives them)
+    stats: dict[str, Tensor]  # loss, pred, correct, margin, el2n, n_tokens, token_loss_max
+    grad_norm: Tensor
+    features: Tensor | None
+
+
+class _Pending:
+    def __init__(self, st: MicroBatch, ids):
+        self.st, self.ids = st, ids
+        self.logits: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.scale: Tensor | None = None  # c_i, set by the logits' gradient hook
+
+
+def token_summary(logits: Tensor, labels: Tensor, task: str) -> dict[str, Tensor]:
+    """Target tokens per sample and the largest per-token loss (a classifier: 1 and its loss)."""
+    if task == "classification":
+        return {"n_tokens": torch.ones_like(labels), "token_loss_max": per_sample_loss(logits, labels, task)}
+    targets = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX
+    )
+    keep = targets != IGNORE_INDEX
+    return {"n_tokens": keep.sum(1), "token_loss_max": tok.masked_fill(~keep, float("-inf")).amax(1).clamp_min(0)}
+
+
+class StepCapture:
+    """Hooks on ``model`` recording every training micro-batch (grad enabled, model in train mode).
+
+    ``collect()`` returns the micro-batches whose backward has run since the last call."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig, require_ids: bool = True):
+        self.require_ids = require_ids
+        self.engine = PerSampleGradients(model, config)
+        self.task = self.engine.task
+        self.model = model
+        self.pending: _Pending | None = None
+        self.done: list[MicroResult] = []
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+        self.handles = [m.module.register_forward_hook(self._module_hook(m)) for m in self.engine.mods]
+        self.handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._post, with_kwargs=True))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.pop(ID_KEY, None)
+        self._finish_pending()
+        if not (torch.is_grad_enabled() and module.training):
+            return args, kwargs
+        if ids is None and self.require_ids:
+            raise MissingSampleIdsError(f"a training batch has no sample ids ({ID_KEY}): " + MISSING_HINT)
+        ref = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device) if mask is None else mask
+        if self.takes_positions and kwargs.get("position_ids") is None:
+            # the models' default position ids, one row per sample: a [1, T] default would make a position
+            # embedding's output gradient the batch's sum, not per sample
+            kwargs["position_ids"] = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+        e = self.engine
+        st = MicroBatch(mask, e.config.feature_dim, e.num_params, e._offsets, e.projector, e.strategy, False)
+        self.pending = _Pending(st, None if ids is None else list(ids))
+        return args, kwargs
+
+    def _module_hook(self, m: Covered):
+        def hook(mod, args, out):
+            if self.pending is None or not torch.is_grad_enabled():
+                return None
+            return self.pending.st.forward_hook(m)(mod, args, out)
+
+        return hook
+
+    def _post(self, module, args, kwargs, out):
+        p = self.pending
+        if p is None:
+            return None
+        labels = kwargs.get("labels")
+        if labels is None:
+            raise ValueError("capture needs the labels in the model call (model(..., labels=...)) for per-sample losses")
+        p.logits, p.labels = out.logits.detach(), labels
+        out.logits.register_hook(lambda g: self._on_logits_grad(p, g))
+        return None
+
+    def _on_logits_grad(self, p: _Pending, g: Tensor) -> None:
+        with torch.enable_grad():
+            z = p.logits.float().requires_grad_()
+            (h,) = torch.autograd.grad(per_sample_loss(z, p.labels, self.task).sum(), z)
+        hh = h.flatten(1).pow(2).sum(1)
+        c = (g.float() * h).flatten(1).sum(1) / hh.clamp_min(torch.finfo(torch.float32).tiny)
+        p.scale = torch.where(hh > 0, c, torch.ones_like(c))
+
+    # -- results ----------------------------------------------------------------------------------------
+    def _finish_pending(self) -> None:
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        for m in self.engine.mods:
+            m.saved = None
+        p.st._last, p.st.leaves = None, []
+        if p.scale is None:
+            return  # a forward without backward (e.g. a step skipped for a non-finite loss): no visit
+        loss = per_sample_loss(p.logits, p.labels, self.task)
+        stats = dyn.visit_stats(p.logits, p.labels, self.task, loss) | token_summary(p.logits, p.labels, self.task)
+        res = p.st.finish(loss, self.engine.module_names, layer_stats=False)
+        scale = p.scale.cpu()
+        feats = None if res.features is None else res.features / scale[:, None]
+        stats = {k: v.detach().cpu() for k, v in stats.items()}
+        self.done.append(MicroResult(p.ids, stats, res.grad_norm / scale.abs(), feats))
+
+    def collect(self) -> list[MicroResult]:
+        """Finish the last micro-batch (its backward must have run) and hand over everything recorded."""
+        if self.pending is not None and self.pending.scale is None and self.pending.logits is not None:
+            raise RuntimeError("capture: collect() before the micro-batch's backward; call it after loss.backward()")
+        self._finish_pending()
+        out, self.done = self.done, []
+        return out

@@ -1,0 +1,99 @@
+"""Training-dynamics scores of a captured run, computed from its record with the same functions as the
+proxy run's (``gradsift train``): ``training.loop.visit_scores`` (forgetting, never-learned, AUM) and
+``signals.dynamics.combine_seeds`` (the captured run is one seed), into ``scores`` via ``scores_table``.
+
+Per sample, from its visits in step order: EL2N and GraNd at its visit in epoch ``score_epoch`` (Paul et al.
+2021: early in training; here the model of that step, not an end-of-epoch checkpoint), loss at its last visit,
+TracIn self-influence sum_visits lr * ||g||^2 (Pruthi et al. 2020, with every visit as a checkpoint), forgetting
+and AUM over all visits. VoG needs the gradient of the gold logit (not of the loss) at checkpoints, which the
+training step does not compute: it is null for a captured run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradsift.capture.record import VISITS
+from gradsift.capture.session import capture_run_id
+from gradsift.schemas.capture import CaptureConfig
+from gradsift.schemas.tables import DYNAMICS
+from gradsift.signals.dynamics import combine_seeds
+from gradsift.storage.store import Store
+from gradsift.training.loop import scores_table, visit_scores
+
+
+def record_visits(visits: pa.Table) -> pa.Table:
+    """One visit per (sample, epoch): the lowest rank's (DistributedSampler repeats a few samples across ranks
+    to even the shards out); in (sample, step) order."""
+    df = visits.to_pandas().sort_values(["dataset", "sample_id", "epoch", "rank", "step"], kind="stable")
+    df = df.drop_duplicates(["dataset", "sample_id", "epoch"], keep="first").sort_values(["sample_id", "step"])
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def record_scores(visits: pa.Table, score_epoch: int = 1) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """(samples [dataset, sample_id], per-sample score columns) of one run's deduplicated visits."""
+    df = visits.to_pandas()
+    samples = df.drop_duplicates(["dataset", "sample_id"])[["dataset", "sample_id"]].sort_values("sample_id")
+    ids = samples["sample_id"].tolist()
+    counts = df.groupby("sample_id").size()
+    if counts.nunique() != 1:
+        raise ValueError(
+            f"captured visits per sample differ ({counts.min()}-{counts.max()}): a run cut short mid-epoch? "
+            "score a record of whole epochs"
+        )
+    out = visit_scores(visits.select(DYNAMICS.names), ids)
+    by_id = df.set_index("sample_id")
+    early = df[df["epoch"] == score_epoch].set_index("sample_id")
+    if early.index.nunique() != len(ids):
+        raise ValueError(f"score_epoch={score_epoch}: not every sample has a visit in that epoch")
+    last = df.sort_values("step").groupby("sample_id").last()
+    out["el2n"] = early.loc[ids, "el2n"].to_numpy(np.float64)
+    out["grand"] = early.loc[ids, "grad_norm"].to_numpy(np.float64)
+    out["loss"] = last.loc[ids, "loss"].to_numpy(np.float64)
+    tracin = (by_id["lr"] * by_id["grad_norm"].astype(np.float64) ** 2).groupby(level=0).sum()
+    out["self_influence"] = tracin.loc[ids].to_numpy(np.float64)
+    out["vog"] = np.full(len(ids), np.nan)
+    return pa.Table.from_pandas(samples, preserve_index=False), out
+
+
+def read_record(store: Store, run_id: str) -> pa.Table:
+    """The run's visits: staged (training still writing, or not scored yet) or committed."""
+    staged = store.staging(run_id).read(VISITS)
+    if staged is not None:
+        return staged
+    parts = store.committed_parts(VISITS, run_id)
+    if not parts:
+        raise FileNotFoundError(f"no captured visits of run {run_id!r} in {store.root}")
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def captured_scores(visits: pa.Table, run_id: str, score_epoch: int = 1) -> pa.Table:
+    """The ``scores`` rows of a captured run (one seed through ``combine_seeds``, as ``gradsift train``)."""
+    samples, cols = record_scores(record_visits(visits), score_epoch)
+    frame = pa.table({"sample_id": samples["sample_id"], **cols}).to_pandas().set_index("sample_id")
+    combined = combine_seeds([frame], None, gradient_scores=False)
+    return scores_table(run_id, samples["dataset"].to_pylist(), samples["sample_id"].to_pylist(), combined)
+
+
+def score_captured_run(run: str, config: CaptureConfig) -> dict:
+    """``gradsift scores from-run RUN``: the captured run's record -> ``dynamics`` and ``scores``, committed with
+    the record as run ``capture-<RUN>`` (so ``select --scores-run capture-<RUN>`` and ``evaluate`` work)."""
+    from gradsift.flows.runs import RunRecorder
+
+    store = Store(config.store).ensure()
+    run_id = run if run.startswith("capture-") else capture_run_id(run)
+    visits = record_visits(read_record(store, run_id))
+    recorder = RunRecorder(store, run_id, "capture", config, "", run_id)
+    recorder.start()
+    try:
+        scores = captured_scores(visits, run_id, config.score_epoch)
+        recorder.staging.write_part("dynamics", "capture", visits.select(DYNAMICS.names).cast(DYNAMICS))
+        recorder.staging.write_part("scores", "capture", scores)
+        result = {"samples": scores.num_rows, "visits": visits.num_rows}
+        recorder.complete(result)
+    except BaseException as err:
+        recorder.fail(err)
+        raise
+    return {"run_id": run_id, **result}

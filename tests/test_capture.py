@@ -1,0 +1,156 @@
+"""In-run capture (gradsift.capture): recorded per-sample loss and gradient norm vs plain autograd on the same
+batch and weights, gradient accumulation, LoRA, the HF Trainer callback, resume without duplicate visits,
+missing ids, and one scoring code path with ``gradsift train``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+from gradsift.capture import (
+    CaptureCallback,
+    MissingSampleIdsError,
+    SampleIdCollator,
+    capture,
+    capture_run_id,
+    captured_scores,
+)
+from gradsift.capture.record import VISITS
+from gradsift.capture.scores import record_scores, record_visits
+from gradsift.models.adapter import per_sample_loss, task_of
+from gradsift.models.loading import LlamaShape, build_llama
+from gradsift.schemas.capture import CaptureConfig
+from gradsift.schemas.tables import CAPTURE_VISITS, DYNAMICS
+from gradsift.storage.store import Store
+from gradsift.training.loop import visit_scores
+
+TOL = 1e-4
+
+
+def tiny_classifier(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+    )  # fmt: skip
+    return BertForSequenceClassification(config).train()
+
+
+def batch_of(n: int, seed: int, task: str = "classification", vocab: int = 50) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # padding
+    if n > 1:
+        mask[1, 4:] = 0
+    ids = ids * mask
+    labels = torch.randint(0, 2, (n,), generator=g) if task == "classification" else ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def reference(model: nn.Module, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample loss and || grad_w loss_i || by plain autograd on the same batch and weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fwd = {k: v for k, v in batch.items() if k != "labels"}
+    losses = per_sample_loss(model(**fwd).logits, batch["labels"], task_of(_base(model)))
+    norms = []
+    for i in range(len(losses)):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item())
+    return losses.detach().numpy(), np.array(norms)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def rel(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(np.asarray(b)), 1e-12)))
+
+
+def run_steps(model, store, name, batches, accumulation, config=None) -> pa.Table:
+    """Plain loop: ``accumulation`` micro-batches per optimiser step (lr 0, so every reference sees these weights)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with capture(model, str(store), name, config) as rec:
+        for k, batch in enumerate(batches):
+            out = model(**batch)
+            (out.loss / accumulation).backward()
+            ids = [f"s{k}-{i}" for i in range(len(batch["labels"]))]
+            rec.step(ids, out, step=k // accumulation + 1)
+            if (k + 1) % accumulation == 0:
+                opt.step()
+                opt.zero_grad()
+    return Store(store).staging(capture_run_id(name)).read(VISITS)
+
+
+def check_exact(model, batches, visits) -> None:
+    for k, batch in enumerate(batches):
+        loss, norm = reference(model, batch)
+        rows = visits.filter(pa.compute.starts_with(visits["sample_id"], f"s{k}-")).to_pandas().sort_values("sample_id")
+        assert rel(rows["loss"], loss) <= TOL
+        assert rel(rows["grad_norm"], norm) <= TOL, (rows["grad_norm"].to_numpy(), norm)
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_classifier_loss_and_grad_norm_exact(tmp_path, accumulation):
+    model = tiny_classifier()
+    batches = [batch_of(4, seed) for seed in range(4)]
+    visits = run_steps(model, tmp_path, f"acc{accumulation}", batches, accumulation)
+    assert visits.num_rows == 16 and visits.schema.equals(CAPTURE_VISITS)
+    assert sorted(set(visits["step"].to_pylist())) == list(range(1, 4 // accumulation + 1))
+    check_exact(model, batches, visits)
+
+
+def test_causal_lm_lora_exact(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_llama(LlamaShape(hidden=32, layers=1, intermediate=64)), LoraConfig(r=4))
+    for name, p in model.named_parameters():  # non-zero B, so that every LoRA gradient is non-trivial
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model.train()
+    batches = [batch_of(3, seed, "causal_lm", vocab=260) for seed in range(4)]
+    visits = run_steps(model, tmp_path, "lora", batches, 4, CaptureConfig(store=str(tmp_path), parameters="lora"))
+    check_exact(model, batches, visits)
+    assert (visits["n_tokens"].to_numpy() > 0).all()
+
+
+def test_missing_ids_error(tmp_path):
+    collate = SampleIdCollator(collator=lambda f: {"x": f})
+    with pytest.raises(MissingSampleIdsError, match="remove_unused_columns=False"):
+        collate([{"input_ids": [1, 2]}])
+    model = tiny_classifier()
+    with pytest.raises(MissingSampleIdsError, match="SampleIdCollator"):
+        with capture(model, str(tmp_path), "noids") as rec:
+            model(**batch_of(2, 0)).loss.backward()
+            rec.step()
+
+
+def test_same_scores_as_train_path():
+    """The captured run's forgetting/AUM are ``visit_scores`` of the same visits (``gradsift train``'s function)."""
+    rng = np.random.default_rng(0)
+    n, epochs = 12, 3
+    ids = [f"x{i:02d}" for i in range(n)]
+    rows = []
+    for e in range(1, epochs + 1):
+        for j, i in enumerate(rng.permutation(n)):
+            c = bool(rng.random() < 0.6)
+            rows.append({
+                "checkpoint": "r", "epoch": e, "step": (e - 1) * n + j + 1, "dataset": "d", "sample_id": ids[i],
+                "loss": float(rng.random()), "correct": c, "margin": float(rng.normal()), "pred": int(c),
+                "el2n": float(rng.random()), "grad_norm": float(rng.random()), "n_tokens": 1,
+                "token_loss_max": 0.0, "lr": 0.1, "rank": 0,
+            })  # fmt: skip
+    visits = pa.Table.from_pylist(rows, schema=CAPTURE_VISITS)
+    train_path = visit_scores(visits.select(DYNAMICS.names), ids)
+    _, cols = record_scores(record_visits(visits))
+    for key in ("forgetting", "never_learned", "aum"):
+        np.testing.assert_array_equal(cols[key], train_path[key])
+    table = captured_scores(visits, "capture-r").to_pandas().set_index("sample_id").loc[ids]
+    np.testing.assert_array_equal(table["aum"].to_numpy(), train_path["aum"].astype(np.float32))
+    np.testing.assert_array_equal(table["forgetting"].to_numpy(), train_path["forgetting"])
