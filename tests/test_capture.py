@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from gradsift.capture import (
     CaptureCallback,
@@ -125,10 +127,9 @@ def test_missing_ids_error(tmp_path):
     with pytest.raises(MissingSampleIdsError, match="remove_unused_columns=False"):
         collate([{"input_ids": [1, 2]}])
     model = tiny_classifier()
-    with pytest.raises(MissingSampleIdsError, match="SampleIdCollator"):
-        with capture(model, str(tmp_path), "noids") as rec:
-            model(**batch_of(2, 0)).loss.backward()
-            rec.step()
+    with pytest.raises(MissingSampleIdsError, match="SampleIdCollator"), capture(model, str(tmp_path), "no") as rec:
+        model(**batch_of(2, 0)).loss.backward()
+        rec.step()
 
 
 def test_same_scores_as_train_path():
@@ -154,3 +155,92 @@ def test_same_scores_as_train_path():
     table = captured_scores(visits, "capture-r").to_pandas().set_index("sample_id").loc[ids]
     np.testing.assert_array_equal(table["aum"].to_numpy(), train_path["aum"].astype(np.float32))
     np.testing.assert_array_equal(table["forgetting"].to_numpy(), train_path["forgetting"])
+
+
+def sample_dataset(n: int = 24):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        length = 4 + i % 5
+        rows.append({
+            "input_ids": torch.randint(3, 50, (length,), generator=g).tolist(), "attention_mask": [1] * length,
+            "labels": i % 2, "sample_id": f"id{i:03d}",
+        })  # fmt: skip
+    return rows  # any map-style dataset: a list of features (a datasets.Dataset works the same)
+
+
+class _Tok:
+    """The padding a DataCollatorWithPadding needs (pad id 0, right padding)."""
+
+    pad_token_id, padding_side, model_input_names = 0, "right", ["input_ids", "attention_mask"]
+
+    def pad(self, features, return_tensors="pt", **kwargs):
+        width = max(len(f["input_ids"]) for f in features)
+        out = {k: [f[k] + [0] * (width - len(f[k])) for f in features] for k in ("input_ids", "attention_mask")}
+        return {**{k: torch.tensor(v) for k, v in out.items()}, "labels": torch.tensor([f["labels"] for f in features])}
+
+
+def trainer_for(model, out_dir, store, name, callbacks, **args):
+    from transformers import Trainer, TrainingArguments
+
+    base = {
+        "output_dir": str(out_dir), "per_device_train_batch_size": 2, "use_cpu": True, "report_to": [], "seed": 0,
+        "remove_unused_columns": False, "logging_strategy": "no", "save_strategy": "no", "disable_tqdm": True,
+    }  # fmt: skip
+    targs = TrainingArguments(**(base | args))
+    collate = SampleIdCollator(collator=_Tok().pad)
+    return Trainer(model=model, args=targs, train_dataset=sample_dataset(), data_collator=collate, callbacks=callbacks)
+
+
+def test_trainer_callback_accumulation_exact(tmp_path):
+    """HF Trainer, gradient accumulation 4, lr 0 (the weights stay those of every step): each recorded visit's
+    loss and gradient norm equal plain autograd on that sample."""
+    model = tiny_classifier()
+    cb = CaptureCallback(str(tmp_path / "store"), "hf", score_at_end=False)
+    trainer_for(model, tmp_path / "out", tmp_path / "store", "hf", [cb], gradient_accumulation_steps=4,
+                learning_rate=0.0, num_train_epochs=1).train()  # fmt: skip
+    visits = Store(tmp_path / "store").staging("capture-hf").read(VISITS).to_pandas()
+    assert len(visits) == 24 and visits["sample_id"].is_unique
+    assert sorted(visits["step"].unique()) == [1, 2, 3]  # 12 micro-batches of 2, 4 per optimiser step
+    ds = sample_dataset()
+    collate = _Tok().pad
+    model.train()
+    for _, row in visits.iterrows():
+        feature = ds[int(row["sample_id"][2:])]
+        batch = collate([{k: feature[k] for k in ("input_ids", "attention_mask", "labels")}])
+        loss, norm = reference(model, batch)
+        assert rel(row["loss"], loss) <= TOL and rel(row["grad_norm"], norm) <= TOL
+
+
+class _Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise KeyboardInterrupt("killed mid-epoch")
+
+
+def test_trainer_resume_no_duplicate_visits(tmp_path, prefect_harness):
+    """Killed at step 7 of epoch 1 (record flushed every step, checkpoint at step 4); resumed from checkpoint-4:
+    every sample is visited exactly once per epoch; then the scores are written and selectable."""
+    store = tmp_path / "store"
+    config = CaptureConfig(store=str(store), flush_every=1)
+    common = {"num_train_epochs": 2, "save_strategy": "steps", "save_steps": 4, "learning_rate": 1e-2}
+    first = trainer_for(tiny_classifier(), tmp_path / "out", store, "r", [CaptureCallback(str(store), "r", config),
+                        _Kill()], **common)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    staged = Store(store).staging("capture-r").read(VISITS)
+    assert max(staged["step"].to_pylist()) == 7  # visits after the checkpoint were on disk
+    cb = CaptureCallback(str(store), "r", config)
+    trainer_for(tiny_classifier(), tmp_path / "out", store, "r", [cb], **common).train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4")
+    )
+    visits = pa.concat_tables(
+        [pq.read_table(p) for p in Store(store).committed_parts(VISITS, "capture-r")]
+    ).to_pandas()
+    assert len(visits) == 48 and not visits.duplicated(["sample_id", "epoch"]).any()
+    assert (visits.groupby("sample_id").size() == 2).all()
+    assert cb.result["samples"] == 24
+    from gradsift.storage.catalog import query
+
+    scores = query(Store(store), "SELECT count(*) AS n, count(aum) AS a FROM scores WHERE run_id = 'capture-r'")
+    assert scores.to_pylist() == [{"n": 24, "a": 24}]

@@ -61,21 +61,19 @@ def with_sample_ids(dataset, id_column: str = "sample_id"):
     return dataset.add_column(id_column, [str(i) for i in range(len(dataset))])
 
 
-def samples_dataset(rows: list[dict], tokenizer, label_index: dict[str, int] | None, max_length: int = 128):
-    """gradsift's ingested samples (``samples`` rows) as a ``datasets.Dataset`` a Trainer trains on: input_ids,
+def samples_dataset(
+    rows: list[dict], tokenizer, label_index: dict[str, int] | None, max_length: int = 128
+) -> list[dict]:
+    """gradsift's ingested samples (``samples`` rows) as features a Trainer trains on (a map-style dataset): input_ids,
     attention_mask, labels (class id, or causal targets), dataset and sample_id (the ingest content hash)."""
-    from datasets import Dataset
-
     from gradsift.models.adapter import adapter
 
     task = "classification" if label_index else "causal_lm"
-    out: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "labels", "dataset", "sample_id")}
+    out = []
     for row in rows:
         enc = adapter(task).encode(row, tokenizer, label_index)
         ids = enc.input_ids[:max_length]
-        out["input_ids"].append(ids)
-        out["attention_mask"].append([1] * len(ids))
-        out["labels"].append(enc.target if isinstance(enc.target, int) else enc.target[:max_length])
-        out["dataset"].append(enc.dataset)
-        out["sample_id"].append(enc.sample_id)
-    return Dataset.from_dict(out)
+        target = enc.target if isinstance(enc.target, int) else enc.target[:max_length]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": target, "dataset": enc.dataset,
+                    "sample_id": enc.sample_id})  # fmt: skip
+    return out
