@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from gradsift.capture.record import VISITS
 from gradsift.capture.session import capture_run_id
-from gradsift.schemas.capture import CaptureConfig
+from gradsift.schemas.capture import FromRunConfig
 from gradsift.schemas.tables import DYNAMICS
 from gradsift.signals.dynamics import combine_seeds
 from gradsift.storage.store import Store
@@ -77,13 +77,13 @@ def captured_scores(visits: pa.Table, run_id: str, score_epoch: int = 1) -> pa.T
     return scores_table(run_id, samples["dataset"].to_pylist(), samples["sample_id"].to_pylist(), combined)
 
 
-def score_captured_run(run: str, config: CaptureConfig) -> dict:
+def score_captured_run(config: FromRunConfig) -> dict:
     """``gradsift scores from-run RUN``: the captured run's record -> ``dynamics`` and ``scores``, committed with
     the record as run ``capture-<RUN>`` (so ``select --scores-run capture-<RUN>`` and ``evaluate`` work)."""
     from gradsift.flows.runs import RunRecorder
 
     store = Store(config.store).ensure()
-    run_id = run if run.startswith("capture-") else capture_run_id(run)
+    run_id = config.run if config.run.startswith("capture-") else capture_run_id(config.run)
     visits = record_visits(read_record(store, run_id))
     recorder = RunRecorder(store, run_id, "capture", config, "", run_id)
     recorder.start()

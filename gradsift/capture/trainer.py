@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from gradsift.capture.session import CaptureSession
-from gradsift.schemas.capture import CaptureConfig
+from gradsift.schemas.capture import CaptureConfig, FromRunConfig
 
 
 class CaptureCallback(TrainerCallback):
@@ -59,4 +59,5 @@ class CaptureCallback(TrainerCallback):
         if self.score_at_end and state.is_world_process_zero:
             from gradsift.capture.scores import score_captured_run
 
-            self.result = score_captured_run(self.run_name, self.config)
+            run = FromRunConfig(store=self.store, run=self.run_name, score_epoch=self.config.score_epoch)
+            self.result = score_captured_run(run)

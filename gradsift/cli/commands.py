@@ -15,6 +15,7 @@ from gradsift.cli.errors import config_problem, console, fail, reported
 from gradsift.cli.options import Positional, Spec, command
 from gradsift.cli.options import build_config as _build_config
 from gradsift.env import state_dir
+from gradsift.schemas.capture import FromRunConfig
 from gradsift.schemas.config import AnalyzeConfig, NightlyConfig, RunConfig
 from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 
@@ -312,6 +313,21 @@ def status(
         busy = " (the run holding the writer lock rebuilds it as it completes)" if holder else ""
         hint = REBUILD_HINT.format(root=st.root)
         console.print(f"catalog {st.catalog_path} is {problem}{busy}: {hint}", highlight=False, soft_wrap=True)
+
+
+scores_app = typer.Typer(help="Scores of runs trained elsewhere (gradsift.capture).", no_args_is_help=True)
+app.add_typer(scores_app, name="scores")
+
+
+@command(scores_app, "from-run", Spec(FromRunConfig, (Positional("run", "run", "value"),)))
+def scores_from_run(config: FromRunConfig) -> None:
+    """EL2N, forgetting, AUM, GraNd and TracIn self-influence of a run recorded with gradsift.capture (HF Trainer
+    callback or plain loop), into ``scores`` as run capture-RUN (select/evaluate then work on it)."""
+    from gradsift.capture.scores import score_captured_run
+
+    with reported():
+        result = score_captured_run(config)
+    typer.echo(f"{result['run_id']}: {result['samples']} samples scored from {result['visits']} visits")
 
 
 store_app = typer.Typer(help="Check a store's committed parts; rebuild its catalog.", no_args_is_help=True)

@@ -20,3 +20,11 @@ class CaptureConfig(Config):
     projection_seed: int = Field(0, description="Seed of the random projections (features are reproducible).")
     flush_every: int = Field(50, ge=1, description="Optimiser steps between writes of the record (bounds memory).")
     score_epoch: int = Field(1, ge=1, description="Epoch whose visits give EL2N and GraNd (Paul et al.: early).")
+
+
+class FromRunConfig(Config):
+    """``gradsift scores from-run RUN``: the dynamics scores of a captured run, from its record."""
+
+    store: str = Field("store", description="Store folder holding the run's record.")
+    run: str = Field(description="The captured run: its name (as given to capture) or capture-<name>.")
+    score_epoch: int = Field(1, ge=1, description="Epoch whose visits give EL2N and GraNd (Paul et al.: early).")
