@@ -214,7 +214,7 @@ def _literal_choices(tp) -> list[str]:
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_shows_every_field_with_its_description_and_choices(command):
-    out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    out = CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
     assert out.exit_code == 0, out.output
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out.output).split())
     for option in COMMANDS[command].options:

@@ -319,7 +319,7 @@ scores_app = typer.Typer(help="Scores of runs trained elsewhere (gradsift.captur
 app.add_typer(scores_app, name="scores")
 
 
-@command(scores_app, "from-run", Spec(FromRunConfig, (Positional("run", "run", "value"),)))
+@command(scores_app, "from-run", Spec(FromRunConfig, (Positional("run", "run", "value"),)), "scores")
 def scores_from_run(config: FromRunConfig) -> None:
     """EL2N, forgetting, AUM, GraNd and TracIn self-influence of a run recorded with gradsift.capture (HF Trainer
     callback or plain loop), into ``scores`` as run capture-RUN (select/evaluate then work on it)."""

@@ -298,8 +298,9 @@ def _signature(spec: Spec) -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def command(app: typer.Typer, name: str, spec: Spec) -> Callable:
-    """Register ``run(config, **extras)`` as command ``name``, its arguments and options generated from ``spec``."""
+def command(app: typer.Typer, name: str, spec: Spec, group: str = "") -> Callable:
+    """Register ``run(config, **extras)`` as command ``name``, its arguments and options generated from ``spec``
+    (``group``: the sub-command group ``app`` is, e.g. "scores"; COMMANDS then has "scores from-run")."""
 
     def register(run: Callable) -> Callable:
         def callback(ctx: typer.Context, **values):
@@ -316,7 +317,7 @@ def command(app: typer.Typer, name: str, spec: Spec) -> Callable:
         callback.__signature__ = _signature(spec)
         callback.__doc__, callback.__name__ = run.__doc__, run.__name__
         app.command(name)(callback)
-        COMMANDS[name] = spec
+        COMMANDS[f"{group} {name}".strip()] = spec
         return run
 
     return register
