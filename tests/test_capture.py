@@ -285,3 +285,9 @@ def test_bf16_autocast_close(tmp_path):
     visits = Store(tmp_path).staging("capture-bf16").read(VISITS).to_pandas().sort_values("sample_id")
     _, norm = reference(model, batch)
     assert rel(visits["grad_norm"], norm) <= 5e-2
+
+
+def test_compiled_model_refused(tmp_path):
+    model = torch.compile(tiny_classifier())
+    with pytest.raises(NotImplementedError, match="torch.compile"), capture(model, str(tmp_path), "c"):
+        pass

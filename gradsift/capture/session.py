@@ -45,6 +45,9 @@ class CaptureSession:
     def __init__(
         self, model: nn.Module, store: str, run_name: str, config: CaptureConfig | None = None, require_ids: bool = True
     ):
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            raise NotImplementedError("gradsift capture needs the eager model's module hooks: capture the model "
+                                      "before torch.compile, and train it uncompiled while capturing")  # fmt: skip
         self.config = config or CaptureConfig(store=str(store))
         engine = EngineConfig(
             parameters=self.config.parameters,

@@ -30,7 +30,7 @@ class CaptureCallback(TrainerCallback):
         self.result: dict | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if args.torch_compile or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        if args.torch_compile:
             raise NotImplementedError(
                 "gradsift capture needs the eager model's module hooks: train without torch_compile while capturing"
             )
