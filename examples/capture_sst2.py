@@ -75,9 +75,15 @@ def main() -> None:
     proxy = train_flow(TrainConfig(data={"path": str(noisy), **SOURCE}, epochs=1 if args.no_proxy else args.epochs,
                                    **common))  # fmt: skip
     proxy_s = time.perf_counter() - t
-    rows = query(Store(store), "SELECT * FROM samples WHERE run_id = $run", {"run": proxy["run_id"]}).to_pylist()
-    model, tokenizer = load_model(resolve_model("minilm"), num_labels=len(proxy["label_index"]), seed=0)
-    train_set = samples_dataset(rows, tokenizer, proxy["label_index"], max_length=128)
+    sql = (
+        "SELECT m.* FROM samples m JOIN (SELECT DISTINCT dataset, sample_id FROM dynamics WHERE run_id = $run) "
+        "USING (dataset, sample_id) ORDER BY m.line"
+    )
+    rows = query(Store(store), sql, {"run": proxy["run_id"]}).to_pylist()
+    # the ingest's class index (the labels found, sorted); a rerun of a completed proxy run does not return it
+    label_index = proxy.get("label_index") or {label: i for i, label in enumerate(sorted({r["label"] for r in rows}))}
+    model, tokenizer = load_model(resolve_model("minilm"), num_labels=len(label_index), seed=0)
+    train_set = samples_dataset(rows, tokenizer, label_index, max_length=128)
     callback = CaptureCallback(store, args.name)
     targs = TrainingArguments(
         output_dir=str(args.work / "hf"), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
@@ -91,7 +97,9 @@ def main() -> None:
     trainer.train()
     hf_s = time.perf_counter() - t
     captured = callback.result["run_id"]
-    print(f"\n{len(rows)} samples, {len(flipped)} flipped; HF Trainer + capture {hf_s:.0f} s, proxy run {proxy_s:.0f} s")
+    print(
+        f"\n{len(rows)} samples, {len(flipped)} flipped; HF Trainer + capture {hf_s:.0f} s, proxy run {proxy_s:.0f} s"
+    )
     print(f"captured run {captured}: AUROC {aurocs(Store(store), captured, flipped)}")
     if not args.no_proxy:
         print(f"proxy run {proxy['run_id']}: AUROC {aurocs(Store(store), proxy['run_id'], flipped)}")
