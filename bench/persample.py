@@ -87,8 +87,9 @@ def timed(fn, device: str, repeats: int) -> tuple[float, float, object]:
     return statistics.median(times), peak, out
 
 
-def profile_table(name: str, fn, device: str, rows: int = 15) -> None:
-    """One profiled call of ``fn`` after a warm-up: operator count and the top ``rows`` operators."""
+def profile_table(name: str, fn, device: str, rows: int = 15) -> int:
+    """One profiled call of ``fn`` after a warm-up: prints the operator count and the top ``rows`` operators;
+    returns the count."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -99,8 +100,11 @@ def profile_table(name: str, fn, device: str, rows: int = 15) -> None:
         sync(device)
     events = prof.key_averages()
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    print(f"\n== profile: {name}: {sum(e.count for e in events)} operator calls")
-    print(events.table(sort_by=key, row_limit=rows))
+    count = sum(e.count for e in events)
+    print(f"\n== profile: {name}: {count} operator calls")
+    if rows:
+        print(events.table(sort_by=key, row_limit=rows))
+    return count
 
 
 def main() -> None:

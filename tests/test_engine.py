@@ -179,6 +179,15 @@ def test_lora_mode(llama):
     assert eng.num_params == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_block_linear_mode(llama):
+    """Only the blocks' Linear layers (the peers' coverage): their norms against autograd over those alone."""
+    batch = make_batch([10, 6, 8], seed=7)
+    eng = PerSampleGradients(llama, EngineConfig(parameters="block_linear", feature_dim=64))
+    linear = {f"{n}.weight" for n, m in llama.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    assert set(eng.param_names) == linear
+    check(eng.compute(batch, flat_grads=True), reference(llama, batch, eng))
+
+
 def test_batch_invariance(llama):
     cfg = EngineConfig(feature_dim=256, nuclear_modules=["v_proj"])
     eng = PerSampleGradients(llama, cfg)

@@ -23,13 +23,18 @@ from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 class _Cli(typer.Typer):
     """The command line app. Run as a program (the ``gradsift`` script, ``python -m gradsift.cli``) it first
     starts the reaper, so that whatever a command starts (a local Ray, Prefect's temporary server) dies with
-    the process however it ends; invoked in-process (typer's CliRunner) it starts none."""
+    the process however it ends; invoked in-process (typer's CliRunner) it starts none. The small commands
+    (``LIGHT``) start no service, so they start no reaper either: a second Python process on a busy machine."""
 
     def __call__(self, *args, **kwargs):
-        from gradsift.reaper import start
+        if sys.argv[1:2] and sys.argv[1] not in LIGHT:
+            from gradsift.reaper import start
 
-        start()
+            start()
         return super().__call__(*args, **kwargs)
+
+
+LIGHT = frozenset({"status", "query", "select", "store", "--help", "--version"})
 
 
 app = _Cli(
@@ -172,10 +177,12 @@ def train(config: TrainConfig) -> None:
 def select(config: SelectConfig) -> None:
     """Selections from a train run's scores: keep a fraction by a score (drop easy or hard), a random
     baseline, or softmax sampling; writes the selections table and Parquet/JSONL manifests."""
-    from gradsift.flows.select import select_flow
+    import os
 
-    with reported():
-        result = select_flow(config)
+    from gradsift.flows import select as flows
+
+    with reported():  # seconds of work: as a Prefect flow only where a server is configured
+        result = (flows.select_flow if os.environ.get("PREFECT_API_URL") else flows.select_run)(config)
     output.select_summary(result, config.store)
 
 

@@ -106,6 +106,14 @@ class PerSampleGradients:
         named = dict(self.model.named_parameters(remove_duplicate=False))
         if cfg.parameters == "lora":
             trainable = {n for n, p in named.items() if "lora_" in n and p.requires_grad}
+        elif cfg.parameters == "block_linear":
+            trainable = {
+                f"{name}.{n}"
+                for name, mod in self.model.named_modules(remove_duplicate=False)
+                if isinstance(mod, nn.Linear) and any(part.isdigit() for part in name.split("."))
+                for n, p in mod.named_parameters(recurse=False)
+                if p.requires_grad
+            }
         else:
             trainable = {n for n, p in named.items() if p.requires_grad}
         if not trainable:

@@ -6,11 +6,10 @@ import hashlib
 import json
 import logging
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
 import gradsift
@@ -23,7 +22,13 @@ from gradsift.storage.store import RunStaging, Store, utc_now
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow or task, else the ``gradsift`` logger (code called outside a run)."""
+    """Prefect's run logger inside a flow or task, else the ``gradsift`` logger (code called outside a run, or by a
+    command that runs without Prefect: then prefect is not even imported)."""
+    if "prefect" not in sys.modules:
+        return logging.getLogger("gradsift")
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
     try:
         return get_run_logger()
     except MissingContextError:

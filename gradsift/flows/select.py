@@ -1,7 +1,8 @@
 """The selection flow: selections from a train run's scores -> ``selections`` table + manifests.
 
-Manifests (the kept samples' original records, in preference order) are staged with the run and
-committed with it to ``<store>/manifests/<run_id>/<selection>.parquet`` and ``.jsonl``.
+``select_flow`` (the Prefect flow of ``select_run``) is built on first use, so that a command running
+``select_run`` directly does not import prefect. Manifests (the kept samples' original records, in
+preference order) are staged with the run and committed with it to ``<store>/manifests/<run_id>/<selection>.parquet`` and ``.jsonl``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-from prefect import flow
 
 from gradsift.flows.runs import run_recorded
 from gradsift.schemas.tables import SCORES
@@ -41,9 +41,9 @@ def scores_query(column: str) -> str:
     )
 
 
-@flow(name="gradsift-select", log_prints=True)
-def select_flow(config: SelectConfig) -> dict:
-    """Write one selection per (fraction, seed) from the scores of ``config.scores_run``."""
+def select_run(config: SelectConfig) -> dict:
+    """Write one selection per (fraction, seed) from the scores of ``config.scores_run`` (seconds of work: the CLI
+    runs it without Prefect unless a server is configured; ``select_flow`` is the same as a Prefect flow)."""
     store = Store(config.store)
     column = config.score or "loss"
     data = query(store, scores_query(column), {"run": config.scores_run})
@@ -75,3 +75,13 @@ def select_flow(config: SelectConfig) -> dict:
         return {"selections": names, "samples": data.num_rows}
 
     return run_recorded("select", config, [], "", body)
+
+
+def __getattr__(name: str):
+    """``select_flow``: ``select_run`` as the Prefect flow ``gradsift-select``, built (and prefect imported) once."""
+    if name != "select_flow":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from prefect import flow
+
+    globals()["select_flow"] = built = flow(name="gradsift-select", log_prints=True)(select_run)
+    return built

@@ -12,10 +12,12 @@ from gradsift.schemas.base import Config
 class EngineConfig(Config):
     """What the per-sample gradient engine computes, and how."""
 
-    parameters: Literal["all", "lora"] = Field(
+    parameters: Literal["all", "lora", "block_linear"] = Field(
         "all",
         description="Parameter set of the per-sample gradient: every trainable parameter of the model "
-        "(linear weights and biases, embeddings, norms, LM head) or only the LoRA adapters (LESS).",
+        "(linear weights and biases, embeddings, norms, LM head; the default), only the LoRA adapters (LESS), or "
+        "only the nn.Linear layers inside the numbered blocks (no embeddings, norms or LM head: the set Bergson "
+        "and Opacus' ghost clipping of a Llama cover, for comparisons at equal coverage).",
     )
     layer_stats: bool = Field(True, description="Per-layer, per-module gradient Frobenius norms.")
     nuclear_modules: list[str] = Field(

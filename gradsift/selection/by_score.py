@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradsift.schemas.train import SelectConfig
-from gradsift.selection.subsets import SelectionResult, keep_fraction, proportional_sample, random_fraction
-from gradsift.signals.dynamics import zscore
+from gradsift.selection.subsets import SelectionResult, keep_fraction, proportional_sample, random_fraction, zscore
 
 HIGHER_IS_EASIER = {"aum"}
 """Scores whose high values mean easy samples; for every other score high means hard."""

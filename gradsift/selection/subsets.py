@@ -199,3 +199,14 @@ def weighted_sample(
     rank = ranks(np.lexsort((key, ~kept)))
     reason = "mixture sample " + ", ".join(f"{d}={w:.3f}" for d, w in sorted(weights.items()))
     return SelectionResult(ids_a, kept, rank, reason)
+
+
+def zscore(values: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
+    """(v - mean) / std over the dataset, or within each group (class) when ``groups`` is given."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(v)
+    keys = np.zeros(len(v), dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    for k in np.unique(keys):
+        sel = keys == k
+        out[sel] = (v[sel] - v[sel].mean()) / (v[sel].std() or 1.0)
+    return out

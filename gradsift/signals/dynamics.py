@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradsift.models.adapter import TaskType, adapter, per_sample_loss
+from gradsift.selection.subsets import zscore
 
 
 def _per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
@@ -109,17 +110,6 @@ def vog(input_grads: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
         return var.mean(dim=1)
     m = torch.ones(var.shape[:2], device=var.device) if mask is None else mask.to(var.dtype)
     return (var.mean(dim=2) * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def zscore(values: np.ndarray, groups: Sequence | None = None) -> np.ndarray:
-    """(v - mean) / std over the dataset, or within each group (class) when ``groups`` is given."""
-    v = np.asarray(values, dtype=np.float64)
-    out = np.empty_like(v)
-    keys = np.zeros(len(v), dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    for k in np.unique(keys):
-        sel = keys == k
-        out[sel] = (v[sel] - v[sel].mean()) / (v[sel].std() or 1.0)
-    return out
 
 
 def grand(grad_norms: np.ndarray) -> np.ndarray:
