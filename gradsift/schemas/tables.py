@@ -35,6 +35,7 @@ SAMPLES = pa.schema(
         ("prompt", pa.string()),
         ("response", pa.string()),
         ("text", pa.string()),  # prompt + response, or the text field
+        ("text_pair", pa.string()),  # a sentence pair's second text (null for single texts)
         ("n_tokens", pa.int32()),
         ("source", pa.string()),
         ("line", pa.int64()),
