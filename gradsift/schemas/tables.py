@@ -215,6 +215,22 @@ EVALUATIONS = pa.schema(
 )
 """Held-out accuracy and loss of a model retrained on a selection (evaluate flow)."""
 
+SELECTION_TRIALS = pa.schema(
+    [
+        ("selection", pa.string()),  # the auto selection the trial belongs to
+        ("candidate", pa.string()),  # e.g. "el2n-drop-easy-keep0.55", "random-keep0.55", "all"
+        ("score", pa.string()),  # score selected by, "random", or "all"
+        ("drop", pa.string()),  # "easy", "hard" or "" (random, all)
+        ("fraction_kept", pa.float64()),
+        ("seed", pa.int32()),
+        ("n_train", pa.int64()),
+        ("n_validation", pa.int64()),
+        ("accuracy", pa.float64()),  # on the validation split held out of the training data
+        ("chosen", pa.bool_()),
+    ]
+)
+"""One retraining of ``select --auto``: a candidate subset of the training data measured on the split held out of it."""
+
 # Table name -> schema for tables with a fixed schema. ``features`` is built per dimension.
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
@@ -231,6 +247,7 @@ TABLES: dict[str, pa.Schema] = {
     "layer_diffs": LAYER_DIFFS,
     "dynamics": DYNAMICS,
     "evaluations": EVALUATIONS,
+    "selection_trials": SELECTION_TRIALS,
 }
 VIEW_NAMES = [*TABLES, "features"]
 
