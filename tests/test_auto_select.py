@@ -54,3 +54,45 @@ def test_the_direction_rule_reads_accuracy_and_dynamics():
     never[:30] = False
     assert direction_rule(0.92, never).drop == "hard" and "never learned 30.0%" in direction_rule(0.92, never).reason
     np.testing.assert_array_equal(first_learned(np.array([[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]], bool)), [3, 0, 4])
+
+
+def test_select_auto_flow_on_a_frozen_sentence_pair_run(tmp_path, prefect_harness):
+    """train (frozen MiniLM, sentence pairs) -> select --auto: every trial in selection_trials, the choice and its
+    reason in selections, the trials plot with the run."""
+    import json
+
+    from gradsift.flows.select import select_flow
+    from gradsift.flows.train import train_flow
+    from gradsift.schemas.train import SelectConfig, TrainConfig
+    from gradsift.storage.catalog import query
+    from gradsift.storage.store import Store
+
+    path = tmp_path / "pairs.jsonl"
+    words = {
+        "yes": ["a dog runs", "a cat sleeps", "a man sings"],
+        "no": ["nothing moves", "nobody is here", "all quiet"],
+    }
+    path.write_text("".join(
+        json.dumps({"premise": f"scene {i}: {words['yes'][i % 3]}", "hypothesis": words[lab][i % 3], "label": lab}) + "\n"
+        for i, lab in ((i, "yes" if i % 2 else "no") for i in range(40))
+    ))  # fmt: skip
+    cfg = TrainConfig(
+        store=str(tmp_path / "store"),
+        data={"path": str(path), "text": "premise", "text_pair": "hypothesis"},
+        model="minilm",
+        mode="frozen",
+        epochs=3,
+        lr=1e-2,
+        batch_size=8,
+        embed_cache=str(tmp_path / "emb"),
+    )
+    run = train_flow(cfg)["run_id"]
+    out = select_flow(SelectConfig(store=cfg.store, scores_run=run, auto=True, fractions=[0.5], budget=12))
+    store = Store(cfg.store)
+    trials = query(store, "SELECT candidate, seed, accuracy, chosen FROM selection_trials").to_pylist()
+    assert len(trials) == 12 and {t["candidate"] for t in trials} >= {"all", "random-keep0.50"}
+    reasons = query(store, "SELECT DISTINCT selection, reason FROM selections").to_pylist()
+    assert [r["selection"] for r in reasons] == out["selections"] and reasons[0]["reason"].startswith("auto: ")
+    assert "Sorscher" in reasons[0]["reason"]
+    pairs = query(store, "SELECT count(*) AS n FROM samples WHERE text_pair IS NOT NULL").to_pylist()
+    assert pairs == [{"n": 40}]

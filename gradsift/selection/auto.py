@@ -117,7 +117,8 @@ class AutoResult:
     proxy_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _subset(c: Candidate, ids: np.ndarray, scores: dict, y: np.ndarray, seed: int) -> np.ndarray:
+def subset_mask(c: Candidate, ids: np.ndarray, scores: dict, y: np.ndarray, seed: int) -> np.ndarray:
+    """Which of ``ids`` candidate ``c`` keeps (stratified by the labels ``y``)."""
     if c.score == "all":
         return np.ones(len(ids), dtype=bool)
     if c.score == "random":
@@ -147,7 +148,7 @@ def auto_select(
     ids = np.arange(len(rest))
     for c in candidates(scores, fractions, direction.drop, len(seeds), budget):
         for seed in seeds:
-            kept = _subset(c, ids, found, y[rest], seed)
+            kept = subset_mask(c, ids, found, y[rest], seed)
             run = train_head(x[rest][kept], y[rest][kept], num_labels, epochs, seed=seed)
             result.trials.append({
                 "candidate": c.name, "score": c.score, "drop": c.drop, "fraction_kept": c.fraction, "seed": seed,

@@ -47,7 +47,7 @@ def direction_rule(accuracy: float, correct: np.ndarray) -> Direction:
     c = np.asarray(correct, dtype=bool)
     epochs = c.shape[1]
     never = float((~c.any(axis=1)).mean())
-    median = float(np.median(first_learned(c))) / epochs
+    median = min(float(np.median(first_learned(c))) + 1, epochs) / epochs  # epochs it takes, as a fraction
     plentiful = accuracy >= PLENTIFUL_ACCURACY and never <= MAX_NEVER_LEARNED and median <= 0.5
     drop: Literal["easy", "hard"] = "easy" if plentiful else "hard"
     reason = (
