@@ -153,8 +153,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=30, help="Retrainings --auto may spend.")
     parser.add_argument("--plot", type=Path, default=Path("docs/auto_select.png"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, nargs="*", help="Print and plot earlier --json results instead.")
     args = parser.parse_args()
-    results = [study(name, args) for name in args.sets.split(",")]
+    if args.from_json:
+        results = [r for path in args.from_json for r in json.loads(path.read_text())]
+    else:
+        results = [study(name, args) for name in args.sets.split(",")]
     print(table(results, args.fraction))
     for r in results:
         print(f"{r['set']}: auto {r['auto']} ({r['auto_reason']}); rule {r['rule_reason']}")
