@@ -62,3 +62,24 @@ def test_frozen_embeddings_of_a_pair_differ_from_the_joined_text(tmp_path):
     flat = cached_embeddings(tmp_path, str(minilm_path()), joined)
     np.testing.assert_array_equal(emb[:1], again)
     assert not np.allclose(emb[0], flat[0], atol=1e-3) and not np.allclose(emb[0], emb[1], atol=1e-3)
+
+
+def test_finetune_batches_carry_the_token_type_ids_to_the_model(tiny_bert):
+    """collate pads the segment ids; the classifier's logits see them (fine-tune mode, the engine's forward)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from gradsift.data.batching import collate
+    from gradsift.models.adapter import forward_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    rows = [{"dataset": "d", "sample_id": str(i), "text": t, "text_pair": p, "label": "a"}
+            for i, (t, p) in enumerate((("A man plays.", "A person acts."), ("Two dogs run fast.", "Animals move.")))]  # fmt: skip
+    batch = collate([adapter("classification").encode(r, tokenizer, {"a": 0}) for r in rows], tokenizer.pad_token_id)
+    assert batch.token_type_ids is not None and batch.token_type_ids.shape == batch.input_ids.shape
+    assert (batch.token_type_ids[batch.attention_mask == 0] == 0).all() and batch.token_type_ids.sum() > 0
+    with torch.no_grad():
+        paired = forward_logits(model, batch)
+        flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.allclose(paired, flat)
