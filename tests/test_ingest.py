@@ -204,6 +204,7 @@ def _digest(rows: list[dict]) -> str:
     import hashlib
 
     rows = [{**r, "source": "P"} for r in rows]  # the file's path differs between runs
+    assert all(r.pop("text_pair", None) is None for r in rows)  # single texts: the pair column (added later) is null
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -28,7 +28,7 @@ from gradsift.schemas.config import DataSource
 from gradsift.schemas.influence import FastSlowConfig, PairsConfig
 
 RECORD_FIELDS: dict[type, set[str]] = {
-    DataSource: {"prompt", "response", "text", "messages", "label", "domain", "id"},
+    DataSource: {"prompt", "response", "text", "text_pair", "messages", "label", "domain", "id"},
     PairsConfig: {"chosen", "rejected", "prompt", "conversations"},
     FastSlowConfig: {"question", "answer"},
 }

@@ -21,9 +21,11 @@ class Batch:
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    token_type_ids: Tensor | None = None  # [B, T] segment ids of sentence pairs (BERT), else None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        types = None if self.token_type_ids is None else self.token_type_ids.to(device)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), types)
 
     @property
     def size(self) -> int:
@@ -38,6 +40,7 @@ class Encoded:
     sample_id: str
     input_ids: list[int]
     target: list[int] | int
+    token_type_ids: list[int] | None = None  # a sentence pair's segment ids
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -86,7 +89,13 @@ def collate(items: list[Encoded], pad_id: int) -> Batch:
             labels[i, :n] = torch.tensor(it.target)
     if not token_targets:
         labels = torch.tensor([it.target for it in items], dtype=torch.long)
-    return Batch(ids, mask, labels)
+    types = None
+    if any(it.token_type_ids is not None for it in items):
+        types = torch.zeros((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            if it.token_type_ids is not None:
+                types[i, : len(it.token_type_ids)] = torch.tensor(it.token_type_ids)
+    return Batch(ids, mask, labels, types)
 
 
 def micro_batches(items: list[Encoded], size: int) -> list[list[Encoded]]:

@@ -138,9 +138,26 @@ def _sample_from_record(record: dict, source: DataSource) -> tuple[str | None, s
     return None, None, text
 
 
-TokenCounter = Callable[[str | None, str | None, str], int]
-"""``count_tokens(prompt, response, text)``: the length a sample will have when scored."""
-BatchCounter = Callable[[list[tuple[str | None, str | None, str]]], list[int]]
+def _pair_from_record(record: dict, source: DataSource) -> str | None:
+    """The sentence pair's second text when the source names one (``source.text_pair``), else None;
+    ``BadRow`` when it is named and missing, not a string or blank."""
+    if source.text_pair is None:
+        return None
+    pair = record.get(source.text_pair)
+    if pair is None:
+        fields = ", ".join(sorted(record)) or "none"
+        raise BadRow("missing_field", f"pair field {source.text_pair!r} is missing (fields in this row: {fields})")
+    if not isinstance(pair, str):
+        raise BadRow("wrong_type", f"field {source.text_pair!r} is {type(pair).__name__}, expected a string")
+    if not pair.strip():
+        raise BadRow("empty_text", f"pair field {source.text_pair!r} is empty")
+    return pair
+
+
+TokenCounter = Callable[..., int]
+"""``count_tokens(prompt, response, text[, text_pair])``: the length a sample will have when scored (the pair
+is passed only for sentence pairs)."""
+BatchCounter = Callable[[list[tuple]], list[int]]
 """The same counts for many rows in one call (a tokenizer's batch call); it may raise for the whole batch."""
 
 BATCH_ROWS = 256
@@ -156,6 +173,7 @@ class _Candidate:
     prompt: str | None
     response: str | None
     text: str
+    text_pair: str | None
     label: str | None
     domain: str
     record: str
@@ -174,6 +192,7 @@ def _check(row: RawRow, source: DataSource, labels: LabelRule, dataset: str) -> 
     try:
         record_json = _record_json(rec)
         prompt, response, text = _sample_from_record(rec, source)
+        text_pair = _pair_from_record(rec, source)
     except BadRow as err:
         return err.problem
     label = _field(rec, source.label)
@@ -183,7 +202,7 @@ def _check(row: RawRow, source: DataSource, labels: LabelRule, dataset: str) -> 
     if problem := labels.problem(label, source.label):
         return problem
     domain = _field(rec, source.domain) or source.constant_domain or dataset
-    return _Candidate(row, prompt, response, text, label, str(domain), record_json)
+    return _Candidate(row, prompt, response, text, text_pair, label, str(domain), record_json)
 
 
 def _count(
@@ -191,7 +210,7 @@ def _count(
 ) -> list[int | Problem]:
     """Token count of each candidate, or its ``tokenizer_error``: one batch call when ``count_batch`` is
     given and succeeds, else row by row (a tokenizer's failure on one row stays that row's)."""
-    texts = [(c.prompt, c.response, c.text) for c in cands]
+    texts = [(c.prompt, c.response, c.text) + (() if c.text_pair is None else (c.text_pair,)) for c in cands]
     if count_batch is not None and texts:
         try:
             counts = list(count_batch(texts))
@@ -200,9 +219,9 @@ def _count(
         if len(counts) == len(texts):
             return counts
     counted: list[int | Problem] = []
-    for prompt, response, text in texts:
+    for row in texts:
         try:
-            counted.append(count_tokens(prompt, response, text))
+            counted.append(count_tokens(*row))
         except Exception as err:  # a tokenizer's own failure on one row must not stop the file
             counted.append(Problem("tokenizer_error", f"{type(err).__name__}: {err}"[:500]))
     return counted
@@ -256,7 +275,8 @@ class IngestStream:
         for c, n_tokens in zip(cands, _count(cands, self.count_tokens, self.count_batch), strict=True):
             c.n_tokens = n_tokens
             if not isinstance(n_tokens, Problem) and n_tokens <= self.max_tokens:
-                c.sample_id = content_hash(c.prompt, c.response, c.text if c.prompt is None else None, c.label)
+                parts = (c.prompt, c.response, c.text if c.prompt is None else None, c.label)
+                c.sample_id = content_hash(*parts, *(() if c.text_pair is None else (c.text_pair,)))
                 c.key = bytes.fromhex(c.sample_id)
                 if (own_id := _field(c.row.record, self.source.id)) is not None:
                     c.own_key = _own_key(own_id)
@@ -295,6 +315,7 @@ class IngestStream:
             "prompt": c.prompt,
             "response": c.response,
             "text": c.text,
+            "text_pair": c.text_pair,
             "n_tokens": c.n_tokens,
             "source": self.path,
             "line": c.row.line,

@@ -172,7 +172,10 @@ class PerSampleGradients:
         parts, i, mbs = [], 0, self.config.micro_batch_size
         n = batch.size
         while i < n:
-            sub = Batch(batch.input_ids[i : i + mbs], batch.attention_mask[i : i + mbs], batch.labels[i : i + mbs])
+            types = None if batch.token_type_ids is None else batch.token_type_ids[i : i + mbs]
+            sub = Batch(
+                batch.input_ids[i : i + mbs], batch.attention_mask[i : i + mbs], batch.labels[i : i + mbs], types
+            )
             try:
                 parts.append(self._compute_micro(sub, flat_grads))
             except torch.cuda.OutOfMemoryError:
@@ -198,6 +201,7 @@ class PerSampleGradients:
             batch.input_ids[:, :keep],
             mask[:, :keep],
             batch.labels[..., :keep] if batch.labels.dim() == 2 else batch.labels,
+            None if batch.token_type_ids is None else batch.token_type_ids[:, :keep],
         ).to(dev)
         cfg = self.config
         st = MicroBatch(
@@ -219,7 +223,10 @@ class PerSampleGradients:
             m_long = batch.attention_mask.long()
             pos = (m_long.cumsum(-1) - 1).clamp(min=0)
             with torch.enable_grad():
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+                types = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+                logits = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, **types
+                ).logits
                 loss = per_sample_loss(logits, batch.labels, self.task, cfg.loss_reduction)
                 del logits
                 leaves = [t for _, t in st.leaves]

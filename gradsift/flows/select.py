@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from gradsift.flows.auto_select import auto_selection, plot_trials, trials_table
 from gradsift.flows.runs import run_recorded
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import SelectConfig
@@ -62,6 +63,13 @@ def select_run(config: SelectConfig) -> dict:
 
     def body(recorder) -> dict:
         names = []
+        if config.auto:
+            name, result, auto = auto_selection(store, config, frame)
+            trials = trials_table(name, auto)
+            recorder.staging.write_part("selection_trials", name, trials)
+            plot_trials(trials, recorder.staging.artifact_path("reports", "selection_trials.png"))
+            recorder.staging.write_part("selections", name, selection_table(result, name, frame["dataset"]))
+            return {"selections": [name], "samples": data.num_rows, "reason": result.reason, "trials": len(trials)}
         for fraction in config.fractions:
             for seed in config.seeds:
                 name = selection_name(config, fraction, seed)

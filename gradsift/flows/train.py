@@ -39,7 +39,9 @@ def resolve_model(name: str) -> str:
 @task(name="embed", cache_policy=NO_CACHE)
 def embed_stage(config: TrainConfig, base: str, staging) -> int:
     """Frozen mode: embed every sample once into the cache (with a progress bar), so that the seeds only read it."""
-    texts = staging.read("samples").column("text").to_pylist()
+    samples = staging.read("samples")
+    texts = samples.column("text").to_pylist()
+    pairs = samples.column("text_pair").to_pylist() if "text_pair" in samples.column_names else None
     cache = embed_cache_dir(config)
     started = time.perf_counter()
     with Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
@@ -50,6 +52,7 @@ def embed_stage(config: TrainConfig, base: str, staging) -> int:
             texts,
             config.max_length,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
+            pairs=pairs,
         )
         embedded = bar.tasks[0].completed
     get_run_logger().info(

@@ -23,11 +23,13 @@ class ModelAdapter(ABC):
     task: TaskType
 
     @abstractmethod
-    def count_tokens(self, tokenizer, prompt: str | None, response: str | None, text: str) -> int:
+    def count_tokens(
+        self, tokenizer, prompt: str | None, response: str | None, text: str, text_pair: str | None = None
+    ) -> int:
         """The length a sample will have when scored (ingest quarantines what is over the limit)."""
 
-    def count_tokens_batch(self, tokenizer, rows: list[tuple[str | None, str | None, str]]) -> list[int]:
-        """``count_tokens`` of each (prompt, response, text) row, in one tokenizer call where the task allows;
+    def count_tokens_batch(self, tokenizer, rows: list[tuple]) -> list[int]:
+        """``count_tokens`` of each (prompt, response, text[, text_pair]) row, in one tokenizer call where the task allows;
         the same counts. Raises when any row fails (ingest then counts that batch row by row)."""
         return [self.count_tokens(tokenizer, *row) for row in rows]
 
@@ -49,12 +51,16 @@ class CausalLMAdapter(ModelAdapter):
 
     task = "causal_lm"
 
-    def count_tokens(self, tokenizer, prompt, response, text) -> int:
+    def count_tokens(self, tokenizer, prompt, response, text, text_pair=None) -> int:
+        if text_pair is not None:
+            raise ValueError("a causal LM takes no sentence pairs: map the pair to prompt and response instead")
         return len(encode_causal(tokenizer, prompt, response, text)[0])
 
     def count_tokens_batch(self, tokenizer, rows) -> list[int]:
         """BOS + prompt + response + EOS, or BOS + text + EOS (``encode_causal``), each part tokenized in one call."""
         bos, eos = special_ids(tokenizer)
+        if any(len(row) > 3 for row in rows):
+            raise ValueError("a causal LM takes no sentence pairs: map the pair to prompt and response instead")
         parts = [part for p, r, t in rows for part in ((p, r or "") if p is not None else (t or "",))]
         lengths = iter(map(len, tokenizer(parts, add_special_tokens=False)["input_ids"])) if parts else iter(())
         return [len(bos) + next(lengths) + (next(lengths) if p is not None else 0) + len(eos) for p, _, _ in rows]
@@ -87,10 +93,13 @@ class ClassifierAdapter(ModelAdapter):
 
     task = "classification"
 
-    def count_tokens(self, tokenizer, prompt, response, text) -> int:
-        return len(tokenizer(text)["input_ids"])
+    def count_tokens(self, tokenizer, prompt, response, text, text_pair=None) -> int:
+        return len(tokenizer(text, text_pair)["input_ids"])
 
     def count_tokens_batch(self, tokenizer, rows) -> list[int]:
+        """One call for single texts; sentence pairs row by row (a batch call cannot mix pairs and singles)."""
+        if any(len(row) > 3 for row in rows):
+            return [self.count_tokens(tokenizer, *row) for row in rows]
         return [len(ids) for ids in tokenizer([t for _, _, t in rows])["input_ids"]] if rows else []
 
     def encode(self, row, tokenizer, label_index) -> Encoded:
@@ -98,7 +107,10 @@ class ClassifierAdapter(ModelAdapter):
             raise ValueError(
                 f"sample {row['sample_id']} has label {row['label']!r}, not one of {sorted(label_index or {})}"
             )
-        return Encoded(row["dataset"], row["sample_id"], tokenizer(row["text"])["input_ids"], label_index[row["label"]])
+        enc = tokenizer(row["text"], row.get("text_pair"))
+        pair = row.get("text_pair") is not None and "token_type_ids" in enc
+        types = enc["token_type_ids"] if pair else None
+        return Encoded(row["dataset"], row["sample_id"], enc["input_ids"], label_index[row["label"]], types)
 
     def loss(self, logits, labels, reduction="mean") -> Tensor:
         return F.cross_entropy(logits.float(), labels, reduction="none")
@@ -121,7 +133,8 @@ def per_sample_loss(logits: Tensor, labels: Tensor, task: TaskType, reduction: s
 
 def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
     """Logits of a Hugging Face causal LM ([B, T, V]) or sequence classifier ([B, C])."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    types = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **types).logits
 
 
 def task_of(model: nn.Module) -> TaskType:

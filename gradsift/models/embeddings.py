@@ -32,8 +32,10 @@ def embed_texts(
     batch_size: int = 64,
     max_length: int = 128,
     on_batch: Callable[[int], None] | None = None,
+    pairs: Sequence[str | None] | None = None,
 ) -> np.ndarray:
-    """Mean-pooled last hidden states of a local Hugging Face encoder, float32 [N, H]."""
+    """Mean-pooled last hidden states of a local Hugging Face encoder, float32 [N, H]; with ``pairs``, text i
+    and pairs[i] (when not None) are encoded jointly as a sentence pair (token type ids for BERT)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = check_model_folder(encoder_path)
@@ -43,14 +45,25 @@ def embed_texts(
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
+        second = [pairs[i] for i in idx] if pairs is not None else []
+        if second and not all(p is None for p in second):
+            firsts = [texts[i] for i in idx]
+            rows = [_encode_one(tokenizer, t, p, max_length) for t, p in zip(firsts, second, strict=True)]
+            enc = tokenizer.pad(rows, return_tensors="pt")
+        else:
+            enc = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
         hidden = model(**enc).last_hidden_state
         out[idx] = mean_pool(hidden, enc["attention_mask"]).numpy()
         if on_batch:
             on_batch(len(idx))
     return out
+
+
+def _encode_one(tokenizer, text: str, pair: str | None, max_length: int) -> dict:
+    """One text, or one sentence pair, tokenized (cut to ``max_length``, the longer side first)."""
+    return tokenizer(text, pair, truncation="longest_first" if pair is not None else True, max_length=max_length)
 
 
 def _digest(*parts: str) -> str:
@@ -68,19 +81,22 @@ def cached_embeddings(
     max_length: int = 128,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    pairs: Sequence[str | None] | None = None,
 ) -> np.ndarray:
-    """``embed_texts`` through a Parquet cache: ``<cache>/<encoder digest>/<part>.parquet`` rows of
+    """``embed_texts`` (sentence pairs jointly, with ``pairs``) through a Parquet cache: ``<cache>/<encoder digest>/<part>.parquet`` rows of
     (text key, embedding); only texts missing from the cache are embedded (then added as a new part).
     ``progress(done, total)`` follows the texts being embedded."""
     folder = Path(cache_dir).expanduser() / _digest(str(Path(encoder_path).resolve()), str(max_length))
-    keys = [_digest(t) for t in texts]
+    second = list(pairs) if pairs is not None else [None] * len(texts)
+    keys = [_digest(t) if p is None else _digest(t, p) for t, p in zip(texts, second, strict=True)]
+    by_key = {k: (t, p) for k, t, p in zip(keys, texts, second, strict=True)}
     known: dict[str, np.ndarray] = {}
     for part in sorted(folder.glob("*.parquet")):
         table = pq.read_table(part)
         column = table.column("embedding").combine_chunks()
         vectors = column.values.to_numpy().reshape(len(column), -1)
         known.update(zip(table.column("key").to_pylist(), vectors, strict=True))
-    missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in known}.items())
+    missing = sorted((k, tp) for k, tp in by_key.items() if k not in known)
     if missing:
         done = 0
 
@@ -90,7 +106,8 @@ def cached_embeddings(
             if progress:
                 progress(done, len(missing))
 
-        emb = embed_texts(encoder_path, [t for _, t in missing], batch_size, max_length, on_batch)
+        firsts, seconds = [tp[0] for _, tp in missing], [tp[1] for _, tp in missing]
+        emb = embed_texts(encoder_path, firsts, batch_size, max_length, on_batch, seconds)
         flat = pa.array(emb.reshape(-1), type=pa.float32())
         table = pa.table(
             {"key": [k for k, _ in missing], "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}

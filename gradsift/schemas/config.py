@@ -24,6 +24,11 @@ class DataSource(Config):
     prompt: str | None = Field("prompt", description="Field holding the prompt (loss then covers the response only).")
     response: str | None = Field("response", description="Field holding the response.")
     text: str | None = Field("text", description="Field holding the whole text when there is no prompt/response.")
+    text_pair: str | None = Field(
+        None,
+        description="Field holding a sentence pair's second text (NLI hypothesis, paraphrase, QA context): the "
+        "encoder sees (text, text_pair) as a pair (token type ids); when set, a row without it is quarantined.",
+    )
     messages: str | None = Field(
         "messages",
         description="Field holding chat messages [{role, content}]; the last assistant turn is the response.",

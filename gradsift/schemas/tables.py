@@ -35,6 +35,7 @@ SAMPLES = pa.schema(
         ("prompt", pa.string()),
         ("response", pa.string()),
         ("text", pa.string()),  # prompt + response, or the text field
+        ("text_pair", pa.string()),  # a sentence pair's second text (null for single texts)
         ("n_tokens", pa.int32()),
         ("source", pa.string()),
         ("line", pa.int64()),
@@ -232,6 +233,22 @@ EVALUATIONS = pa.schema(
 )
 """Held-out accuracy and loss of a model retrained on a selection (evaluate flow)."""
 
+SELECTION_TRIALS = pa.schema(
+    [
+        ("selection", pa.string()),  # the auto selection the trial belongs to
+        ("candidate", pa.string()),  # e.g. "el2n-drop-easy-keep0.55", "random-keep0.55", "all"
+        ("score", pa.string()),  # score selected by, "random", or "all"
+        ("drop", pa.string()),  # "easy", "hard" or "" (random, all)
+        ("fraction_kept", pa.float64()),
+        ("seed", pa.int32()),
+        ("n_train", pa.int64()),
+        ("n_validation", pa.int64()),
+        ("accuracy", pa.float64()),  # on the validation split held out of the training data
+        ("chosen", pa.bool_()),
+    ]
+)
+"""One retraining of ``select --auto``: a candidate subset of the training data measured on the split held out of it."""
+
 # Table name -> schema for tables with a fixed schema. ``features`` is built per dimension.
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
@@ -249,6 +266,7 @@ TABLES: dict[str, pa.Schema] = {
     "dynamics": DYNAMICS,
     "evaluations": EVALUATIONS,
     "capture_visits": CAPTURE_VISITS,
+    "selection_trials": SELECTION_TRIALS,
 }
 VIEW_NAMES = [*TABLES, "features"]
 

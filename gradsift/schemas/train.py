@@ -100,6 +100,16 @@ class SelectConfig(Config):
     stratify: Literal["none", "label", "domain"] = Field("label", description="Keep the same fraction per group.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds (random baseline, softmax, ties).")
     manifest: bool = Field(True, description="Write Parquet and JSONL manifests with the original records.")
+    auto: bool = Field(
+        False,
+        description="Choose score, direction and fraction on a validation split held out of the training data "
+        "(frozen-mode train runs): every candidate retrained on cached embeddings, written to selection_trials.",
+    )
+    budget: int = Field(60, ge=1, description="--auto: at most this many retrainings (candidates x seeds).")
+    validation: float = Field(0.2, gt=0, lt=1, description="--auto: fraction of the training data held out.")
+    when_none_wins: Literal["all", "random"] = Field(
+        "all", description="--auto: what is kept when no candidate beats random by more than the seed spread."
+    )
 
     toml_paths = ("store",)
 

@@ -84,7 +84,8 @@ class HFProxy:
         """d gold logit / d embedding-layer output, [B, T, H], with the attention mask [B, T]."""
         batch = self._batch(idx)
         embeds = self.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
-        logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+        types = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+        logits = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask, **types).logits
         (grad,) = torch.autograd.grad(dyn.gold_logit(logits, batch.labels, self.task).sum(), embeds)
         return grad, batch.attention_mask
 
@@ -145,7 +146,13 @@ def encode_rows(cfg: TrainConfig, data: TrainData, tokenizer, task: TaskType) ->
     items = [adapter(task).encode(r, tokenizer, data.label_index) for r in data.rows]
     n = cfg.max_length
     return [
-        Encoded(it.dataset, it.sample_id, it.input_ids[:n], it.target if isinstance(it.target, int) else it.target[:n])
+        Encoded(
+            it.dataset,
+            it.sample_id,
+            it.input_ids[:n],
+            it.target if isinstance(it.target, int) else it.target[:n],
+            None if it.token_type_ids is None else it.token_type_ids[:n],
+        )
         for it in items
     ]
 
@@ -169,7 +176,8 @@ def load_train_data(cfg: TrainConfig, base_model: str, rows: list[dict], label_i
         return TrainData(rows, label_index)
     from gradsift.models.embeddings import cached_embeddings
 
-    emb = cached_embeddings(embed_cache_dir(cfg), base_model, [r["text"] for r in rows], max_length=cfg.max_length)
+    texts, pairs = [r["text"] for r in rows], [r.get("text_pair") for r in rows]
+    emb = cached_embeddings(embed_cache_dir(cfg), base_model, texts, cfg.max_length, pairs=pairs)
     return TrainData(rows, label_index, emb)
 
 

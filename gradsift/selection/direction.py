@@ -1,0 +1,57 @@
+"""Which end of a score to drop, read from the proxy's training dynamics (pure numpy).
+
+Sorscher et al. 2022 ("Beyond neural scaling laws: beating power law scaling via data pruning"): when data are
+plentiful for the model, keep the hard samples (drop easy); when scarce, keep the easy ones (drop hard). What
+"plentiful" means is read from the proxy itself, as in the data maps of Swayamdipta et al. 2020 ("Dataset
+Cartography"): a proxy that reaches a high held-out accuracy, leaves few samples never learned and learns most
+samples early has data to spare (the easy samples are redundant); one with a low held-out accuracy, many
+never-learned or late-learned samples is still data-starved (the hard samples are noise or out of its reach).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+PLENTIFUL_ACCURACY = 0.85
+"""Held-out accuracy of the proxy from which the data count as plentiful."""
+MAX_NEVER_LEARNED = 0.15
+"""Never-learned fraction above which the data count as scarce, whatever the accuracy."""
+
+
+@dataclass(frozen=True)
+class Direction:
+    """The rule's answer and the dynamics it read."""
+
+    drop: Literal["easy", "hard"]
+    accuracy: float
+    never_learned: float
+    median_first_learned: float  # as a fraction of the epochs; 1.0 when half or more are never learned
+    reason: str
+
+
+def first_learned(correct: np.ndarray) -> np.ndarray:
+    """Epoch index from which each sample stays correct ([N, E] bool -> [N]; E when it never does)."""
+    c = np.asarray(correct, dtype=bool)
+    n, e = c.shape
+    stays = np.flip(np.logical_and.accumulate(np.flip(c, axis=1), axis=1), axis=1)  # correct from here to the end
+    return np.where(stays.any(axis=1), stays.argmax(axis=1), e)
+
+
+def direction_rule(accuracy: float, correct: np.ndarray) -> Direction:
+    """Drop easy when the proxy's held-out ``accuracy`` >= ``PLENTIFUL_ACCURACY``, at most ``MAX_NEVER_LEARNED`` of
+    the samples are never learned and half are learned within the first half of the epochs; else drop hard.
+    ``correct``: [N, E] whether each training sample was classified correctly at the end of each epoch."""
+    c = np.asarray(correct, dtype=bool)
+    epochs = c.shape[1]
+    never = float((~c.any(axis=1)).mean())
+    median = min(float(np.median(first_learned(c))) + 1, epochs) / epochs  # epochs it takes, as a fraction
+    plentiful = accuracy >= PLENTIFUL_ACCURACY and never <= MAX_NEVER_LEARNED and median <= 0.5
+    drop: Literal["easy", "hard"] = "easy" if plentiful else "hard"
+    reason = (
+        f"proxy held-out accuracy {accuracy:.3f}, never learned {never:.1%}, half learned by {median:.0%} of the "
+        f"epochs: data {'plentiful' if plentiful else 'scarce'} for the model, drop {drop} (Sorscher et al. 2022)"
+    )
+    return Direction(drop, float(accuracy), never, median, reason)
