@@ -11,8 +11,8 @@
 
 Prints query times after night 1 and after the last night, their ratio, the rows counted and the store size.
 The lake rows need duckdb 1.5.5 with the ducklake extension, ``PYTHONPATH=.duck:. python bench/store_growth.py
---only lake --only lake-files --only lake-sqlite``; the parquet rows go through today's ``catalog.connect_readonly``,
-whose ``ATTACH $path`` needs duckdb 2.0: ``PYTHONPATH=. python bench/store_growth.py --only parquet``.
+--only lake --only lake-files --only lake-sqlite``; the parquet rows go through today's ``catalog.connect_readonly``
+(any duckdb since its ATTACH quotes the path).
 """
 
 from __future__ import annotations
