@@ -8,11 +8,12 @@
 * ``lake``: ``storage.lake`` with DuckLake's defaults (small inserts inlined in the catalog);
 * ``lake-files``: ``storage.lake`` with inlining off (one Parquet file per table per night), then compacted;
 * ``lake-sqlite``: ``storage.lake`` with the catalog in SQLite (readers in other processes while a writer works).
+* ``lake-sqlite-files``: the catalog in SQLite, inlining off, then compacted (the recommended embedded default).
 
 Prints query times after night 1 and after the last night, their ratio, the rows counted and the store size.
 The lake rows need duckdb 1.5.5 with the ducklake extension, ``PYTHONPATH=.duck:. python bench/store_growth.py
---only lake --only lake-files --only lake-sqlite``; the parquet rows go through today's ``catalog.connect_readonly``,
-whose ``ATTACH $path`` needs duckdb 2.0: ``PYTHONPATH=. python bench/store_growth.py --only parquet``.
+--only lake --only lake-files --only lake-sqlite``; the parquet rows go through today's ``catalog.connect_readonly``
+(any duckdb since its ATTACH quotes the path).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main() -> None:
     ap.add_argument("--nights", type=int, default=30)
     ap.add_argument("--new", type=float, default=0.01, help="new samples per night, fraction of --samples")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["parquet", "lake", "lake-files", "lake-sqlite"], action="append")
+    ap.add_argument("--only", choices=["parquet", "lake", "lake-files", "lake-sqlite", "lake-sqlite-files"], action="append")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     new = int(args.samples * args.new)
@@ -210,8 +211,8 @@ def main() -> None:
             if name == "parquet":
                 results[name] = parquet_nights(root, args.nights, args.samples, new, args.repeats)
             else:
-                catalog = "sqlite" if name == "lake-sqlite" else "duckdb"
-                inline = name != "lake-files"
+                catalog = "sqlite" if name.startswith("lake-sqlite") else "duckdb"
+                inline = not name.endswith("-files")
                 results[name] = lake_nights(root, args.nights, args.samples, new, args.repeats, inline, catalog)
         finally:
             shutil.rmtree(root, ignore_errors=True)

@@ -288,23 +288,3 @@ def test_reader_in_another_process_during_commit_sqlite_catalog(tmp_path):
     finally:
         if writer.poll() is None:
             writer.kill()
-
-
-PG_DSN = os.environ.get("GRADSIFT_TEST_PG_DSN")  # e.g. "dbname=lake host=/tmp/pg port=5432 user=postgres" (empty db)
-
-
-@pytest.mark.skipif(not PG_DSN, reason="set GRADSIFT_TEST_PG_DSN to an empty PostgreSQL database to test that catalog")
-def test_postgres_catalog(tmp_path):
-    root = tmp_path / "store"
-    with Lake(root, PG_DSN) as lk:
-        for night_no in range(3):
-            lk.commit_run(f"r{night_no:03d}", night(100), run={"status": "completed"}, score_key="k")
-        con = connect_readonly(root, PG_DSN)  # another attach while the writer is attached
-        try:
-            assert query_readonly(con, "SELECT count(*) AS n FROM scores").to_pylist() == [{"n": 100}]
-            runs = query_readonly(con, "SELECT run_id, snapshot_id FROM runs ORDER BY run_id").to_pylist()
-            assert [r["run_id"] for r in runs] == ["r000", "r001", "r002"] and all(r["snapshot_id"] for r in runs)
-            with pytest.raises(ReadOnlyQueryError):
-                query_readonly(con, "SELECT * FROM postgres_query('__ducklake_metadata_lake', 'SELECT 1 AS x')")
-        finally:
-            con.close()

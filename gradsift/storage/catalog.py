@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -136,7 +137,7 @@ def catalog_problem(store: Store) -> str | None:
         return "missing"
     con = duckdb.connect(":memory:")
     try:
-        con.execute("ATTACH $path AS catalog (READ_ONLY)", {"path": str(store.catalog_path)})
+        con.execute(f"ATTACH '{_sql_path(store.catalog_path)}' AS catalog (READ_ONLY)")  # duckdb 1.5 binds no $path here
         found = con.execute(
             "SELECT comment FROM duckdb_views() WHERE database_name = 'catalog' AND view_name = 'runs'"
         ).fetchall()
@@ -189,7 +190,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str):
     Uses DuckDB's own parser (a parse error is DuckDB's ``ParserException``). Exactly one statement per call:
     ``SELECT 1; SELECT 2`` is refused rather than run in part.
     """
-    statements = con.extract_statements(sql)
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.PermissionException as err:  # duckdb 1.5: IMPORT DATABASE reads its files while parsing
+        raise ReadOnlyQueryError(f"{_REFUSED_HINT}. Refused while parsing: {err}") from err
     if not statements:
         raise ReadOnlyQueryError('no SQL statement to run: give one SELECT, e.g. "SELECT count(*) FROM scores"')
     if len(statements) > 1:
@@ -203,9 +207,54 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str):
         if inner and _is_select(con.extract_statements(inner.group(1))):
             return statement
         raise ReadOnlyQueryError(f"{_REFUSED_HINT}. Refused: EXPLAIN of anything but one SELECT")
-    name = kind.name if kind is not None else "one DuckDB's Python client has no name for"
+    named = kind is not None and kind.name.isidentifier()  # duckdb 1.5 names unknown types "???"
+    name = kind.name if named else "one DuckDB's Python client has no name for"
     hint = " (a PIVOT needs an explicit IN (...) list to be a single SELECT)" if name == "MULTI" else ""
     raise ReadOnlyQueryError(f"{_REFUSED_HINT}. Refused statement type: {name}{hint}")
+
+
+# Table functions a read-only query must not call: DuckLake maintenance deletes data files BEFORE it fails on a
+# read-only catalog (measured: ducklake_cleanup_old_files removed scheduled files from a READ_ONLY attach), and
+# enable_logging(storage='file') passes lock_configuration in duckdb 1.5.5 then aborts the process on its write;
+# postgres_query / sqlite_* reach the catalog database directly (a READ_ONLY attach makes them read-only, still).
+_DENIED = re.compile(
+    r"^(ducklake_(?!snapshots$|table_info$|list_files$|table_changes$|table_insertions$|table_deletions$|current_snapshot$|last_committed_snapshot$).*"
+    r"|postgres_.*|sqlite_.*|enable_logging|disable_logging|truncate_duckdb_logs|checkpoint|force_checkpoint)$",
+    re.IGNORECASE,
+)
+
+
+def _function_names(node) -> Iterator[str]:
+    if isinstance(node, dict):
+        if node.get("class") == "FUNCTION" or node.get("type") in ("FUNCTION", "TABLE_FUNCTION"):
+            name = node.get("function_name")
+            if isinstance(name, str):
+                yield name
+        for value in node.values():
+            yield from _function_names(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _function_names(value)
+
+
+def denied_functions(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
+    """Functions of ``sql`` (one SELECT) that a read-only query refuses to run; raises on what cannot parse."""
+    tree = json.loads(con.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])  # fetched whole: duckdb 2 keeps a half-read result open
+    if tree.get("error"):
+        raise ValueError(f"cannot check the statement: {tree.get('error_message')}")
+    return sorted({n for n in _function_names(tree) if _DENIED.match(n)})
+
+
+def check_query(con: duckdb.DuckDBPyConnection, sql: str):
+    """``check_read_only`` plus the function denylist: the statement ``query`` may run."""
+    statement = check_read_only(con, sql)
+    inner = _EXPLAIN.fullmatch(statement.query)
+    denied = denied_functions(con, inner.group(1) if inner else statement.query)
+    if denied:
+        raise ReadOnlyQueryError(
+            f"{_REFUSED_HINT}; settings are locked: it does not run lake maintenance or logging functions ({denied})"
+        )
+    return statement
 
 
 def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
@@ -230,7 +279,7 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
         )
 
     def attach(con: duckdb.DuckDBPyConnection) -> None:
-        con.execute("ATTACH $path AS catalog (READ_ONLY)", {"path": str(store.catalog_path)})
+        con.execute(f"ATTACH '{_sql_path(store.catalog_path)}' AS catalog (READ_ONLY)")  # duckdb 1.5 binds no $path here
         con.execute("USE catalog")
 
     return locked_down(attach, [f"{store.tables}{os.sep}"])
@@ -285,7 +334,7 @@ def query(store: Store, sql: str, params: dict | list | None = None, timeout: fl
     done = threading.Event()  # not Thread.join: a Ctrl-C inside join() can mark a running thread as stopped
     done.set()
     try:
-        statement = check_read_only(con, sql)
+        statement = check_query(con, sql)
         outcome: dict = {}
 
         def run() -> None:

@@ -244,15 +244,8 @@ class Lake:
         Tables stored once per key insert only rows whose natural key is new (and each key once if the batch
         repeats it); scoring tables get ``score_key`` (required when one is given). ``run``: the runs row (missing
         columns null; ``run_id`` and ``rows_written`` filled in)."""
-        for table in tables:
-            if table not in LAKE_SCHEMAS or table == "runs":
-                raise ValueError(f"not a lake results table: {table!r}")
-        if score_key is None and any(t in SCORE_TABLES for t in tables):
-            raise ValueError("scores, layer_stats and features need the run's score_key")
-        written: dict[str, int] = {}
         with self.transaction(run_id) as con:
-            for i, (table, data) in enumerate(tables.items()):
-                written[table] = self._insert(con, f"_gradsift_new_{i}", run_id, table, data, score_key)
+            written = self._write(con, run_id, tables, score_key)
             row = {**(run or {}), "run_id": run_id, "rows_written": sum(written.values())}
             runs = pa.Table.from_pylist([{f.name: row.get(f.name) for f in TABLES["runs"]}], schema=TABLES["runs"])
             con.register("_gradsift_run", runs)
@@ -261,6 +254,28 @@ class Lake:
             finally:
                 con.unregister("_gradsift_run")
         return written
+
+    def commit_shard(self, run_id: str, tables: dict[str, pa.Table], score_key: str | None = None) -> dict[str, int]:
+        """One worker's shard of run ``run_id`` in one transaction, no ``runs`` row (the driver's ``commit_run``
+        writes it once every shard is in). For the tables stored once per key only: a rerun shard inserts nothing
+        new, so shards committed before a crash are simply kept. Workers on several machines do this against one
+        PostgreSQL catalog (``docs/store.md``, team store)."""
+        per_run = [t for t in tables if table_mode(t) != "once"]
+        if per_run:
+            raise ValueError(f"shards carry only the tables stored once per key, not {per_run}")
+        with self.transaction(run_id) as con:
+            return self._write(con, run_id, tables, score_key)
+
+    def _write(self, con, run_id: str, tables: dict[str, pa.Table], score_key: str | None) -> dict[str, int]:
+        for table in tables:
+            if table not in LAKE_SCHEMAS or table == "runs":
+                raise ValueError(f"not a lake results table: {table!r}")
+        if score_key is None and any(t in SCORE_TABLES for t in tables):
+            raise ValueError("scores, layer_stats and features need the run's score_key")
+        return {
+            table: self._insert(con, f"_gradsift_new_{i}", run_id, table, data, score_key)
+            for i, (table, data) in enumerate(tables.items())
+        }
 
     def _insert(self, con, name: str, run_id: str, table: str, data: pa.Table, score_key: str | None) -> int:
         con.register(name, _arrow_for_duckdb(data))
