@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from gradsift.data.readers import DEFAULT_MAX_ROW_BYTES, IngestError, RawRow, open_rows
-from gradsift.data.reasons import BadRow, Problem, quarantine_row
+from gradsift.data.reasons import BadRow, Problem, quarantine_row, text_field
 from gradsift.data.seen import FirstSeen
 from gradsift.schemas.config import DataSource
 from gradsift.storage.keys import ShardKey
@@ -143,15 +143,7 @@ def _pair_from_record(record: dict, source: DataSource) -> str | None:
     ``BadRow`` when it is named and missing, not a string or blank."""
     if source.text_pair is None:
         return None
-    pair = record.get(source.text_pair)
-    if pair is None:
-        fields = ", ".join(sorted(record)) or "none"
-        raise BadRow("missing_field", f"pair field {source.text_pair!r} is missing (fields in this row: {fields})")
-    if not isinstance(pair, str):
-        raise BadRow("wrong_type", f"field {source.text_pair!r} is {type(pair).__name__}, expected a string")
-    if not pair.strip():
-        raise BadRow("empty_text", f"pair field {source.text_pair!r} is empty")
-    return pair
+    return text_field(record, source.text_pair, what="pair field")
 
 
 TokenCounter = Callable[..., int]

@@ -76,6 +76,20 @@ class BadRow(ValueError):
         return self.problem.detail
 
 
+def text_field(record: dict, name: str, what: str = "field", error: type[BadRow] = BadRow) -> str:
+    """The non-blank string ``record[name]``; ``error`` (a ``BadRow``) says which of missing, wrong type or empty
+    it is, ``what`` naming the field's role in the message."""
+    value = record.get(name)
+    if value is None:
+        fields = ", ".join(sorted(record)) or "none"
+        raise error("missing_field", f"{what} {name!r} is missing (fields in this row: {fields})")
+    if not isinstance(value, str):
+        raise error("wrong_type", f"{what} {name!r} is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise error("empty_text", f"{what} {name!r} is empty")
+    return value
+
+
 def quarantine_row(dataset: str, source: str, line: int, problem: Problem, raw: str) -> dict:
     """One row of the quarantine table (``raw`` cut to 10,000 characters)."""
     return {

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from gradsift.data.pairs import BadRecord, NoUsableRows, no_rows_message, parse_pair
 from gradsift.data.readers import read_rows
-from gradsift.data.reasons import quarantine_row
+from gradsift.data.reasons import quarantine_row, text_field
 from gradsift.executors.ray import run_on_pool
 from gradsift.executors.workers import PairEntanglement, VariantCurves
 from gradsift.flows.retry import retry_transient
@@ -50,16 +50,10 @@ def usable_rows(config: AnalyzeConfig, section, parse) -> tuple[list[tuple], lis
 
 def gsm8k_problem(record: dict, question: str, answer: str) -> tuple[str, str]:
     """(question, answer) of a gsm8k-style record; ``BadRecord`` says what is wrong with a bad one."""
-    for name in (question, answer):
-        value = record.get(name)
-        if value is None:
-            fields = ", ".join(sorted(record)) or "none"
-            raise BadRecord("missing_field", f"field {name!r} is missing (fields in this row: {fields})")
-        if not isinstance(value, str):
-            raise BadRecord("wrong_type", f"field {name!r} is {type(value).__name__}, expected a string")
-        if not value.strip():
-            raise BadRecord("empty_text", f"field {name!r} is empty")
-    return record[question], record[answer]
+    return (
+        text_field(record, question, error=BadRecord),
+        text_field(record, answer, error=BadRecord),
+    )
 
 
 def pair_rows(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]], list[dict]]:
