@@ -355,8 +355,12 @@ def query(store: Store, sql: str, params: dict | list | None = None, timeout: fl
                     raise QueryTimeoutError(f"query interrupted after its timeout of {timeout:g} s")
                 done.wait(0.1 if left is None else min(0.1, left))
         except BaseException:  # KeyboardInterrupt or the timeout: stop DuckDB, give the worker time to notice
-            con.interrupt()
-            done.wait(10)
+            # Again and again: DuckDB clears the flag when a query starts, so one interrupt sent while the worker
+            # is still binding is lost (seen under load).
+            for _ in range(100):
+                con.interrupt()
+                if done.wait(0.1):
+                    break
             raise
         if "error" in outcome:
             err = outcome["error"]
