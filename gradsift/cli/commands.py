@@ -221,17 +221,17 @@ def query(
 
     Anything else (COPY, EXPORT, INSTALL/LOAD, ATTACH, SET, CREATE, INSERT, ...) and files outside the store's
     tables are refused; Ctrl-C or --timeout interrupts a running query."""
-    import os
-
-    import duckdb
-
-    from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError
-    from gradsift.storage.catalog import query as run_query
-    from gradsift.storage.store import Store
-
     if timeout is not None and not timeout > 0:
         fail(f"--timeout must be a positive number of seconds, got {timeout:g}")
-    try:
+    try:  # the imports too: a Ctrl-C while they load is the same interrupted query
+        import os
+
+        import duckdb
+
+        from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError
+        from gradsift.storage.catalog import query as run_query
+        from gradsift.storage.store import Store
+
         result = run_query(Store(store), sql, timeout=timeout)
     except KeyboardInterrupt:
         console.print("[bold red]query interrupted[/] (Ctrl-C); nothing was written")

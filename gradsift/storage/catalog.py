@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -330,6 +332,36 @@ def query(store: Store, sql: str, params: dict | list | None = None, timeout: fl
     thread so that Ctrl-C (``KeyboardInterrupt``, re-raised once DuckDB has stopped) and ``timeout`` seconds
     (``QueryTimeoutError``) interrupt it at once instead of when DuckDB next returns to Python.
     """
+    with _ctrl_c_latch() as ctrl_c:
+        return _query_interruptibly(store, sql, params, timeout, ctrl_c)
+
+
+@contextmanager
+def _ctrl_c_latch() -> Iterator[threading.Event]:
+    """An event set by every Ctrl-C while the block runs, beside the usual ``KeyboardInterrupt``.
+
+    DuckDB calls that run in the main thread (attach, the statement check) can swallow the ``KeyboardInterrupt`` a
+    Ctrl-C raises during them (seen under load: the query then ran on, uninterrupted); the event survives that.
+    """
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _query_interruptibly(
+    store: Store, sql: str, params: dict | list | None, timeout: float | None, ctrl_c: threading.Event
+) -> pa.Table:
     con = connect_readonly(store)
     done = threading.Event()  # not Thread.join: a Ctrl-C inside join() can mark a running thread as stopped
     done.set()
@@ -346,10 +378,12 @@ def query(store: Store, sql: str, params: dict | list | None = None, timeout: fl
                 done.set()
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        done.clear()
-        threading.Thread(target=run, name="gradsift-query", daemon=True).start()
         try:
+            done.clear()  # inside the try: a Ctrl-C during start() still interrupts the started worker
+            threading.Thread(target=run, name="gradsift-query", daemon=True).start()
             while not done.is_set():
+                if ctrl_c.is_set():
+                    raise KeyboardInterrupt
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise QueryTimeoutError(f"query interrupted after its timeout of {timeout:g} s")
