@@ -303,23 +303,18 @@ def status(
     store: StoreOpt = Path("store"),
     limit: Annotated[int, typer.Option(help="Runs shown, newest first.")] = 10,
 ) -> None:
-    """Last runs in the store (state, rows written, times) and the run holding the writer lock, if any. A run
-    recorded as running that does not hold the lock died mid-run: it shows as interrupted. A catalog that is missing
-    or not current (a run killed before it rebuilt it) is named, with the command that rebuilds it."""
-    from gradsift.storage.catalog import REBUILD_HINT, catalog_problem
+    """Last runs in the store (state, rows written, times, by commit order) and the run holding the writer lock, if
+    any: a run in progress has no ``runs`` row until it commits (or fails)."""
     from gradsift.storage.lock import current_holder
     from gradsift.storage.store import Store
 
     st = Store(store)
-    runs = sorted(st.runs(), key=lambda r: r["started_at"] or r["finished_at"], reverse=True)[:limit]
-    if not runs:
-        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
+    with reported():
+        runs = list(reversed(st.runs()))[:limit]
     holder = current_holder(st)
+    if not runs and not holder:
+        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
     output.runs_table(st.root, runs, holder)
-    if problem := catalog_problem(st):
-        busy = " (the run holding the writer lock rebuilds it as it completes)" if holder else ""
-        hint = REBUILD_HINT.format(root=st.root)
-        console.print(f"catalog {st.catalog_path} is {problem}{busy}: {hint}", highlight=False, soft_wrap=True)
 
 
 scores_app = typer.Typer(help="Scores of runs trained elsewhere (gradsift.capture).", no_args_is_help=True)
@@ -337,54 +332,76 @@ def scores_from_run(config: FromRunConfig) -> None:
     typer.echo(f"{result['run_id']}: {result['samples']} samples scored from {result['visits']} visits")
 
 
-store_app = typer.Typer(help="Check a store's committed parts; rebuild its catalog.", no_args_is_help=True)
+store_app = typer.Typer(help="Upkeep of a store's lake: check, compact, expire old snapshots.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+
+
+def _existing(store: Path):
+    from gradsift.storage.store import Store
+
+    st = Store(store)
+    with reported():
+        st.check_layout()
+    if not st.exists():
+        fail(f"no store at {st.root}: run a flow first (gradsift demo / score / nightly)")
+    return st
 
 
 @store_app.command("check")
 def store_check(
     store: StoreOpt = Path("store"),
     deep: Annotated[
-        bool, typer.Option(help="Read every part in full, not only its footer (reads all the data).")
+        bool, typer.Option(help="Read every data file in full, not only its footer (reads all the data).")
     ] = False,
 ) -> None:
-    """List every committed part that is unreadable or does not hold the rows its run recorded, and whether the
-    catalog is current; exits 1 when something is broken. A broken part is recomputed by rerunning the command of
-    its run (incremental runs never reuse one)."""
-    from gradsift.storage.catalog import REBUILD_HINT, catalog_problem
+    """List every data file of the lake's current state that is missing, unreadable or does not hold the rows its
+    commit recorded; exits 1 when one is."""
     from gradsift.storage.check import check_store
-    from gradsift.storage.store import Store
 
-    st = Store(store)
-    if not st.tables.is_dir():
-        fail(f"no store at {st.root}: run a flow first (gradsift demo / score / nightly)")
-    problems = check_store(st, deep=deep)
+    st = _existing(store)
+    with reported():
+        problems = check_store(st, deep=deep)
     for problem in problems:
+        console.print(f"broken: {problem}", highlight=False, soft_wrap=True)
+    if problems:
         console.print(
-            f"broken: {problem}" + (f" (run {problem.run_id})" if problem.run_id else ""),
+            "a broken data file is part of the committed history: restore it from a backup, or move the store "
+            "aside and rerun the commands that wrote it",
             highlight=False,
             soft_wrap=True,
         )
-    parts = sum(1 for _ in st.tables.glob("*/run_id=*/*.parquet"))
-    catalog = catalog_problem(st)
-    if catalog:
-        hint = REBUILD_HINT.format(root=st.root)
-        console.print(f"catalog {st.catalog_path} is {catalog}: {hint}", highlight=False, soft_wrap=True)
-    if problems or catalog:
         raise typer.Exit(1)
-    console.print(f"{st.root}: {parts} committed parts, all whole; catalog current", highlight=False, soft_wrap=True)
+    console.print(f"{st.root}: every data file of the current snapshot is whole", highlight=False, soft_wrap=True)
 
 
-@store_app.command("rebuild-catalog")
-def store_rebuild_catalog(store: StoreOpt = Path("store")) -> None:
-    """Rebuild catalog.duckdb from the store's tables (takes the writer lock; waits GRADSIFT_LOCK_WAIT seconds)."""
-    from gradsift.storage.catalog import build_catalog
+@store_app.command("compact")
+def store_compact(store: StoreOpt = Path("store")) -> None:
+    """Merge the lake's small data files (one per table per night) and delete the files no snapshot reads any
+    more; the current state (and every query's result) is unchanged. Takes the writer lock."""
     from gradsift.storage.lock import StoreLock
-    from gradsift.storage.store import Store
 
-    st = Store(store)
-    if not (st.tables / "runs").is_dir():
-        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
-    with reported(), StoreLock(st, "rebuild-catalog"):
-        path = build_catalog(st)
-    console.print(f"rebuilt {path}", highlight=False)
+    st = _existing(store)
+    with reported(), StoreLock(st, "store-compact"), st.lake() as lake:
+        lake.compact()
+    console.print(f"compacted {st.root}", highlight=False)
+
+
+@store_app.command("expire")
+def store_expire(
+    store: StoreOpt = Path("store"),
+    older_than: Annotated[str, typer.Option(help="Snapshots older than this go: 30d, 12h, 90d.")] = "30d",
+) -> None:
+    """Drop snapshots older than ``--older-than`` and the files only they read (time travel to them stops; the
+    current state never changes), then compact. Takes the writer lock."""
+    import re
+
+    from gradsift.storage.lock import StoreLock
+
+    match = re.fullmatch(r"(\d+)([dh])", older_than)
+    if match is None:
+        fail(f"--older-than takes <n>d or <n>h, e.g. 30d, got {older_than!r}")
+    interval = f"{match[1]} {'days' if match[2] == 'd' else 'hours'}"
+    st = _existing(store)
+    with reported(), StoreLock(st, "store-expire"), st.lake() as lake:
+        lake.compact(older_than=interval)
+    console.print(f"expired snapshots older than {interval} in {st.root}", highlight=False)
