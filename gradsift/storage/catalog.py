@@ -17,8 +17,6 @@ from collections.abc import Iterator
 import duckdb
 import pyarrow as pa
 
-from gradsift.storage.lake import Lake, literal
-from gradsift.storage.lake_query import create_views
 from gradsift.storage.store import Store
 
 
@@ -124,54 +122,17 @@ def check_query(con: duckdb.DuckDBPyConnection, sql: str):
 
 
 def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
-    """A private, locked-down DuckDB connection over the store's lake.
-
-    A fresh in-memory instance (so concurrent readers in one process never share, or fight over, its settings)
-    attaches the lake READ_ONLY and creates the views, then: files only under the lake's data path and its catalog
-    file, no other file, network or extension access (``enable_external_access=false``, no extension autoinstall or
-    autoload), no Python replacement scans, and ``lock_configuration=true`` so no statement can undo any of it.
-    ``allowed_directories`` can only be set on a started database and before external access is off, so it
-    and the two after it are SETs; the rest are connect-time config.
-    """
+    """A private, locked-down DuckDB connection over the store's lake (``Store.reader``): the lake attached
+    READ_ONLY with the current views; files only under the lake's data path and its catalog file, no other file,
+    network or extension access (``enable_external_access=false``, no extension autoinstall or autoload), no Python
+    replacement scans, and ``lock_configuration=true`` so no statement can undo any of it."""
     if not store.exists():
         store.check_layout()
         raise FileNotFoundError(
             f"no store at {store.root}: run a flow first (e.g. `gradsift demo` or `gradsift score`) "
             "or point --store at an existing store"
         )
-    lake = store.lake()
-
-    def attach(con: duckdb.DuckDBPyConnection) -> None:
-        lake._load(con)
-        con.execute(f"ATTACH {literal(lake.uri)} AS {Lake.ALIAS} (READ_ONLY)")
-        create_views(con)
-
-    allowed = [f"{lake.data_path}{os.sep}"]
-    if store.config.catalog in ("duckdb", "sqlite"):
-        allowed.append(lake.uri.rsplit(":", 1)[1])
-    return locked_down(attach, allowed)
-
-
-def locked_down(attach, allowed: list[str]) -> duckdb.DuckDBPyConnection:
-    """A private in-memory DuckDB with no extension autoinstall/autoload and no Python replacement scans; after
-    ``attach(con)`` it may read files only under ``allowed``, reaches nothing else and its settings are locked."""
-    con = duckdb.connect(
-        ":memory:",
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "python_enable_replacements": False,
-        },
-    )
-    try:
-        attach(con)
-        con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-    except BaseException:
-        con.close()
-        raise
-    return con
+    return store.reader()
 
 
 def _refusal(store: Store, err: BaseException) -> BaseException:

@@ -43,11 +43,12 @@ def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = 
 
 
 def create_views(con: duckdb.DuckDBPyConnection, alias: str = Lake.ALIAS, version: int | None = None) -> None:
-    """One temp view per table name (the current state, or the state at snapshot ``version``), and
-    ``<table>_history`` for the per-run tables (every completed run's rows)."""
+    """One view per table name (the current state, or the state at snapshot ``version``), and ``<table>_history``
+    for the per-run tables (every completed run's rows), in the connection's own in-memory database (not TEMP:
+    the cursors of the connection see them too)."""
     at = "" if version is None else f" AT (VERSION => {int(version)})"
     for table in LAKE_SCHEMAS:
-        con.execute(f"CREATE TEMP VIEW {ident(table)} AS {current_view_sql(table, alias, version)}")
+        con.execute(f"CREATE VIEW {ident(table)} AS {current_view_sql(table, alias, version)}")
         if table_mode(table) == "run":
             history = ident(stored_name(table))
-            con.execute(f"CREATE TEMP VIEW {history} AS SELECT * FROM {alias}.{history}{at}")
+            con.execute(f"CREATE VIEW {history} AS SELECT * FROM {alias}.{history}{at}")

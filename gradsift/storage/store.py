@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
+import threading
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,19 +131,23 @@ class Store:
                 (self.root / ".lake-ready").touch()
         return self
 
-    # ----- reading (gradsift's own metadata reads; users go through storage.catalog.query) -----------------------
+    # ----- reading (gradsift's own reads; user SQL goes through storage.catalog.query) -----------------------------
     def reader(self) -> duckdb.DuckDBPyConnection:
-        """A connection with the lake attached READ_ONLY and the current views (``lake_query.create_views``)."""
+        """A locked-down connection over the lake (``locked_down``: attached READ_ONLY, the current views, files only
+        under the lake's data path and catalog file, settings locked); close it after use.
+
+        With a SQLite or PostgreSQL catalog it is a cursor of one such instance per process and store, made once:
+        loading the extensions verifies their signatures (seconds on a loaded machine) and the views bind against
+        the catalog. Each statement still reads the latest committed snapshot. A DuckDB-file catalog locks out every
+        other attach, so its reader is an instance of its own, closed with it."""
         lake = self.lake()
-        con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
-        try:
-            lake._load(con)
-            con.execute(f"ATTACH {literal(lake.uri)} AS {Lake.ALIAS} (READ_ONLY)")
-            create_views(con)
-        except BaseException:
-            con.close()
-            raise
-        return con
+        if self.config.catalog == "duckdb":
+            return _lake_instance(lake)
+        key = (lake.uri, str(lake.data_path))
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = _lake_instance(lake)
+            return _SHARED[key].cursor()
 
     def read(self, sql: str, params: list | dict | None = None) -> pa.Table:
         """One query over the current views (gradsift's own SQL; values bound as ``params``)."""
@@ -183,6 +189,46 @@ class Store:
         if kind not in ARTIFACT_KINDS:
             raise ValueError(f"artifact kind must be one of {ARTIFACT_KINDS}, got {kind!r}")
         return self.root / kind / run_id
+
+
+_SHARED: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _lake_instance(lake: Lake) -> duckdb.DuckDBPyConnection:
+    def attach(con: duckdb.DuckDBPyConnection) -> None:
+        lake._load(con)
+        con.execute(f"ATTACH {literal(lake.uri)} AS {Lake.ALIAS} (READ_ONLY)")
+        create_views(con)
+
+    allowed = [f"{lake.data_path}{os.sep}"]
+    if lake.catalog in ("duckdb", "sqlite"):
+        allowed.append(lake.uri.rsplit(":", 1)[1])
+    return locked_down(attach, allowed)
+
+
+def locked_down(attach, allowed: list[str]) -> duckdb.DuckDBPyConnection:
+    """A private in-memory DuckDB with no extension autoinstall/autoload and no Python replacement scans; after
+    ``attach(con)`` it may read files only under ``allowed``, reaches nothing else and its settings are locked.
+    ``allowed_directories`` can only be set on a started database and before external access is off, so it and the
+    two after it are SETs; the rest are connect-time config."""
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "python_enable_replacements": False,
+        },
+    )
+    try:
+        attach(con)
+        con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 class Parts:
