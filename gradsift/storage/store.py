@@ -40,7 +40,7 @@ from gradsift.storage.atomic import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from gradsift.storage.lake import Lake, literal, table_mode
+from gradsift.storage.lake import LOAD_CONFIG, Lake, literal, table_mode
 from gradsift.storage.lake_query import create_views
 
 STAGES_DIR = "_stages"
@@ -213,12 +213,7 @@ def locked_down(attach, allowed: list[str]) -> duckdb.DuckDBPyConnection:
     ``allowed_directories`` can only be set on a started database and before external access is off, so it and the
     two after it are SETs; the rest are connect-time config."""
     con = duckdb.connect(
-        ":memory:",
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "python_enable_replacements": False,
-        },
+        ":memory:", config={**LOAD_CONFIG, "autoload_known_extensions": False, "python_enable_replacements": False}
     )
     try:
         attach(con)
