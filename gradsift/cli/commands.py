@@ -227,7 +227,7 @@ def query(
 
     from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError
     from gradsift.storage.catalog import query as run_query
-    from gradsift.storage.store import Store
+    from gradsift.storage.store import OldLayoutError, Store
 
     if timeout is not None and not timeout > 0:
         fail(f"--timeout must be a positive number of seconds, got {timeout:g}")
@@ -242,10 +242,10 @@ def query(
             "narrow the query or raise --timeout"
         )
         raise typer.Exit(124) from None
-    except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error) as err:
-        tables = Store(store).tables
-        broken = isinstance(err, duckdb.Error) and f"{tables}{os.sep}" in str(err)  # a part it could not read
-        fail(f"{err}\n`gradsift store check --store {tables.parent}` lists broken parts" if broken else str(err))
+    except (ReadOnlyQueryError, FileNotFoundError, OldLayoutError, duckdb.Error) as err:
+        st = Store(store)
+        broken = isinstance(err, duckdb.Error) and f"{st.lake().data_path}{os.sep}" in str(err)  # a data file it could not read
+        fail(f"{err}\n`gradsift store check --store {st.root}` lists broken data files" if broken else str(err))
     output.query_result(result, format, output_file, limit)
 
 

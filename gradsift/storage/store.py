@@ -340,9 +340,10 @@ class RunStaging(Parts):
         artifacts into place."""
         tables, _ = self.staged()
         parts = {table: self.parts(table) for table in tables}
-        key = (self.stage_info(SCORE_KEY) or {}).get("key", self.run_id)
+        key = (self.stage_info(SCORE_KEY) or {}).get("key")
+        tables = {t: p for t, p in parts.items() if p}
         with self.store.lake() as lake:
-            written = lake.commit_run(self.run_id, {t: p for t, p in parts.items() if p}, run=run, score_key=key)
+            written = lake.commit_run(self.run_id, tables, run={**run, "score_key": key}, score_key=key or self.run_id)
         return sum(written.values())
 
     def finish(self) -> None:
