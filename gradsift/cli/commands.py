@@ -304,15 +304,27 @@ def status(
     limit: Annotated[int, typer.Option(help="Runs shown, newest first.")] = 10,
 ) -> None:
     """Last runs in the store (state, rows written, times, by commit order) and the run holding the writer lock, if
-    any: a run in progress has no ``runs`` row until it commits (or fails)."""
+    any. A run in progress has no ``runs`` row until it commits (or fails): one staged that does not hold the lock
+    died mid-run and shows as interrupted."""
+    import json
+    from datetime import datetime
+
     from gradsift.storage.lock import current_holder
     from gradsift.storage.store import Store
 
     st = Store(store)
     with reported():
-        runs = list(reversed(st.runs()))[:limit]
+        runs = list(reversed(st.runs()))
+    done = {r["run_id"] for r in runs}
+    for staged in sorted(st.staging_root.glob("*/_stages/_run")) if st.staging_root.is_dir() else []:
+        if (run_id := staged.parent.parent.name) not in done:
+            info = json.loads(staged.read_text())
+            started = datetime.fromisoformat(info["started_at"])
+            runs.insert(0, {"run_id": run_id, "flow": info.get("flow"), "status": "running", "started_at": started,
+                            "finished_at": None, "rows_written": None, "note": None})  # fmt: skip
+    runs = runs[:limit]
     holder = current_holder(st)
-    if not runs and not holder:
+    if not runs and holder is None:
         fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
     output.runs_table(st.root, runs, holder)
 

@@ -84,7 +84,7 @@ class RunRecorder:
     """
 
     STARTED = "_run"
-    """The stage marker with the first attempt's start time (a resumed run keeps it)."""
+    """The stage marker with the first attempt's start time (a resumed run keeps it) and the flow."""
 
     def __init__(self, store: Store, run_id: str, flow: str, config: BaseModel, model: str, checkpoint: str):
         self.store = store.ensure()
@@ -117,7 +117,7 @@ class RunRecorder:
             self.lock.acquire()
         started = self.staging.stage_info(self.STARTED)
         if started is None:
-            started = {"started_at": utc_now().isoformat()}
+            started = {"started_at": utc_now().isoformat(), "flow": self.row["flow"]}
             self.staging.mark_done(self.STARTED, started)
         else:
             self.row["note"] = "resumed"

@@ -128,6 +128,7 @@ def connect_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     replacement scans, and ``lock_configuration=true`` so no statement can undo any of it."""
     if not store.exists():
         store.check_layout()
+        store.check_catalog()
         raise FileNotFoundError(
             f"no store at {store.root}: run a flow first (e.g. `gradsift demo` or `gradsift score`) "
             "or point --store at an existing store"

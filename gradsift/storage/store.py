@@ -114,18 +114,22 @@ class Store:
                 "aside to start this store afresh"
             )
 
+    def check_catalog(self) -> None:
+        """Refuse a lake whose catalog file is gone while its data files are there (deleted by hand)."""
+        if not self.exists() and any(self.lake().data_path.glob("**/*.parquet")):
+            raise FileNotFoundError(
+                f"{self.root}: the lake's catalog {self.lake().uri} is missing but its data files are there; the "
+                "catalog is the store's history (which file holds which rows of which snapshot) and cannot be rebuilt "
+                "from the files: restore it from a backup, or move the store aside and rerun the commands"
+            )
+
     def ensure(self) -> Store:
         """The store's folders and its lake with every table (created once, under a file lock)."""
         self.check_layout()
         self.staging_root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lake-init.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            if not self.exists() and any(Path(self.lake().data_path).glob("**/*.parquet")):
-                raise FileNotFoundError(
-                    f"{self.root}: the lake's catalog {self.lake().uri} is missing but its data files are there "
-                    "(a deleted catalog cannot be rebuilt from them: it is the store's history); restore it from "
-                    "a backup, or move the store aside and rerun the commands"
-                )
+            self.check_catalog()
             if not (self.root / ".lake-ready").exists() or not self.exists():
                 self.lake().open().close()
                 (self.root / ".lake-ready").touch()
@@ -153,6 +157,7 @@ class Store:
         """One query over the current views (gradsift's own SQL; values bound as ``params``)."""
         if not self.exists():
             self.check_layout()
+            self.check_catalog()
             raise FileNotFoundError(f"no store at {self.root}: run a flow first (gradsift demo / score / nightly)")
         with closing(self.reader()) as con:
             return con.execute(sql, params).to_arrow_table()
