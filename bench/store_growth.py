@@ -30,7 +30,7 @@ QUERIES = {
     ),
     "latest_run": (
         "SELECT s.sample_id, loss FROM scores JOIN samples s USING (dataset, sample_id) WHERE domain = 'dom1' AND "
-        "score_key = (SELECT score_key FROM runs WHERE status = 'completed' ORDER BY snapshot_id DESC LIMIT 1) "
+        "score_key = (SELECT score_key FROM runs WHERE status = 'completed' ORDER BY finished_at DESC LIMIT 1) "
         "ORDER BY loss DESC LIMIT 20"
     ),
 }

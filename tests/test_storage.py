@@ -237,3 +237,48 @@ def test_a_column_missing_from_a_part_reads_as_null(tmp_path):
         {"run_id": "r1", "line": 4, "reason": "too_long", "detail": "9 > 8"},
     ]
     assert query(store, "SELECT * FROM quarantine").column_names == ["run_id", *QUARANTINE.names]
+
+
+def test_compact_and_expire_keep_the_current_state_byte_identical(tmp_path):
+    """Five nightly commits (one file per table per night), then `store compact` and `store expire`: every view's
+    result is the same bytes; expire drops the old snapshots (time travel to them stops), compact merges files."""
+    import pyarrow.ipc as ipc
+    from typer.testing import CliRunner
+
+    from gradsift.cli.commands import app
+    from gradsift.storage.check import check_store, lake_files
+
+    store = Store(tmp_path).ensure()
+    for night in range(5):
+        staging = store.staging(f"n{night}")
+        staging.write_part("scores", "a", scores(4 * (night + 1)))  # the earlier rows again, 4 new
+        staging.write_part("mixtures", "weights", pa.table({"domain": ["x"], "weight": [night / 10]}))
+        staging.set_score_key("k")
+        staging.commit(run_row(f"n{night}"))
+    sql = {
+        "scores": "SELECT * FROM scores ORDER BY sample_id",
+        "mixtures": "SELECT * FROM mixtures",
+        "runs": "SELECT * EXCLUDE (snapshot_id) FROM runs ORDER BY run_id",
+    }
+
+    def state() -> dict[str, bytes]:
+        out = {}
+        for name, text in sql.items():
+            table, sink = query(store, text), pa.BufferOutputStream()
+            with ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            out[name] = sink.getvalue().to_pybytes()
+        return out
+
+    before, files = state(), len(lake_files(store))
+    runner = CliRunner()
+    assert runner.invoke(app, ["store", "compact", "--store", str(store.root)]).exit_code == 0
+    assert state() == before and len(lake_files(store)) < files
+    first = query(store, "SELECT min(snapshot_id) AS s FROM runs").column("s")[0].as_py()
+    assert query(store, f"SELECT count(*) AS n FROM lake.scores AT (VERSION => {first})").column("n")[0].as_py() == 4
+    out = runner.invoke(app, ["store", "expire", "--older-than", "0h", "--store", str(store.root)])
+    assert out.exit_code == 0, out.output
+    assert state() == before and check_store(store) == []
+    with pytest.raises(Exception, match="No snapshot found"):
+        query(store, f"SELECT count(*) FROM lake.scores AT (VERSION => {first})")
+    assert runner.invoke(app, ["store", "expire", "--older-than", "30 days", "--store", str(store.root)]).exit_code == 2

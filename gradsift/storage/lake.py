@@ -30,6 +30,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -289,7 +290,7 @@ class Lake:
         columns null; ``run_id`` and ``rows_written`` filled in)."""
         with self.transaction(run_id) as con:
             written = self._write(con, run_id, tables, score_key)
-            row = {**(run or {}), "run_id": run_id, "rows_written": sum(written.values())}
+            row = {"finished_at": datetime.now(UTC), **(run or {}), "run_id": run_id, "rows_written": sum(written.values())}
             runs = pa.Table.from_pylist([{f.name: row.get(f.name) for f in TABLES["runs"]}], schema=TABLES["runs"])
             con.register("_gradsift_run", runs)
             try:

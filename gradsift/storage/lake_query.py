@@ -19,8 +19,8 @@ def run_snapshots_sql(alias: str = Lake.ALIAS) -> str:
 def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = None) -> str:
     """The SELECT behind a user-facing view: the current state (or the state at snapshot ``version``).
 
-    ``runs``: the latest outcome of each run (a failed attempt, then the rerun that completed it) with the snapshot
-    its commit made; ``samples``: its ``run_id`` (the run that first ingested the row) is called ``ingest_run_id``,
+    Per-run tables: per group, the rows of the completed run committed last. ``runs``: the latest outcome of each
+    run (a failed attempt, then the rerun that completed it) with the snapshot its commit made (null once expired); ``samples``: its ``run_id`` (the run that first ingested the row) is called ``ingest_run_id``,
     so that ``scores JOIN samples USING (dataset, sample_id) WHERE run_id = ...`` stays unambiguous."""
     at = "" if version is None else f" AT (VERSION => {int(version)})"
     src = f"(SELECT * FROM {alias}.{ident(stored_name(table))}{at})"  # `t AT (...) AS x` does not parse in 1.5.5
@@ -35,10 +35,12 @@ def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = 
         return f"SELECT * FROM {src}"
     group = CURRENT_GROUPS.get(table, ())
     partition = f"PARTITION BY {', '.join(ident(g) for g in group)}" if group else ""
+    # commit order = the runs row's finished_at, written in the run's own transaction under the writer lock (not the
+    # snapshot ids: expiring old snapshots removes them from snapshots(), never the rows of the current state)
+    runs = f"(SELECT run_id, max(finished_at) AS _run_order FROM {alias}.runs{at} WHERE status = 'completed' GROUP BY ALL)"
     return (
-        f"SELECT * EXCLUDE (_run_snapshot) FROM (SELECT h.*, s.snapshot_id AS _run_snapshot FROM {src} AS h "
-        f"JOIN ({run_snapshots_sql(alias)}) AS s USING (run_id)) "
-        f"QUALIFY _run_snapshot = max(_run_snapshot) OVER ({partition})"
+        f"SELECT * EXCLUDE (_run_order) FROM (SELECT h.*, r._run_order FROM {src} AS h JOIN {runs} AS r USING (run_id)) "
+        f"QUALIFY _run_order = max(_run_order) OVER ({partition})"
     )
 
 
