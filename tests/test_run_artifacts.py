@@ -80,7 +80,9 @@ def test_select_killed_after_its_manifests_leaves_none_and_a_rerun_commits_them(
     assert not store.staging(run["run_id"]).dir.exists()
 
 
-def test_select_killed_after_its_commit_gets_its_manifests_from_the_same_command(tmp_path, prefect_harness, monkeypatch):
+def test_select_killed_after_its_commit_gets_its_manifests_from_the_same_command(
+    tmp_path, prefect_harness, monkeypatch
+):
     """Killed after the lake commit, before the manifests move into place: the rerun finds the run completed, moves
     them and redoes nothing (the commit itself is one transaction: there is no commit half-done to finish)."""
     import gradsift.flows.select as select_mod

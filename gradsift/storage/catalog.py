@@ -103,7 +103,9 @@ def _function_names(node) -> Iterator[str]:
 
 def denied_functions(con: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
     """Functions of ``sql`` (one SELECT) that a read-only query refuses to run; raises on what cannot parse."""
-    tree = json.loads(con.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])  # fetched whole: duckdb 2 keeps a half-read result open
+    tree = json.loads(
+        con.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0]
+    )  # fetched whole: duckdb 2 keeps a half-read result open
     if tree.get("error"):
         raise ValueError(f"cannot check the statement: {tree.get('error_message')}")
     return sorted({n for n in _function_names(tree) if _DENIED.match(n)})

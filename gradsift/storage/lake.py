@@ -287,10 +287,17 @@ class Lake:
         ``tables``: each table's rows, an Arrow table or its Parquet files (read by DuckDB, never all in memory).
         Tables stored once per key insert only rows whose natural key is new (and each key once if the batch
         repeats it); scoring tables get ``score_key`` (required when one is given). ``run``: the runs row (missing
-        columns null; ``run_id`` and ``rows_written`` filled in)."""
+        columns null; ``run_id``, ``rows_written`` filled in, ``status`` completed and ``finished_at`` now unless given:
+        the views order runs by ``finished_at``)."""
         with self.transaction(run_id) as con:
             written = self._write(con, run_id, tables, score_key)
-            row = {"finished_at": datetime.now(UTC), **(run or {}), "run_id": run_id, "rows_written": sum(written.values())}
+            row = {
+                "status": "completed",
+                "finished_at": datetime.now(UTC),
+                **(run or {}),
+                "run_id": run_id,
+                "rows_written": sum(written.values()),
+            }
             runs = pa.Table.from_pylist([{f.name: row.get(f.name) for f in TABLES["runs"]}], schema=TABLES["runs"])
             con.register("_gradsift_run", runs)
             try:

@@ -37,7 +37,9 @@ def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = 
     partition = f"PARTITION BY {', '.join(ident(g) for g in group)}" if group else ""
     # commit order = the runs row's finished_at, written in the run's own transaction under the writer lock (not the
     # snapshot ids: expiring old snapshots removes them from snapshots(), never the rows of the current state)
-    runs = f"(SELECT run_id, max(finished_at) AS _run_order FROM {alias}.runs{at} WHERE status = 'completed' GROUP BY ALL)"
+    runs = (
+        f"(SELECT run_id, max(finished_at) AS _run_order FROM {alias}.runs{at} WHERE status = 'completed' GROUP BY ALL)"
+    )
     return (
         f"SELECT * EXCLUDE (_run_order) FROM (SELECT h.*, r._run_order FROM {src} AS h JOIN {runs} AS r USING (run_id)) "
         f"QUALIFY _run_order = max(_run_order) OVER ({partition})"
