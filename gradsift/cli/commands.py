@@ -244,9 +244,8 @@ def query(
         raise typer.Exit(124) from None
     except (ReadOnlyQueryError, FileNotFoundError, OldLayoutError, duckdb.Error) as err:
         st = Store(store)
-        broken = isinstance(err, duckdb.Error) and f"{st.lake().data_path}{os.sep}" in str(
-            err
-        )  # a data file it could not read
+        data = f"{st.lake().data_path}{os.sep}"
+        broken = isinstance(err, duckdb.Error) and data in str(err)  # a data file it could not read
         fail(f"{err}\n`gradsift store check --store {st.root}` lists broken data files" if broken else str(err))
     output.query_result(result, format, output_file, limit)
 
