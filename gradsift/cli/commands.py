@@ -206,7 +206,7 @@ def evaluate(config: EvaluateConfig) -> None:
 
 @app.command()
 def query(
-    sql: Annotated[str, typer.Argument(help="A read-only SQL statement over the catalog's tables.")],
+    sql: Annotated[str, typer.Argument(help="A read-only SQL statement over the store's views (scores, samples, runs, ...).")],
     store: StoreOpt = Path("store"),
     format: Annotated[
         Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format.")
