@@ -19,6 +19,7 @@ def _existing(store: Path):
     st = Store(store)
     with reported():
         st.check_layout()
+        st.check_catalog()
     if not st.exists():
         fail(f"no store at {st.root}: run a flow first (gradsift demo / score / nightly)")
     return st
