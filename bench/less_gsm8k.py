@@ -91,8 +91,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from gradsift.flows.influence import influence_flow
     from gradsift.flows.train import train_flow
@@ -173,7 +171,7 @@ def main() -> None:
     print("mixture weights", json.dumps(weights.to_pylist(), default=float), flush=True)
 
     # Retrain on the LESS top 5% vs random 5% of the same pool, from the same base and LoRA init.
-    rows = pa.concat_tables([pq.read_table(p) for p in store.committed_parts("samples", irun)]).to_pylist()
+    rows = store.run_table("samples", irun).to_pylist()
     pool = [r for r in rows if r["dataset"] == "mixture"]
     heldout_rows = []
     for i, line in enumerate((work / "gsm8k_heldout.jsonl").read_text().splitlines()):

@@ -19,8 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from gradsift.schemas.tables import SAMPLES, SCORES
-from gradsift.storage.catalog import build_catalog
-from gradsift.storage.store import Store, utc_now
+from gradsift.storage.store import Store
 
 TRAIN_RUN = "train-bench"
 GOALS = {"status": 2.0, "query": 2.0, "select": 5.0, "score": 30.0}
@@ -47,9 +46,8 @@ def train_store(root: Path, n: int) -> Store:
         for i, s in enumerate(ids)
     ]
     staging.write_part("scores", "train", pa.Table.from_pylist(scores, schema=SCORES))
-    staging.commit()
-    store.write_run({"run_id": TRAIN_RUN, "flow": "train", "status": "completed", "started_at": utc_now()})
-    build_catalog(store)
+    staging.commit({"run_id": TRAIN_RUN, "flow": "train", "status": "completed"})
+    staging.finish()
     return store
 
 

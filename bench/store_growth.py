@@ -1,26 +1,18 @@
-"""Store growth over nightly runs (prototype level, see docs/store.md).
+"""Store growth over nightly runs, through the store path the flows use (docs/store.md).
 
-10k samples, then N nights (default 30), each with 1% new samples; every night the whole corpus is "scored" again
-(the same scoring key: unchanged rows). Compares
-
-* ``parquet``: today's layout, simulated: each run's partition ``run_id=<id>/`` hard-links every earlier part and
-  adds one part with the new rows; queried through ``storage.catalog.view_sql`` as ``gradsift query`` does;
-* ``lake``: ``storage.lake`` with DuckLake's defaults (small inserts inlined in the catalog);
-* ``lake-files``: ``storage.lake`` with inlining off (one Parquet file per table per night), then compacted;
-* ``lake-sqlite``: ``storage.lake`` with the catalog in SQLite (readers in other processes while a writer works).
-* ``lake-sqlite-files``: the catalog in SQLite, inlining off, then compacted (the recommended embedded default).
-
-Prints query times after night 1 and after the last night, their ratio, the rows counted and the store size.
-The lake rows need duckdb 1.5.5 with the ducklake extension, ``PYTHONPATH=.duck:. python bench/store_growth.py
---only lake --only lake-files --only lake-sqlite``; the parquet rows go through today's ``catalog.connect_readonly``
-(any duckdb since its ATTACH quotes the path).
+``--samples`` samples (default 100k), then ``--nights`` nights (default 100), each adding ``--new`` (1%) new
+samples. Each night is what a nightly run does to the store: every sample is staged again in shards (ingest reuse
+reads them back), ``flows.incremental.reused_shards`` names the shards the lake already has scores of under the
+run's scoring key, only the others are "scored" (staged), and ``RunStaging.commit`` writes the run in one lake
+transaction (SQLite catalog, inlining off: ``Store``'s default). Queries go through ``storage.catalog.query`` as
+``gradsift query`` does. Prints the README queries' times after night 1 and after the last night (and after
+``store compact``), their ratio, ``count(*) FROM scores`` against the distinct scored samples, and the store size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -29,7 +21,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 QUERIES = {
     "count": "SELECT count(*) FROM scores",
@@ -37,43 +28,51 @@ QUERIES = {
         "SELECT domain, count(*) AS n, avg(loss) AS loss FROM scores JOIN samples USING (dataset, sample_id) "
         "GROUP BY domain ORDER BY domain"
     ),
+    "latest_run": (
+        "SELECT s.sample_id, loss FROM scores JOIN samples s USING (dataset, sample_id) WHERE domain = 'dom1' AND "
+        "score_key = (SELECT score_key FROM runs WHERE status = 'completed' ORDER BY finished_at DESC LIMIT 1) "
+        "ORDER BY loss DESC LIMIT 20"
+    ),
 }
 
 
-def corpus(start: int, n: int) -> tuple[pa.Table, pa.Table]:
-    ids = [f"{i:016x}" for i in range(start, start + n)]
-    samples = pa.table(
-        {
-            "dataset": ["web"] * n,
-            "sample_id": ids,
-            "domain": [f"dom{i % 8}" for i in range(start, start + n)],
-            "text": [f"sample text {i} " * 8 for i in range(start, start + n)],
-            "n_tokens": pa.array([64 + i % 100 for i in range(start, start + n)], pa.int32()),
-        }
-    )
-    scores = pa.table(
-        {
-            "checkpoint": ["final"] * n,
-            "dataset": ["web"] * n,
-            "sample_id": ids,
-            "loss": pa.array([(i % 1000) / 100 for i in range(start, start + n)], pa.float32()),
-            "grad_norm": pa.array([(i % 777) / 10 for i in range(start, start + n)], pa.float32()),
-            "el2n": pa.array([(i % 333) / 333 for i in range(start, start + n)], pa.float32()),
-        }
-    )
-    return samples, scores
+def shards(start: int, n: int, size: int) -> list[tuple[str, pa.Table, pa.Table]]:
+    """(shard name, samples, scores) of samples ``start`` .. ``start + n``, ``size`` per shard."""
+    from gradsift.schemas.tables import SAMPLES, SCORES
+    from gradsift.storage.keys import ShardKey
+
+    out = []
+    for index, lo in enumerate(range(start, start + n, size)):
+        ids = [f"{i:016x}" for i in range(lo, min(lo + size, start + n))]
+        name = ShardKey.of("web", index, ids).name
+        rows = range(lo, lo + len(ids))
+        samples = pa.table(
+            {
+                "dataset": ["web"] * len(ids),
+                "sample_id": ids,
+                "shard": [name] * len(ids),
+                "domain": [f"dom{i % 8}" for i in rows],
+                "text": [f"sample text {i} " * 8 for i in rows],
+                "n_tokens": pa.array([64 + i % 100 for i in rows], pa.int32()),
+                "line": pa.array(list(rows), pa.int64()),
+            }
+        )
+        scores = pa.table(
+            {
+                "checkpoint": ["final"] * len(ids),
+                "dataset": ["web"] * len(ids),
+                "sample_id": ids,
+                "loss": pa.array([(i % 1000) / 100 for i in rows], pa.float32()),
+                "grad_norm": pa.array([(i % 777) / 10 for i in rows], pa.float32()),
+            }
+        )
+        out.append((name, samples.cast(pa.schema([SAMPLES.field(c) for c in samples.column_names])),
+                    scores.cast(pa.schema([SCORES.field(c) for c in scores.column_names]))))  # fmt: skip
+    return out
 
 
 def du(path: Path) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in path.rglob("*"):
-        if p.is_file():
-            st = p.stat()
-            if st.st_ino not in seen:
-                seen.add(st.st_ino)
-                total += st.st_size
-    return total
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def timed(fn, repeats: int) -> float:
@@ -86,137 +85,84 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-# -- today's Parquet layout (simulated) ------------------------------------------------------------------------------
-def parquet_nights(root: Path, nights: int, base: int, new_per_night: int, repeats: int) -> dict:
-    from gradsift.schemas.tables import RUNS
-    from gradsift.storage.catalog import build_catalog, connect_readonly
-    from gradsift.storage.store import Store
+def night(store, run_id: str, total: int, shard_size: int) -> tuple[float, int]:
+    """One nightly run's store work; (seconds, shards scored)."""
+    from gradsift.flows.incremental import reused_shards
 
-    store = Store(root)
-    store.ensure()
-    parts: dict[str, list[Path]] = {"samples": [], "scores": []}
-    out: dict = {"nights": []}
-    total = base
-    for night in range(nights):
-        run_id = f"2026-12-{night + 1:02d}-nightly"
-        t0 = time.perf_counter()
-        start, n = (0, base) if night == 0 else (total, new_per_night)
-        if night:
-            total += new_per_night
-        samples, scores = corpus(start, n)
-        for table, data in (("samples", samples), ("scores", scores)):
-            folder = store.tables / table / f"run_id={run_id}"
-            folder.mkdir(parents=True)
-            for i, old in enumerate(parts[table]):  # what incremental reuse does: hard-link every earlier part
-                os.link(old, folder / f"reused-{i:04d}.parquet")
-            new = folder / f"part-{night:04d}.parquet"
-            pq.write_table(data, new)
-            parts[table].append(new)
-        run = {f.name: None for f in RUNS}
-        run.update(run_id=run_id, flow="nightly", status="completed")
-        store.run_path(run_id).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist([run], schema=RUNS), store.run_path(run_id))
-        if night == 0:
-            build_catalog(store)
-        commit_s = time.perf_counter() - t0
-        if night in (0, nights - 1):
-            out["nights"].append(measure(lambda: connect_readonly(store), night + 1, commit_s, du(root), repeats))
-    return out
-
-
-# -- the lake prototype --------------------------------------------------------------------------------------------
-def lake_nights(
-    root: Path, nights: int, base: int, new_per_night: int, repeats: int, inline: bool, catalog: str = "duckdb"
-) -> dict:
-    from gradsift.storage.lake import Lake
-    from gradsift.storage.lake_query import connect_readonly
-
-    lake = Lake(root, catalog, inline_rows=None if inline else 0).open()
-    out: dict = {"nights": []}
-    total = base
-    try:
-        for night in range(nights):
-            run_id = f"2026-12-{night + 1:02d}-nightly"
-            if night:
-                total += new_per_night
-            samples, scores = corpus(0, total)  # every night scores the whole corpus again: the same key
-            t0 = time.perf_counter()
-            lake.commit_run(run_id, {"samples": samples, "scores": scores}, run={"status": "completed"}, score_key="k")
-            commit_s = time.perf_counter() - t0
-            if night in (0, nights - 1):
-                lake.close()  # a DuckDB-file catalog: readers wait for the writer to detach
-                out["nights"].append(
-                    measure(lambda: connect_readonly(root, catalog), night + 1, commit_s, du(root), repeats)
-                )
-                lake.open()
-        if not inline:
-            t0 = time.perf_counter()
-            lake.compact(older_than="0 seconds")
-            compact_s = time.perf_counter() - t0
-            lake.close()
-            m = measure(lambda: connect_readonly(root, catalog), nights, compact_s, du(root), repeats)
-            m["after"] = "compact + expire"
-            out["nights"].append(m)
-    finally:
-        lake.close()
-    return out
-
-
-def measure(connect, night: int, commit_s: float, size: int, repeats: int) -> dict:
     t0 = time.perf_counter()
-    con = connect()
-    attach_s = time.perf_counter() - t0
-    try:
-        res = {"night": night, "commit_s": commit_s, "attach_s": attach_s, "bytes": size}
-        for name, sql in QUERIES.items():
-            res[f"{name}_s"] = timed(lambda sql=sql: con.execute(sql).fetchall(), repeats)
-        res["rows_counted"] = con.execute(QUERIES["count"]).fetchone()[0]
-        res["join_rows"] = sum(r[1] for r in con.execute(QUERIES["join_group"]).fetchall())
-    finally:
-        con.close()
+    staging = store.staging(run_id)
+    corpus = shards(0, total, shard_size)
+    for name, samples, _ in corpus:
+        staging.write_part("samples", name, samples)
+    reused = set(reused_shards(store, staging, [name for name, _, _ in corpus], "k"))
+    todo = [(name, scores) for name, _, scores in corpus if name not in reused]
+    for name, scores in todo:
+        staging.write_part("scores", name, scores)
+    staging.set_score_key("k")
+    staging.commit({"run_id": run_id, "flow": "nightly", "status": "completed"})
+    staging.finish()
+    return time.perf_counter() - t0, len(todo)
+
+
+def measure(store, label: str, seconds: float, scored: int, repeats: int) -> dict:
+    from gradsift.storage.catalog import query
+
+    res = {"night": label, "commit_s": seconds, "shards_scored": scored, "bytes": du(store.root)}
+    for name, sql in QUERIES.items():
+        res[f"{name}_s"] = timed(lambda sql=sql: query(store, sql), repeats)
+    res["rows_counted"] = query(store, QUERIES["count"]).column(0)[0].as_py()
+    res["distinct_scored"] = query(store, "SELECT count(DISTINCT sample_id) FROM scores").column(0)[0].as_py()
     return res
 
 
-def report(name: str, out: dict) -> None:
-    first, last = out["nights"][0], out["nights"][1]
-    print(f"\n{name}")
-    print("  night  commit_s  attach_s   count_s  join_group_s  rows_counted  join_rows     MB")
-    for m in out["nights"]:
-        tag = f" ({m['after']})" if "after" in m else ""
-        print(
-            f"  {m['night']:5d}  {m['commit_s']:8.3f}  {m['attach_s']:8.3f}  {m['count_s']:8.4f}  {m['join_group_s']:12.4f}"
-            f"  {m['rows_counted']:12d}  {m['join_rows']:9d}  {m['bytes'] / 1e6:5.2f}{tag}"
-        )
-    print(
-        f"  last/first: count x{last['count_s'] / first['count_s']:.1f}, join_group x"
-        f"{last['join_group_s'] / first['join_group_s']:.1f}, size x{last['bytes'] / first['bytes']:.1f}"
-    )
+def run(root: Path, nights: int, base: int, new: int, shard_size: int, repeats: int) -> list[dict]:
+    from gradsift.storage.store import Store
+
+    store = Store(root).ensure()
+    out, total = [], base
+    for n in range(nights):
+        total = base + n * new
+        seconds, scored = night(store, f"nightly-{n + 1:03d}", total, shard_size)
+        if n in (0, nights - 1):
+            out.append(measure(store, str(n + 1), seconds, scored, repeats))
+    t0 = time.perf_counter()
+    with store.lake() as lake:
+        lake.compact()
+    out.append(measure(store, f"{nights} compacted", time.perf_counter() - t0, 0, repeats))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=10_000)
-    ap.add_argument("--nights", type=int, default=30)
+    ap.add_argument("--samples", type=int, default=100_000)
+    ap.add_argument("--nights", type=int, default=100)
     ap.add_argument("--new", type=float, default=0.01, help="new samples per night, fraction of --samples")
+    ap.add_argument("--shard-size", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["parquet", "lake", "lake-files", "lake-sqlite", "lake-sqlite-files"], action="append")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     new = int(args.samples * args.new)
     print(f"duckdb {duckdb.__version__}; {args.samples} samples, {args.nights} nights, {new} new per night")
-    results = {}
-    for name in args.only or ["parquet", "lake", "lake-files"]:
-        root = Path(tempfile.mkdtemp(prefix=f"store-growth-{name}-"))
-        try:
-            if name == "parquet":
-                results[name] = parquet_nights(root, args.nights, args.samples, new, args.repeats)
-            else:
-                catalog = "sqlite" if name.startswith("lake-sqlite") else "duckdb"
-                inline = not name.endswith("-files")
-                results[name] = lake_nights(root, args.nights, args.samples, new, args.repeats, inline, catalog)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        report(name, results[name])
+    root = Path(tempfile.mkdtemp(prefix="store-growth-"))
+    try:
+        results = run(root, args.nights, args.samples, new, args.shard_size, args.repeats)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("  night          commit_s  shards  count_s  join_group_s  latest_run_s  rows_counted  distinct    MB")
+    for m in results:
+        print(
+            f"  {m['night']:13s}  {m['commit_s']:8.2f}  {m['shards_scored']:6d}  {m['count_s']:7.4f}  "
+            f"{m['join_group_s']:12.4f}  {m['latest_run_s']:12.4f}  {m['rows_counted']:12d}  {m['distinct_scored']:8d}  "
+            f"{m['bytes'] / 1e6:5.2f}"
+        )
+    first, last, compacted = results
+    ratios = {q: last[f"{q}_s"] / first[f"{q}_s"] for q in QUERIES}
+    print(
+        "  last/first: "
+        + ", ".join(f"{q} x{r:.2f}" for q, r in ratios.items())
+        + f", bytes x{last['bytes'] / first['bytes']:.2f}, rows x{last['rows_counted'] / first['rows_counted']:.2f}"
+    )
+    print("  compacted/first: " + ", ".join(f"{q} x{compacted[f'{q}_s'] / first[f'{q}_s']:.2f}" for q in QUERIES))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

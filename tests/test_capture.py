@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
@@ -234,9 +233,7 @@ def test_trainer_resume_no_duplicate_visits(tmp_path, prefect_harness):
     trainer_for(tiny_classifier(), tmp_path / "out", store, "r", [cb], **common).train(
         resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4")
     )
-    visits = pa.concat_tables(
-        [pq.read_table(p) for p in Store(store).committed_parts(VISITS, "capture-r")]
-    ).to_pandas()
+    visits = Store(store).run_table(VISITS, "capture-r").to_pandas()
     assert len(visits) == 48 and not visits.duplicated(["sample_id", "epoch"]).any()
     assert (visits.groupby("sample_id").size() == 2).all()
     assert cb.result["samples"] == 24

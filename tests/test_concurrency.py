@@ -9,7 +9,7 @@ import pytest
 from live_services import GRADSIFT, SCORE_ARGS, gradsift_env, score_config, use_prefect_server, wait_for, write_rows
 
 from gradsift.flows.score import score_flow
-from gradsift.storage.catalog import build_catalog, query
+from gradsift.storage.catalog import query
 from gradsift.storage.lock import StoreLock, StoreLocked, current_holder
 from gradsift.storage.store import Store
 
@@ -32,7 +32,7 @@ def test_lock_names_its_holder_and_can_be_waited_for(tmp_path):
 def test_two_runs_at_once_one_wins_the_loser_names_the_lock(tmp_path, ray_local):
     files = [write_rows(tmp_path / f"{name}.jsonl", 48, name) for name in ("left", "right")]
     store = Store(tmp_path / "store")
-    build_catalog(store)  # an empty catalog, so readers can query from the start
+    store.ensure()  # an empty lake, so readers can query from the start
     env = gradsift_env(tmp_path, ray_local)
     procs = [
         subprocess.Popen(

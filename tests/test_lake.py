@@ -24,9 +24,12 @@ try:
 except lakemod.LakeUnavailable as err:  # pragma: no cover - depends on the installed duckdb
     pytest.skip(f"DuckLake prototype needs the ducklake extension: {err}", allow_module_level=True)
 
+from lake_reader import lake_reader as connect_readonly  # noqa: E402
+from lake_reader import query_readonly  # noqa: E402
+
 from gradsift.storage.catalog import ReadOnlyQueryError  # noqa: E402
 from gradsift.storage.lake import Lake  # noqa: E402
-from gradsift.storage.lake_query import connect_readonly, current_view_sql, query_readonly  # noqa: E402
+from gradsift.storage.lake_query import current_view_sql  # noqa: E402
 
 
 def samples(n: int, start: int = 0) -> pa.Table:

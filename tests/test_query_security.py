@@ -1,6 +1,6 @@
 """`gradsift query` is truly read-only: one SELECT over the store's tables, no files elsewhere, interruptible.
 
-Stores here are built with the Store API and ``build_catalog`` only (no Ray, no Prefect).
+Stores here are built with the Store API only (no Ray, no Prefect).
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ import pytest
 from live_services import GRADSIFT
 
 from gradsift.schemas.tables import SAMPLES, SCORES, VIEW_NAMES, features_schema
-from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError, build_catalog, query
-from gradsift.storage.store import Store, utc_now
+from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError, query
+from gradsift.storage.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_SQL = "SELECT count(*) FROM range(1000000000000) a"  # a table function that reads no file; runs for hours
 REFUSED = "gradsift query is read-only"
-OUTSIDE = "reads only the store's tables"
+OUTSIDE = "reads only the store's lake"
 
 
 @pytest.fixture
 def store(tmp_path) -> Store:
-    """A completed run with scores, samples and features, and an empty scores folder a fake part could go in."""
+    """A completed run with scores, samples and features (the lake's scores folder is where a fake file could go)."""
     s = Store(tmp_path / "store").ensure()
     staging = s.staging("r1")
     staging.write_part("scores", "a", pa.Table.from_pylist(
@@ -44,15 +44,25 @@ def store(tmp_path) -> Store:
         [{"checkpoint": "final", "dataset": "d", "sample_id": f"s{i}", "feature": [1.0, 2.0]} for i in range(3)],
         schema=features_schema(2),
     ))  # fmt: skip
-    staging.commit()
-    s.write_run({"run_id": "r1", "flow": "t", "status": "completed", "started_at": utc_now()})
-    (s.tables / "scores" / "run_id=x").mkdir()  # so a COPY into it would succeed if it ran
-    build_catalog(s)
+    staging.commit({"run_id": "r1", "flow": "t", "status": "completed"})
+    staging.finish()
     return s
 
 
+def data(store: Store) -> Path:
+    return store.lake().data_path
+
+
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+    """Size and mtime of every file, but SQLite's WAL files: any reader of the catalog creates them (the -shm index
+    is shared memory); the -wal file must stay empty (no transaction wrote to the catalog)."""
+    found = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.endswith(("-shm", "-wal")):
+            assert not p.name.endswith("-wal") or p.stat().st_size == 0, p
+            continue
+        found[str(p.relative_to(root))] = (p.stat().st_size, p.stat().st_mtime_ns)
+    return found
 
 
 def escapes(store: Store, tmp_path: Path) -> dict[str, tuple[str, str]]:
@@ -64,17 +74,17 @@ def escapes(store: Store, tmp_path: Path) -> dict[str, tuple[str, str]]:
         con = duckdb.connect(str(attach))
         con.execute("CREATE TABLE t AS SELECT 1 AS a")
         con.close()
-    fake = store.tables / "scores" / "run_id=x" / "fake.parquet"
+    fake = data(store) / "main" / "scores" / "fake.parquet"
     return {
         "copy_to_file": (f"COPY (SELECT 1 AS a) TO '{tmp_path / 'out.csv'}'", "COPY"),
         "copy_fake_scores_part": (f"COPY (SELECT 'final' AS checkpoint) TO '{fake}' (FORMAT parquet)", "COPY"),
-        "copy_over_runs_file": (f"COPY (SELECT 'x' AS run_id) TO '{store.run_path('r1')}' (FORMAT parquet)", "COPY"),
+        "copy_over_runs_file": (f"COPY (SELECT 'x' AS run_id) TO '{next((data(store) / 'main' / 'runs').glob('*.parquet'))}' (FORMAT parquet)", "COPY"),  # fmt: skip
         "export_database": (f"EXPORT DATABASE '{tmp_path / 'exported'}'", "EXPORT"),
         "install": ("INSTALL httpfs", "LOAD"),
         "force_install": ("FORCE INSTALL httpfs", "LOAD"),
         "load": ("LOAD httpfs", "LOAD"),
         "attach_read_write": (f"ATTACH '{attach}' AS x", "ATTACH"),
-        "detach": ("DETACH catalog", "DETACH"),
+        "detach": ("DETACH lake", "DETACH"),
         "set_external_access": ("SET enable_external_access = true", "SET"),
         "reset": ("RESET lock_configuration", "SET"),
         "use": ("USE memory", "SET"),
@@ -91,7 +101,7 @@ def escapes(store: Store, tmp_path: Path) -> dict[str, tuple[str, str]]:
         "select_then_copy": (f"SELECT 1; COPY (SELECT 1) TO '{tmp_path / 'two.csv'}'", "2 statements"),
         "read_csv_etc_passwd": ("SELECT * FROM read_csv('/etc/passwd', sep = ':')", OUTSIDE),
         "read_text_outside": (f"SELECT content FROM read_text('{outside}')", OUTSIDE),
-        "read_text_dotdot": (f"SELECT content FROM read_text('{store.tables}/../../secret.txt')", OUTSIDE),
+        "read_text_dotdot": (f"SELECT content FROM read_text('{data(store)}/../../secret.txt')", OUTSIDE),
         "read_staging": (f"SELECT * FROM glob('{store.staging_root}/*')", OUTSIDE),
         "read_url": ("SELECT * FROM read_csv('https://example.com/x.csv')", OUTSIDE),
         "glob_root": ("SELECT * FROM glob('/*')", OUTSIDE),
@@ -99,7 +109,7 @@ def escapes(store: Store, tmp_path: Path) -> dict[str, tuple[str, str]]:
             f"SELECT * FROM enable_logging(storage = 'file', storage_path = '{tmp_path}')",
             "logging functions",
         ),  # fmt: skip
-        "ducklake_cleanup": ("SELECT * FROM ducklake_cleanup_old_files('catalog', cleanup_all => true)", "maintenance"),
+        "ducklake_cleanup": ("SELECT * FROM ducklake_cleanup_old_files('lake', cleanup_all => true)", "maintenance"),
         "explain_enable_logging": ("EXPLAIN SELECT * FROM enable_logging(storage = 'file')", "logging functions"),
     }
 
@@ -116,7 +126,7 @@ ESCAPE_NAMES = [
 def _assert_nothing_written(store: Store, tmp_path: Path, before_store: dict, before_tmp: set) -> None:
     assert snapshot(store.root) == before_store  # no fake part, runs file untouched, catalog untouched
     assert {p.name for p in tmp_path.iterdir()} == before_tmp  # no out.csv, exported/, ea.csv, two.csv
-    assert not (store.tables / "scores" / "run_id=x" / "fake.parquet").exists()
+    assert not (data(store) / "main" / "scores" / "fake.parquet").exists()
     assert query(store, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 3
     assert query(store, "SELECT run_id FROM runs").column("run_id").to_pylist() == ["r1"]
 
@@ -161,8 +171,8 @@ def test_every_view_and_read_only_statement_still_works(store):
     assert query(store, "SELECT feature FROM features LIMIT 1").column(0)[0].as_py() == [1.0, 2.0]
     joined = query(store, "SELECT count(*) FROM scores JOIN samples USING (dataset, sample_id)")
     assert joined.column(0)[0].as_py() == 3
-    # the store's own tables are readable directly too (allowed_directories is <store>/tables/)
-    direct = query(store, f"SELECT count(*) FROM read_parquet('{store.tables}/runs/*.parquet')")
+    # the lake's own data files are readable directly too (allowed_directories is <store>/lake_data/)
+    direct = query(store, f"SELECT count(*) FROM read_parquet('{data(store)}/main/runs/*.parquet')")
     assert direct.column(0)[0].as_py() == 1
     for sql in ["DESCRIBE scores", "SHOW TABLES", "SUMMARIZE scores", "FROM scores", "VALUES (1)",
                 "WITH a AS (SELECT 1 AS x) SELECT * FROM a", "EXPLAIN SELECT * FROM scores",

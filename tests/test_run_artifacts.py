@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from gradsift.schemas.tables import MIXTURES, SAMPLES, SCORES
-from gradsift.storage.catalog import build_catalog, query
-from gradsift.storage.store import RunStaging, Store, utc_now
+from gradsift.storage.catalog import query
+from gradsift.storage.store import RunStaging, Store
 
 TRAIN_RUN = "train-tiny"
 
@@ -36,9 +36,8 @@ def tiny_train_store(root) -> Store:
         for i in range(10)
     ]
     staging.write_part("scores", "train", pa.Table.from_pylist(scores, schema=SCORES))
-    staging.commit()
-    store.write_run({"run_id": TRAIN_RUN, "flow": "train", "status": "completed", "started_at": utc_now()})
-    build_catalog(store)
+    staging.commit({"run_id": TRAIN_RUN, "flow": "train", "status": "completed"})
+    staging.finish()
     return store
 
 
@@ -64,6 +63,7 @@ def test_select_killed_after_its_manifests_leaves_none_and_a_rerun_commits_them(
     with pytest.raises(Killed):
         select_flow(select_config(store))
     [run] = [r for r in store.runs() if r["flow"] == "select"]
+    assert run["status"] == "failed"  # its runs row, committed alone
     staged = store.staging(run["run_id"]).artifact_dir("manifests")
     assert sorted(p.suffix for p in staged.iterdir()) == [".jsonl", ".parquet"]  # written, in staging
     assert manifests_outside_staging(store) == []
@@ -80,29 +80,32 @@ def test_select_killed_after_its_manifests_leaves_none_and_a_rerun_commits_them(
     assert not store.staging(run["run_id"]).dir.exists()
 
 
-def test_select_killed_midway_through_its_commit_is_finished_without_redoing_it(tmp_path, prefect_harness, monkeypatch):
+def test_select_killed_after_its_commit_gets_its_manifests_from_the_same_command(
+    tmp_path, prefect_harness, monkeypatch
+):
+    """Killed after the lake commit, before the manifests move into place: the rerun finds the run completed, moves
+    them and redoes nothing (the commit itself is one transaction: there is no commit half-done to finish)."""
     import gradsift.flows.select as select_mod
 
     store = tiny_train_store(tmp_path / "store")
 
-    def killed(self, kind):
-        raise Killed("killed after the tables moved, before the artifacts")
+    def killed(self):
+        raise Killed("killed after the lake commit, before the artifacts")
 
-    monkeypatch.setattr(RunStaging, "commit_artifacts", killed)
+    monkeypatch.setattr(RunStaging, "finish", killed)
     with pytest.raises(Killed):
         select_mod.select_flow(select_config(store))
     [run] = [r for r in store.runs() if r["flow"] == "select"]
     run_id = run["run_id"]
-    assert store.committed_parts("selections", run_id) and store.staging(run_id).pending_commit()
+    assert run["status"] == "completed" and store.staging(run_id).staged()[1] == ["manifests"]
     assert manifests_outside_staging(store) == []
 
     monkeypatch.undo()
     calls = []
     monkeypatch.setattr(select_mod, "select_one", lambda *a: calls.append(a))  # the body must not run again
     result = select_mod.select_flow(select_config(store))
-    assert result["status"] == "completed" and calls == [] and result["rows"] == 10
+    assert result["status"] == "already completed" and calls == [] and result["rows"] == 10
     assert [p.suffix for p in manifests_outside_staging(store)] == [".jsonl", ".parquet"]
-    assert list(store.tables.glob("selections/run_id=*")) == [store.tables / "selections" / f"run_id={run_id}"]
     got = query(
         store, "SELECT count(*) FILTER (kept) AS k, count(*) AS n FROM selections WHERE run_id = $r", {"r": run_id}
     )

@@ -1,4 +1,4 @@
-"""Parquet store and DuckDB catalog: atomic writes, whole-run commit, read-only SQL."""
+"""The store: staged parts committed into the DuckLake in one transaction with their runs row, read-only SQL."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from gradsift.schemas.tables import SCORES
-from gradsift.storage.catalog import ReadOnlyQueryError, build_catalog, query
-from gradsift.storage.store import Store, utc_now
+from gradsift.storage.catalog import ReadOnlyQueryError, query
+from gradsift.storage.store import OldLayoutError, Store
 
 
 def scores(n, offset=0):
@@ -15,64 +15,78 @@ def scores(n, offset=0):
     return pa.Table.from_pylist(rows, schema=SCORES)
 
 
+def count(store: Store, table: str) -> int:
+    return query(store, f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py()
+
+
+def run_row(run_id: str) -> dict:
+    return {"run_id": run_id, "flow": "t", "status": "completed"}
+
+
 def test_empty_store_has_every_view(tmp_path):
     store = Store(tmp_path).ensure()
-    build_catalog(store)
     for table in ["runs", "samples", "quarantine", "scores", "layer_stats", "features", "influence", "mixtures",
-                  "selections"]:  # fmt: skip
-        assert query(store, f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py() == 0
+                  "selections", "influence_history", "selections_history"]:  # fmt: skip
+        assert count(store, table) == 0
 
 
-def test_staged_rows_are_invisible_until_the_run_completes(tmp_path):
+def test_staged_rows_are_invisible_until_the_run_commits(tmp_path):
     store = Store(tmp_path).ensure()
     staging = store.staging("r1")
     staging.write_part("scores", "shard-0", scores(3))
-    store.write_run({"run_id": "r1", "flow": "t", "status": "running", "started_at": utc_now()})
-    build_catalog(store)
-    assert query(store, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 0
+    assert count(store, "scores") == 0 and count(store, "runs") == 0
     assert staging.has_part("scores", "shard-0") and not list(store.root.rglob("*.tmp"))
-
-    assert staging.commit() == 3
-    # moved into tables/ but the run row still says running: still invisible
-    build_catalog(store)
-    assert query(store, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 0
-    store.write_run({"run_id": "r1", "flow": "t", "status": "completed", "started_at": utc_now()})
-    build_catalog(store)
-    got = query(store, "SELECT run_id, count(*) AS n FROM scores GROUP BY run_id").to_pylist()
-    assert got == [{"run_id": "r1", "n": 3}]
+    assert staging.commit(run_row("r1")) == 3
+    got = query(store, "SELECT run_id, score_key, count(*) AS n FROM scores GROUP BY ALL").to_pylist()
+    assert got == [{"run_id": "r1", "score_key": "r1", "n": 3}]  # no scoring key staged: the run's own id
+    runs = query(store, "SELECT run_id, status, rows_written, snapshot_id FROM runs").to_pylist()
+    assert runs == [{"run_id": "r1", "status": "completed", "rows_written": 3, "snapshot_id": runs[0]["snapshot_id"]}]
+    staging.finish()
     assert not staging.dir.exists()
 
 
-def test_commit_is_idempotent_after_a_crash(tmp_path):
+def test_rows_are_stored_once_per_key(tmp_path):
+    """The same scores staged again under the same scoring key (a rerun, a nightly over unchanged data) add a
+    snapshot and a runs row, no rows; another key adds its own."""
     store = Store(tmp_path).ensure()
-    staging = store.staging("r2")
-    staging.write_part("scores", "a", scores(2))
-    staging.write_part("layer_stats", "a", pa.table({"x": [1]}))
-    staging.commit()
-    again = store.staging("r2")
-    again.write_part("scores", "a", scores(2))  # a rerun rewrites the same part
-    again.commit()
-    assert [p.name for p in store.committed_parts("scores", "r2")] == ["a.parquet"]
+    for run_id, key, n in (("r1", "k", 3), ("r2", "k", 0), ("r3", "other", 3)):
+        staging = store.staging(run_id)
+        staging.write_part("scores", "a", scores(3))
+        staging.set_score_key(key)
+        assert staging.commit(run_row(run_id)) == n
+        staging.finish()
+    assert count(store, "scores") == 6 and count(store, "runs") == 3
+    got = query(store, "SELECT score_key, count(*) AS n FROM scores GROUP BY ALL ORDER BY 1").to_pylist()
+    assert got == [{"score_key": "k", "n": 3}, {"score_key": "other", "n": 3}]
 
 
 def test_query_is_read_only(tmp_path):
     store = Store(tmp_path).ensure()
-    build_catalog(store)
     with pytest.raises(ReadOnlyQueryError, match="read-only"):
         query(store, "CREATE TABLE x AS SELECT 1")
     with pytest.raises(FileNotFoundError, match="run a flow first"):
         query(Store(tmp_path / "nowhere"), "SELECT 1")
 
 
-# ----- commit: tables, artifacts, internal folders, the committing marker ----------------------------------
+def test_old_layout_store_gets_the_message(tmp_path):
+    """A store of the hard-linked Parquet layout (``tables/<table>/run_id=<id>/``, no lake) is refused with how to
+    move on, by readers and writers alike; nothing is written into it."""
+    (tmp_path / "tables" / "scores" / "run_id=old").mkdir(parents=True)
+    for call in (lambda: query(Store(tmp_path), "SELECT 1"), lambda: Store(tmp_path).ensure()):
+        with pytest.raises(OldLayoutError, match="earlier gradsift.*new --store"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]
+
+
+# ----- commit: tables, artifacts, internal folders ---------------------------------------------------------
 
 
 def staged_run(store: Store, run_id: str = "r3"):
     staging = store.staging(run_id)
     staging.write_part("scores", "a", scores(2))
     staging.write_part("scores", "b", scores(3, offset=2))
-    staging.write_part("layer_stats", "a", pa.table({"x": [1, 2]}))
-    staging.write_part("selections", "keep", pa.table({"y": [1]}))
+    staging.write_part("mixtures", "weights", pa.table({"domain": ["x", "y"], "weight": [0.5, 0.5]}))
+    staging.write_part("selections", "keep", pa.table({"selection": ["keep"], "sample_id": ["s0"]}))
     staging.scratch.write_part("seed_scores", "seed0", pa.table({"z": [1]}))
     staging.artifact_path("manifests", "keep.jsonl").write_text('{"sample_id": "s0"}\n')
     staging.artifact_path("reports", "index.html").write_text("<html></html>")
@@ -80,16 +94,17 @@ def staged_run(store: Store, run_id: str = "r3"):
     return staging
 
 
-def test_commit_moves_tables_and_artifacts_and_drops_internal_folders(tmp_path):
+def test_commit_writes_tables_then_moves_artifacts_and_drops_internal_folders(tmp_path):
     store = Store(tmp_path).ensure()
     staging = staged_run(store)
-    assert staging.staged() == (["layer_stats", "scores", "selections"], ["manifests", "reports"])
+    assert staging.staged() == (["mixtures", "scores", "selections"], ["manifests", "reports"])
     assert not (store.root / "manifests").exists() and not (store.root / "reports").exists()
-    assert staging.commit() == 8
-    assert [p.name for p in store.committed_parts("scores", "r3")] == ["a.parquet", "b.parquet"]
+    assert staging.commit(run_row("r3")) == 8
+    assert [count(store, t) for t in ("scores", "mixtures", "selections")] == [5, 2, 1]
+    staging.finish()
     assert (store.root / "manifests" / "r3" / "keep.jsonl").read_text() == '{"sample_id": "s0"}\n'
     assert (store.root / "reports" / "r3" / "index.html").exists()
-    assert not (store.tables / "seed_scores").exists() and not staging.dir.exists()
+    assert not staging.dir.exists() and "seed_scores" not in query(store, "SHOW TABLES")["name"].to_pylist()
     assert not list(store.root.rglob("*.tmp")) and not list(store.root.rglob(".*.old"))
 
 
@@ -98,68 +113,62 @@ def test_commit_refuses_what_it_does_not_know(tmp_path):
     staging = staged_run(store)
     (staging.dir / "_old_internal").mkdir()
     with pytest.raises(ValueError, match="_old_internal"):
-        staging.commit()
+        staging.commit(run_row("r3"))
     (staging.dir / "_old_internal").rmdir()
-    (staging.dir / "_artifacts" / "tables").mkdir()  # an artifact kind would land in <store>/tables/<run_id>
+    (staging.dir / "_artifacts" / "tables").mkdir()
     with pytest.raises(ValueError, match="not an artifact kind"):
-        staging.commit()
+        staging.commit(run_row("r3"))
+    (staging.dir / "_artifacts" / "tables").rmdir()
+    staging.write_part("mixtures", "extra", pa.table({"domain": ["z"], "nonsense": [1]}))
+    with pytest.raises(ValueError, match="mixtures: columns not in its schema: \\['nonsense'\\]"):
+        staging.commit(run_row("r3"))
     with pytest.raises(ValueError, match="table names"):
         staging.write_part("_stages", "x", pa.table({"x": [1]}))
     with pytest.raises(ValueError, match="artifact kind"):
         staging.artifact_path("tables", "x")
-    assert not (store.tables / "scores").exists()  # nothing moved
+    assert count(store, "scores") == 0 and count(store, "runs") == 0  # nothing committed, not even in part
 
 
-def test_interrupted_commit_is_finished_by_the_next_commit(tmp_path):
-    store = Store(tmp_path).ensure()
-    staging = staged_run(store)
-    plan = staging.prepare_commit({"selections": ["keep"]})  # the committing marker: what will move
-    assert plan["tables"] == {"layer_stats": 2, "scores": 5, "selections": 1}
-    assert staging.pending_commit() == plan
-    staging.commit_table("layer_stats")  # ... and the process dies here
-    staging.commit_table("scores")
-
-    again = store.staging("r3")  # the next run of the same id
-    assert again.pending_commit()["result"] == {"selections": ["keep"]}
-    assert again.commit() == 8  # the moved tables' rows come from the marker
-    for table, parts in {"layer_stats": ["a"], "scores": ["a", "b"], "selections": ["keep"]}.items():
-        assert [p.stem for p in store.committed_parts(table, "r3")] == parts
-        assert list(store.tables.glob(f"{table}/run_id=*")) == [store.tables / table / "run_id=r3"]
-    assert (store.root / "manifests" / "r3" / "keep.jsonl").exists() and not again.dir.exists()
-    assert again.pending_commit() is None
-
-
-def test_commit_killed_midway_is_rolled_forward(tmp_path):
-    """A real SIGKILL between two table moves of a commit, then the next commit finishes it."""
+def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
+    """A real SIGKILL inside the commit's transaction, after some tables were written (their data files are on
+    disk): readers see the previous snapshot, and the next commit of the run writes it whole."""
     import signal
     import subprocess
     import sys
 
     store = Store(tmp_path / "store").ensure()
+    first = store.staging("r0")
+    first.write_part("scores", "z", scores(1, offset=100))
+    first.commit(run_row("r0"))
+    first.finish()
     staged_run(store)
     script = (
         "import os, signal, sys\n"
+        "from gradsift.storage import lake\n"
         "from gradsift.storage.store import Store\n"
-        "staging = Store(sys.argv[1]).staging('r3')\n"
-        "plan = staging.prepare_commit()\n"
-        "staging.commit_table(sorted(plan['tables'])[0])\n"
-        "os.kill(os.getpid(), signal.SIGKILL)\n"
+        "insert, done = lake.Lake._insert, []\n"
+        "def dying(self, *args):\n"
+        "    done.append(insert(self, *args))\n"
+        "    if len(done) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return done[-1]\n"
+        "lake.Lake._insert = dying\n"
+        "Store(sys.argv[1]).staging('r3').commit({'run_id': 'r3', 'status': 'completed'})\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(store.root)], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert (store.tables / "layer_stats" / "run_id=r3").exists() and not (store.tables / "scores").exists()
-    assert store.staging("r3").commit() == 8
-    assert [p.stem for p in store.committed_parts("scores", "r3")] == ["a", "b"]
-    assert (store.root / "reports" / "r3" / "index.html").exists() and not store.staging("r3").dir.exists()
+    assert list((store.root / "lake_data").rglob("*.parquet"))  # written, never committed
+    assert [count(store, t) for t in ("scores", "mixtures", "runs")] == [1, 0, 1]
+    assert store.read_run("r3") is None
+    assert store.staging("r3").commit(run_row("r3")) == 8
+    assert [count(store, t) for t in ("scores", "mixtures", "runs")] == [6, 2, 2]
 
 
 def test_query_binds_parameters(tmp_path):
     store = Store(tmp_path).ensure()
     staging = store.staging("r1")
     staging.write_part("scores", "a", scores(3))
-    staging.commit()
-    store.write_run({"run_id": "r1", "flow": "t", "status": "completed", "started_at": utc_now()})
-    build_catalog(store)
+    staging.commit(run_row("r1"))
     sql = "SELECT count(*) AS n FROM scores WHERE run_id = $run"
     assert query(store, sql, {"run": "r1"}).column("n")[0].as_py() == 3
     assert query(store, sql, {"run": "r1' OR '1'='1"}).column("n")[0].as_py() == 0
@@ -211,22 +220,65 @@ def test_typed_keys_round_trip():
         CheckpointFeature("c", "hessian")
 
 
-def test_a_column_added_to_a_schema_reads_as_null_from_older_parts(tmp_path):
-    """A quarantine part written before ``detail`` existed still reads: alone, and next to a newer part."""
+def test_a_column_missing_from_a_part_reads_as_null(tmp_path):
+    """A quarantine part written before ``detail`` existed commits with ``detail`` null, next to a newer part."""
     from gradsift.schemas.tables import QUARANTINE
 
     store = Store(tmp_path).ensure()
     old = pa.table({"dataset": ["d"], "source": ["d.jsonl"], "line": [3], "reason": ["over-long: 9 > 8"], "raw": [""]})
-    for run_id, part in (("old", old), ("new", None)):
-        if part is None:
-            row = {"dataset": "d", "source": "d.jsonl", "line": 4, "reason": "too_long", "detail": "9 > 8", "raw": ""}
-            part = pa.Table.from_pylist([row], schema=QUARANTINE)
-        staging = store.staging(run_id)
-        staging.write_part("quarantine", "d", part)
-        staging.commit()
-        store.write_run({"run_id": run_id, "flow": "t", "status": "completed", "started_at": utc_now()})
-        build_catalog(store)
-        got = query(store, "SELECT run_id, line, reason, detail FROM quarantine ORDER BY line").to_pylist()
-        assert got[0] == {"run_id": "old", "line": 3, "reason": "over-long: 9 > 8", "detail": None}
-    assert got[1] == {"run_id": "new", "line": 4, "reason": "too_long", "detail": "9 > 8"}
-    assert query(store, "SELECT * FROM quarantine").column_names == [*QUARANTINE.names, "run_id"]
+    row = {"dataset": "d", "source": "d.jsonl", "line": 4, "reason": "too_long", "detail": "9 > 8", "raw": ""}
+    staging = store.staging("r1")
+    staging.write_part("quarantine", "old", old)
+    staging.write_part("quarantine", "new", pa.Table.from_pylist([row], schema=QUARANTINE))
+    staging.commit(run_row("r1"))
+    got = query(store, "SELECT run_id, line, reason, detail FROM quarantine ORDER BY line").to_pylist()
+    assert got == [
+        {"run_id": "r1", "line": 3, "reason": "over-long: 9 > 8", "detail": None},
+        {"run_id": "r1", "line": 4, "reason": "too_long", "detail": "9 > 8"},
+    ]
+    assert query(store, "SELECT * FROM quarantine").column_names == ["run_id", *QUARANTINE.names]
+
+
+def test_compact_and_expire_keep_the_current_state_byte_identical(tmp_path):
+    """Five nightly commits (one file per table per night), then `store compact` and `store expire`: every view's
+    result is the same bytes; expire drops the old snapshots (time travel to them stops), compact merges files."""
+    import pyarrow.ipc as ipc
+    from typer.testing import CliRunner
+
+    from gradsift.cli.commands import app
+    from gradsift.storage.check import check_store, lake_files
+
+    store = Store(tmp_path).ensure()
+    for night in range(5):
+        staging = store.staging(f"n{night}")
+        staging.write_part("scores", "a", scores(4 * (night + 1)))  # the earlier rows again, 4 new
+        staging.write_part("mixtures", "weights", pa.table({"domain": ["x"], "weight": [night / 10]}))
+        staging.set_score_key("k")
+        staging.commit(run_row(f"n{night}"))
+    sql = {
+        "scores": "SELECT * FROM scores ORDER BY sample_id",
+        "mixtures": "SELECT * FROM mixtures",
+        "runs": "SELECT * EXCLUDE (snapshot_id) FROM runs ORDER BY run_id",
+    }
+
+    def state() -> dict[str, bytes]:
+        out = {}
+        for name, text in sql.items():
+            table, sink = query(store, text), pa.BufferOutputStream()
+            with ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            out[name] = sink.getvalue().to_pybytes()
+        return out
+
+    before, files = state(), len(lake_files(store))
+    runner = CliRunner()
+    assert runner.invoke(app, ["store", "compact", "--store", str(store.root)]).exit_code == 0
+    assert state() == before and len(lake_files(store)) < files
+    first = query(store, "SELECT min(snapshot_id) AS s FROM runs").column("s")[0].as_py()
+    assert query(store, f"SELECT count(*) AS n FROM lake.scores AT (VERSION => {first})").column("n")[0].as_py() == 4
+    out = runner.invoke(app, ["store", "expire", "--older-than", "0h", "--store", str(store.root)])
+    assert out.exit_code == 0, out.output
+    assert state() == before and check_store(store) == []
+    with pytest.raises(Exception, match="No snapshot found"):
+        query(store, f"SELECT count(*) FROM lake.scores AT (VERSION => {first})")
+    assert runner.invoke(app, ["store", "expire", "--older-than", "30 days", "--store", str(store.root)]).exit_code == 2

@@ -24,9 +24,11 @@ try:
 except lakemod.LakeUnavailable as err:  # pragma: no cover - depends on the installed duckdb
     pytest.skip(f"the team store needs the ducklake extension: {err}", allow_module_level=True)
 
+from lake_reader import lake_reader as connect_readonly  # noqa: E402
+from lake_reader import query_readonly  # noqa: E402
+
 from gradsift.storage.catalog import ReadOnlyQueryError  # noqa: E402
 from gradsift.storage.lake import Lake  # noqa: E402
-from gradsift.storage.lake_query import connect_readonly, query_readonly  # noqa: E402
 
 
 def _pg_bindir() -> Path | None:

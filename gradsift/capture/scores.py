@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradsift.capture.record import VISITS
 from gradsift.capture.session import capture_run_id
@@ -63,10 +62,10 @@ def read_record(store: Store, run_id: str) -> pa.Table:
     staged = store.staging(run_id).read(VISITS)
     if staged is not None:
         return staged
-    parts = store.committed_parts(VISITS, run_id)
-    if not parts:
+    committed = store.run_table(VISITS, run_id) if store.exists() else None
+    if committed is None or committed.num_rows == 0:
         raise FileNotFoundError(f"no captured visits of run {run_id!r} in {store.root}")
-    return pa.concat_tables([pq.read_table(p) for p in parts])
+    return committed
 
 
 def captured_scores(visits: pa.Table, run_id: str, score_epoch: int = 1) -> pa.Table:

@@ -44,7 +44,7 @@ app = _Cli(
     pretty_exceptions_show_locals=False,
 )
 
-StoreOpt = Annotated[Path, typer.Option("--store", help="Store folder (Parquet tables + catalog.duckdb).")]
+StoreOpt = Annotated[Path, typer.Option("--store", help="Store folder (its DuckLake: lake.sqlite + lake_data/).")]
 RUN_NAMES = {"model.name_or_path": "model", "ray.address": "ray-address"}
 NIGHTLY_NAMES = RUN_NAMES | {"report.enabled": "report", "report.top_n": "report-top-n"}
 DATA = Positional("data", "ingest.sources", "sources")
@@ -206,7 +206,7 @@ def evaluate(config: EvaluateConfig) -> None:
 
 @app.command()
 def query(
-    sql: Annotated[str, typer.Argument(help="A read-only SQL statement over the catalog's tables.")],
+    sql: Annotated[str, typer.Argument(help="A read-only SQL statement over the store's views (scores, samples, runs, ...).")],
     store: StoreOpt = Path("store"),
     format: Annotated[
         Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format.")
@@ -230,7 +230,7 @@ def query(
 
         from gradsift.storage.catalog import QueryTimeoutError, ReadOnlyQueryError
         from gradsift.storage.catalog import query as run_query
-        from gradsift.storage.store import Store
+        from gradsift.storage.store import OldLayoutError, Store
 
         result = run_query(Store(store), sql, timeout=timeout)
     except KeyboardInterrupt:
@@ -242,10 +242,11 @@ def query(
             "narrow the query or raise --timeout"
         )
         raise typer.Exit(124) from None
-    except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error) as err:
-        tables = Store(store).tables
-        broken = isinstance(err, duckdb.Error) and f"{tables}{os.sep}" in str(err)  # a part it could not read
-        fail(f"{err}\n`gradsift store check --store {tables.parent}` lists broken parts" if broken else str(err))
+    except (ReadOnlyQueryError, FileNotFoundError, OldLayoutError, duckdb.Error) as err:
+        st = Store(store)
+        data = f"{st.lake().data_path}{os.sep}"
+        broken = isinstance(err, duckdb.Error) and data in str(err)  # a data file it could not read
+        fail(f"{err}\n`gradsift store check --store {st.root}` lists broken data files" if broken else str(err))
     output.query_result(result, format, output_file, limit)
 
 
@@ -303,23 +304,30 @@ def status(
     store: StoreOpt = Path("store"),
     limit: Annotated[int, typer.Option(help="Runs shown, newest first.")] = 10,
 ) -> None:
-    """Last runs in the store (state, rows written, times) and the run holding the writer lock, if any. A run
-    recorded as running that does not hold the lock died mid-run: it shows as interrupted. A catalog that is missing
-    or not current (a run killed before it rebuilt it) is named, with the command that rebuilds it."""
-    from gradsift.storage.catalog import REBUILD_HINT, catalog_problem
+    """Last runs in the store (state, rows written, times, by commit order) and the run holding the writer lock, if
+    any. A run in progress has no ``runs`` row until it commits (or fails): one staged that does not hold the lock
+    died mid-run and shows as interrupted."""
+    import json
+    from datetime import datetime
+
     from gradsift.storage.lock import current_holder
     from gradsift.storage.store import Store
 
     st = Store(store)
-    runs = sorted(st.runs(), key=lambda r: r["started_at"] or r["finished_at"], reverse=True)[:limit]
-    if not runs:
-        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
+    with reported():
+        runs = list(reversed(st.runs()))
+    done = {r["run_id"] for r in runs}
+    for staged in sorted(st.staging_root.glob("*/_stages/_run")) if st.staging_root.is_dir() else []:
+        if (run_id := staged.parent.parent.name) not in done:
+            info = json.loads(staged.read_text())
+            started = datetime.fromisoformat(info["started_at"])
+            runs.insert(0, {"run_id": run_id, "flow": info.get("flow"), "status": "running", "started_at": started,
+                            "finished_at": None, "rows_written": None, "note": None})  # fmt: skip
+    runs = runs[:limit]
     holder = current_holder(st)
+    if not runs and holder is None:
+        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
     output.runs_table(st.root, runs, holder)
-    if problem := catalog_problem(st):
-        busy = " (the run holding the writer lock rebuilds it as it completes)" if holder else ""
-        hint = REBUILD_HINT.format(root=st.root)
-        console.print(f"catalog {st.catalog_path} is {problem}{busy}: {hint}", highlight=False, soft_wrap=True)
 
 
 scores_app = typer.Typer(help="Scores of runs trained elsewhere (gradsift.capture).", no_args_is_help=True)
@@ -337,54 +345,6 @@ def scores_from_run(config: FromRunConfig) -> None:
     typer.echo(f"{result['run_id']}: {result['samples']} samples scored from {result['visits']} visits")
 
 
-store_app = typer.Typer(help="Check a store's committed parts; rebuild its catalog.", no_args_is_help=True)
+from gradsift.cli.store import store_app  # noqa: E402  (it uses StoreOpt)
+
 app.add_typer(store_app, name="store")
-
-
-@store_app.command("check")
-def store_check(
-    store: StoreOpt = Path("store"),
-    deep: Annotated[
-        bool, typer.Option(help="Read every part in full, not only its footer (reads all the data).")
-    ] = False,
-) -> None:
-    """List every committed part that is unreadable or does not hold the rows its run recorded, and whether the
-    catalog is current; exits 1 when something is broken. A broken part is recomputed by rerunning the command of
-    its run (incremental runs never reuse one)."""
-    from gradsift.storage.catalog import REBUILD_HINT, catalog_problem
-    from gradsift.storage.check import check_store
-    from gradsift.storage.store import Store
-
-    st = Store(store)
-    if not st.tables.is_dir():
-        fail(f"no store at {st.root}: run a flow first (gradsift demo / score / nightly)")
-    problems = check_store(st, deep=deep)
-    for problem in problems:
-        console.print(
-            f"broken: {problem}" + (f" (run {problem.run_id})" if problem.run_id else ""),
-            highlight=False,
-            soft_wrap=True,
-        )
-    parts = sum(1 for _ in st.tables.glob("*/run_id=*/*.parquet"))
-    catalog = catalog_problem(st)
-    if catalog:
-        hint = REBUILD_HINT.format(root=st.root)
-        console.print(f"catalog {st.catalog_path} is {catalog}: {hint}", highlight=False, soft_wrap=True)
-    if problems or catalog:
-        raise typer.Exit(1)
-    console.print(f"{st.root}: {parts} committed parts, all whole; catalog current", highlight=False, soft_wrap=True)
-
-
-@store_app.command("rebuild-catalog")
-def store_rebuild_catalog(store: StoreOpt = Path("store")) -> None:
-    """Rebuild catalog.duckdb from the store's tables (takes the writer lock; waits GRADSIFT_LOCK_WAIT seconds)."""
-    from gradsift.storage.catalog import build_catalog
-    from gradsift.storage.lock import StoreLock
-    from gradsift.storage.store import Store
-
-    st = Store(store)
-    if not (st.tables / "runs").is_dir():
-        fail(f"no runs in {st.root}: run a flow first (gradsift demo / score / nightly)")
-    with reported(), StoreLock(st, "rebuild-catalog"):
-        path = build_catalog(st)
-    console.print(f"rebuilt {path}", highlight=False)

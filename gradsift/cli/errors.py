@@ -30,18 +30,18 @@ def failure(err: BaseException) -> tuple[BaseException, str]:
 @contextmanager
 def reported():
     """Inside: a failure the user can act on (a bad model folder or config, an unreadable input, a locked
-    store, a catalog that cannot be built over a broken part, an OSError such as a full disk; also when a Ray task raised it) is an ``error:`` line and exit 2;
+    store, a store of the old layout, an OSError such as a full disk; also when a Ray task raised it) is an ``error:`` line and exit 2;
     any other failure keeps its traceback."""
     from gradsift.data.ingest import IngestError
-    from gradsift.storage.catalog import CatalogError
     from gradsift.storage.lock import StoreLocked
+    from gradsift.storage.store import OldLayoutError
 
     try:
         yield
     except Exception as err:
         cause, message = failure(err)
         if not isinstance(
-            cause, ValueError | OSError | IngestError | StoreLocked | CatalogError
+            cause, ValueError | OSError | IngestError | StoreLocked | OldLayoutError
         ):  # ModelFolderError: ValueError
             raise
         fail(message)

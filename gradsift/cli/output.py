@@ -42,7 +42,7 @@ def run_summary(result: dict, store) -> None:
         table.add_row("mixture weights", ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items())))
     if report := result.get("report", {}).get("report"):
         table.add_row("report", report)
-    table.add_row("catalog", str(Path(result["store"]) / "catalog.duckdb"))
+    table.add_row("lake", str(Path(result["store"]) / "lake.sqlite"))
     console.print(table)
     console.print("Try:")
     for sql in EXAMPLE_QUERIES:

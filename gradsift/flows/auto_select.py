@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradsift.models.embeddings import cached_embeddings
 from gradsift.schemas.tables import SELECTION_TRIALS
@@ -23,8 +22,7 @@ def _embeddings(store: Store, config: SelectConfig, frame: dict) -> tuple[np.nda
     train = TrainConfig.model_validate_json(row["config"]) if row else None
     if train is None or train.mode != "frozen":
         raise ValueError(f"--auto needs a frozen-mode train run; {config.scores_run!r} is not one")
-    parts = [pq.read_table(p) for p in store.committed_parts("samples", config.scores_run)]
-    samples = pa.concat_tables(parts, promote_options="default").to_pylist()
+    samples = store.run_table("samples", config.scores_run).to_pylist()
     by_id = {(r["dataset"], r["sample_id"]): r for r in samples}
     rows = [by_id[(d, s)] for d, s in zip(frame["dataset"], frame["sample_id"], strict=True)]
     texts, pairs = [r["text"] for r in rows], [r.get("text_pair") for r in rows]

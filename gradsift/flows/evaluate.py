@@ -11,7 +11,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -69,9 +68,9 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         raise ValueError(f"no completed train run {config.train_run!r} in {store.root}")
     train = TrainConfig.model_validate_json(train_row["config"])
     base = train_row["model"]
-    train_parts = [str(p) for p in store.committed_parts("samples", config.train_run)]
+    train_samples = store.run_table("samples", config.train_run)
     classification = train.task == "classification"
-    labels = sorted({r for p in train_parts for r in pq.read_table(p, columns=["label"])["label"].to_pylist()})
+    labels = sorted(set(train_samples["label"].to_pylist()))
     label_index = {label: i for i, label in enumerate(labels)} if classification else None
     kept, info = _selections(store, config.selection_runs)
 
@@ -81,6 +80,8 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         )
         ingest_stage(held_out, recorder.staging)
         eval_parts = [str(p) for p in recorder.staging.parts("samples")]
+        # the train run's samples, out of the lake for the retraining workers (scratch: not committed again)
+        train_parts = [str(recorder.staging.scratch.write_part("train_samples", "all", train_samples))]
         jobs = [(name, ids, seed) for name, ids in sorted(kept.items()) for seed in config.seeds]
         if config.include_full:
             jobs = [("all", None, seed) for seed in config.seeds] + jobs

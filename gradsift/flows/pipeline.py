@@ -1,4 +1,4 @@
-"""The run pipeline every flow shares: start the run, run stages, commit, refresh the catalog."""
+"""The run pipeline every flow shares: start the run, run stages, commit it to the lake."""
 
 from __future__ import annotations
 

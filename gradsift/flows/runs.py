@@ -1,4 +1,4 @@
-"""Run bookkeeping shared by every flow: run ids, the runs table, commit and catalog refresh."""
+"""Run bookkeeping shared by every flow: run ids, the runs table, the writer lock and the commit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -15,8 +16,6 @@ from pydantic import BaseModel
 import gradsift
 from gradsift.models.folders import model_fingerprint
 from gradsift.schemas.config import DataSource
-from gradsift.storage.catalog import REBUILD_HINT, build_catalog, catalog_problem, ensure_catalog
-from gradsift.storage.check import Problem, run_problems
 from gradsift.storage.lock import StoreLock, StoreLocked
 from gradsift.storage.store import RunStaging, Store, utc_now
 
@@ -76,18 +75,21 @@ def run_id_for(flow: str, config: BaseModel, sources: list[DataSource]) -> str:
 
 
 class RunRecorder:
-    """Writes a run's row as it starts, fails or completes; commits its staging folder.
+    """A run's bookkeeping: its writer lock, its ``runs`` row and the commit of its staging folder.
 
     ``start`` takes the store's writer lock (storage.lock: fails fast, or waits GRADSIFT_LOCK_WAIT
     seconds, naming the holder) unless it is held already; ``complete``, ``fail`` and ``already_completed``
-    release it.
+    release it. The ``runs`` row is written with the run's results in one lake transaction (``complete``), or
+    alone when the run fails (``fail``); a run in progress has none (``gradsift status`` shows the lock holder).
     """
+
+    STARTED = "_run"
+    """The stage marker with the first attempt's start time (a resumed run keeps it) and the flow."""
 
     def __init__(self, store: Store, run_id: str, flow: str, config: BaseModel, model: str, checkpoint: str):
         self.store = store.ensure()
         self.staging: RunStaging = store.staging(run_id)
         self.lock = StoreLock(self.store, run_id)
-        self.broken: list[Problem] = []
         self.completed = False
         self.row = {
             "run_id": run_id,
@@ -105,54 +107,43 @@ class RunRecorder:
     def previous(self) -> dict | None:
         return self.store.read_run(self.run_id)
 
-    def completed_whole(self) -> dict | None:
-        """This run's row if it completed and its committed parts are whole (storage.check: their footers read
-        and they hold the rows it wrote), else None. A completed run with broken parts is redone: they are in
-        ``broken``, and ``start`` restages the others."""
+    def completed_row(self) -> dict | None:
+        """This run's ``runs`` row if it completed (its results are in the lake, committed with it), else None."""
         prior = self.previous()
-        if not prior or prior["status"] != "completed":
-            return None
-        self.broken = run_problems(self.store, self.run_id, prior)
-        return None if self.broken else prior
+        return prior if prior and prior["status"] == "completed" else None
 
     def start(self) -> None:
         if not self.lock.held:
             self.lock.acquire()
-        prior = self.previous()
-        self.row["started_at"] = prior["started_at"] if prior else utc_now()
-        self.row["note"] = "resumed" if prior and prior["status"] != "completed" else None
-        if self.broken:
-            run_logger().warning(
-                "run %s completed, but %d of its committed parts are broken (%s): redoing it, recomputing those",
-                self.run_id,
-                len(self.broken),
-                "; ".join(map(str, self.broken)),
-            )
-            self.staging.remove()  # what a crash after the run row said completed left (else a no-op)
-            self.staging.restage_committed([p.path for p in self.broken])
-            self.row["note"] = f"repaired: {len(self.broken)} broken parts recomputed"
-        self.store.write_run({**self.row, "status": "running"})
+        started = self.staging.stage_info(self.STARTED)
+        if started is None:
+            started = {"started_at": utc_now().isoformat(), "flow": self.row["flow"]}
+            self.staging.mark_done(self.STARTED, started)
+        else:
+            self.row["note"] = "resumed"
+        self.row["started_at"] = datetime.fromisoformat(started["started_at"])
 
     def fail(self, err: BaseException) -> None:
-        """Record the run failed (not one that ``complete`` recorded completed before its catalog rebuild failed)."""
-        if not self.completed:
-            self.store.write_run({**self.row, "status": "failed", "finished_at": utc_now(), "note": repr(err)[:2000]})
-        self.lock.release()
+        """Record the run failed: its ``runs`` row committed alone (its staged work stays, for the rerun)."""
+        try:
+            if not self.completed:
+                row = {**self.row, "status": "failed", "finished_at": utc_now(), "note": repr(err)[:2000]}
+                with self.store.lake() as lake:
+                    lake.commit_run(self.run_id, {}, run=row)
+        except Exception as problem:  # the run's own error is the one to raise
+            run_logger().warning("could not record run %s as failed: %s", self.run_id, problem)
+        finally:
+            self.lock.release()
 
     def complete(self, result: dict | None = None) -> int:
-        """Commit the staged run (tables and artifacts), record it completed, rebuild the catalog.
-
-        The staging folder, with its ``committing`` marker, is removed only once the run row says completed,
-        so a crash anywhere in between is finished by the next run of this id (``run_recorded``); a crash
-        before the catalog is rebuilt, by the next run of this id too (``already_completed``)."""
-        rows = self.staging.commit(result, remove=False)
+        """Commit the staged run: its tables and its completed ``runs`` row in one lake transaction, then its
+        artifacts moved into place; returns the rows written."""
         parameter_set = (result or {}).get("parameter_set")
         self.row["parameter_set"] = json.dumps(parameter_set) if parameter_set else None
-        self.store.write_run({**self.row, "status": "completed", "finished_at": utc_now(), "rows_written": rows})
-        self.completed = True
         try:
-            self.staging.remove()
-            build_catalog(self.store)  # CatalogError over a broken part of any run: this one stays completed
+            rows = self.staging.commit({**self.row, "status": "completed", "finished_at": utc_now()})
+            self.completed = True
+            self.staging.finish()
         finally:
             self.lock.release()
         return rows
@@ -160,13 +151,10 @@ class RunRecorder:
     def already_completed(self, prior: dict) -> dict:
         """Nothing to redo: this run completed (perhaps by another process while this one waited for the lock).
 
-        Removes what a crash after its run row said completed left in staging and, holding the lock, rebuilds a
-        catalog that is missing or not current (such a crash may also have come before the rebuild); releases
-        the lock."""
+        Holding the lock, it moves the artifacts a crash right after the commit left in staging; releases it."""
         try:
-            self.staging.remove()  # else a no-op
-            if self.lock.held and (problem := ensure_catalog(self.store)):
-                run_logger().info("catalog %s was %s: rebuilt it", self.store.catalog_path, problem)
+            if self.lock.held:
+                self.staging.finish()  # else a no-op
         finally:
             self.lock.release()
         run_logger().info("run %s already completed with these inputs and config: nothing to do", self.run_id)
@@ -177,42 +165,31 @@ class RunRecorder:
             "rows": prior["rows_written"],
         }
 
-    def interrupted_commit(self) -> dict | None:
-        """The result recorded by a commit of this run that began and did not finish, else None."""
-        plan = self.staging.pending_commit()
-        return None if plan is None else plan["result"] or {}
-
 
 def run_recorded(
     flow: str, config: BaseModel, sources: list[DataSource], model: str, body: Callable, checkpoint: str = ""
 ) -> dict:
-    """Run ``body(recorder) -> results`` as one recorded run, committed whole or marked failed.
+    """Run ``body(recorder) -> results`` as one recorded run, committed whole (one lake snapshot) or marked failed.
 
     A completed run with this id (same flow, config, inputs, weights) is not redone, also when it completed in
-    another process while this one waited for the writer lock; its catalog is rebuilt if it is not current. A
-    completed run with broken parts is redone, recomputing those. One whose commit was cut short has that commit
-    finished instead of its body rerun. A ``parameter_set`` in the results is recorded in ``runs``.
+    another process while this one waited for the writer lock. A run that was cut short (killed, failed) is resumed
+    from its staging folder: stages and parts already done are skipped. A ``parameter_set`` in the results is
+    recorded in ``runs``.
     """
     store = Store(config.store).ensure()
     run_id = run_id_for(flow, config, sources)
     recorder = RunRecorder(store, run_id, flow, config, model, checkpoint)
-    done = recorder.completed_whole()
-    if done is not None and (problem := catalog_problem(store)) is None:
+    done = recorder.completed_row()
+    if done is not None and not recorder.staging.dir.exists():
         return recorder.already_completed(done)  # nothing to write: no lock needed
     try:
         recorder.lock.acquire()  # waits GRADSIFT_LOCK_WAIT s for another writer, maybe one running this command
     except StoreLocked:
         if done is None:
             raise
-        run_logger().warning(  # that writer rebuilds the catalog as it completes
-            "catalog %s is %s and another run holds the writer lock; %s",
-            store.catalog_path,
-            problem,
-            REBUILD_HINT.format(root=store.root),
-        )
-        return recorder.already_completed(done)
+        return recorder.already_completed(done)  # its artifacts are moved by the next run that gets the lock
     try:
-        done = recorder.completed_whole()  # again, now that no other writer runs
+        done = recorder.completed_row()  # again, now that no other writer runs
         if done is not None:
             return recorder.already_completed(done)
         recorder.start()
@@ -220,11 +197,7 @@ def run_recorded(
         recorder.lock.release()
         raise
     try:
-        result = recorder.interrupted_commit()
-        if result is not None:  # everything was written and the commit began: finish it, redo nothing
-            run_logger().info("run %s: finishing its interrupted commit", run_id)
-        else:
-            result = body(recorder)
+        result = body(recorder)
         rows = recorder.complete(result)
     except BaseException as err:
         recorder.fail(err)

@@ -21,9 +21,8 @@ from gradsift.flows.incremental import (
     ingest_key,
     known_parameter_set,
     record_ingest,
-    record_scores,
     reuse_ingest,
-    reuse_scores,
+    reused_shards,
     scoring_key,
 )
 from gradsift.flows.retry import retry_transient
@@ -83,8 +82,8 @@ def ingest_sources(
 ) -> IngestOutput:
     """The ingest stage's work, without Prefect (``ingest_stage`` runs it with the run's logger): every source
     validated and streamed into fixed-size ``samples`` shards and a ``quarantine`` part in ``staging``, a shard
-    at a time (data.shards). A source an earlier completed run ingested with the same file and settings is linked
-    in instead (flows.incremental). Starts from scratch: parts an interrupted attempt left are removed first.
+    at a time (data.shards). A source an earlier completed run ingested with the same file and settings is read
+    back from the lake instead (flows.incremental). Starts from scratch: parts an interrupted attempt left are removed first.
     """
     tokenizer = load_tokenizer(config.model.name_or_path)
     task_type, labels = label_rule(config.model)
@@ -97,7 +96,7 @@ def ingest_sources(
         return counter.count_tokens_batch(tokenizer, rows)
 
     start = time.perf_counter()
-    for table in ("samples", "quarantine"):
+    for table in ("samples", "quarantine", "ingests"):
         staging.clear(table)
     shards: list[str] = []
     found: set[str] = set()
@@ -127,14 +126,12 @@ def ingest_sources(
                 "samples": written.samples,
                 "quarantined": written.quarantined,
                 "labels": sorted(written.labels),
-                # each part's rows: reuse checks the parts against them
-                "rows": {"samples": written.shard_rows, "quarantine": {quarantine_part: written.quarantined}},
             }
-            record_ingest(staging.store, key, entry)
             action = "ingested"
         else:
             n_reused += entry["samples"]
             action = f"unchanged since run {entry['run_id']}, reused"
+        record_ingest(staging, key, entry)
         shards += entry["shards"]
         found.update(entry["labels"])
         n_samples += entry["samples"]
@@ -175,8 +172,8 @@ def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
 def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutput) -> ScoreOutput:
     """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors.
 
-    Shards an earlier completed run scored with the same model and score config are linked in,
-    not recomputed (flows.incremental); shards this run already scored before a crash are skipped.
+    Shards whose samples the lake already has scores of under this run's scoring key (same model and score
+    config) are not recomputed (flows.incremental); shards this run already scored before a crash are skipped.
     """
     logger = get_run_logger()
     staging = store.staging(run_id)
@@ -184,8 +181,9 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
         return ScoreOutput.model_validate(done)
     shards = ingest.shards
     key = scoring_key(config, ingest.label_index)
-    reused = reuse_scores(store, staging, shards, key)
-    todo = [s for s in shards if not staging.has_part("scores", s)]
+    staging.set_score_key(key)
+    reused = set(reused_shards(store, staging, shards, key))
+    todo = [s for s in shards if s not in reused and not staging.has_part("scores", s)]
     where = ensure_ray(config.ray) if todo else "(not needed)"
     logger.info(
         "scoring %d of %d shards (%d reused from earlier runs) on Ray %s with %d actors",
@@ -220,12 +218,11 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
         seconds = time.perf_counter() - start
     parameter_set = next((d["parameter_set"] for d in scored if d["parameter_set"]), None)
     parameter_set = parameter_set or known_parameter_set(store, key)
-    record_scores(store, run_id, key, shards, parameter_set)
     info = ScoreOutput(
         shards_scored=len(scored),
         shards_resumed=n_done_before - len(reused),
         shards_reused=len(reused),
-        rows=staging.count_rows("scores"),
+        rows=staging.count_rows("scores") + sum(staging.count_rows("samples", s) for s in reused),
         rows_scored=sum(d["rows"] for d in scored),
         seconds=round(seconds, 2),
         parameter_set=parameter_set,

@@ -122,7 +122,7 @@ class ScoreConfig(Config):
 class RunConfig(Config):
     """The resolved configuration of a scoring or nightly run (stored in the runs table)."""
 
-    store: str = Field("store", description="Store folder holding the Parquet tables and catalog.duckdb.")
+    store: str = Field("store", description="Store folder holding its DuckLake (lake.sqlite + lake_data/), staging and artifacts.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)

@@ -1,7 +1,7 @@
 """Arrow schemas of every table: the contract users write SQL against (see DESIGN.md, "Tables").
 
-Derived tables are hive-partitioned by ``run_id`` on disk, so ``run_id`` is not stored inside the
-Parquet files; the catalog's views add it back from the folder name.
+Staged parts hold these columns; the lake (storage.lake) adds ``run_id`` (and ``score_key`` to the scoring tables)
+as a run commits them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ RUNS = pa.schema(
         ("code_version", pa.string()),
         ("rows_written", pa.int64()),
         ("note", pa.string()),
+        ("score_key", pa.string()),  # the scoring key of the rows it scored (scores.score_key), null if none
     ]
 )
 

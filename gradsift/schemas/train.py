@@ -19,7 +19,7 @@ SCORE_NAMES = ("el2n", "grand", "forgetting", "aum", "vog", "self_influence", "l
 class TrainConfig(Config):
     """Proxy training: fine-tune a model on a dataset, log per-sample dynamics, checkpoint, score."""
 
-    store: str = Field("store", description="Store folder (tables, checkpoints, catalog.duckdb).")
+    store: str = Field("store", description="Store folder (its DuckLake, checkpoints, artifacts).")
     data: DataSource = Field(description="Training data.")
     model: str = Field(
         "tiny", description="'tiny' (small random Llama), 'minilm' (the real encoder) or a model folder."

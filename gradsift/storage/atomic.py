@@ -1,8 +1,8 @@
 """The one place files and folders are replaced atomically: write a temp sibling, then ``os.replace``.
 
 Every writer in gradsift that must never leave a half-written file behind goes through here:
-Parquet parts, JSON markers and index entries, JSONL manifests, the DuckDB catalog, hard-linked
-parts reused from earlier runs, training checkpoint folders, and the commit's folder moves.
+staged Parquet parts, JSON stage markers, JSONL manifests, training checkpoint folders, and the moves of a
+committed run's artifacts. (The lake's own files are DuckLake's to write.)
 
 * ``write_atomic(path, data)``: ``data`` is bytes, text, or a function ``write(tmp)`` that creates the
   temp file (it may also create sidecar files named ``<tmp>...``, e.g. DuckDB's ``.wal``).
@@ -130,18 +130,6 @@ def write_jsonl_atomic(rows: Iterable[dict], path: Path) -> Path:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     return write_atomic(path, write)
-
-
-def link_atomic(src: Path, dest: Path) -> Path:
-    """``dest`` as a hard link to ``src`` (a copy across filesystems or where links are refused)."""
-
-    def link(tmp: Path) -> None:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-
-    return write_atomic(dest, link)
 
 
 def replace_dir(src: Path, dest: Path) -> Path:

@@ -1,19 +1,15 @@
-"""A DuckLake store: PROTOTYPE of the store issue's table format (spike, see docs/store.md).
-
-Self-contained on purpose: nothing in gradsift imports this module yet, the flows still write the Parquet store
-(``storage.store`` / ``storage.catalog``). Wiring it into ``flows/runs.py`` and ``flows/incremental.py`` is the
-migration (docs/store.md, "Migration plan").
+"""The DuckLake store: every run's tables and its ``runs`` row written in one transaction (docs/store.md).
 
 Needs duckdb 1.5.x with the ``duckdb-extension-ducklake`` wheel of the same version (offline from PyPI); the
 duckdb 2.0 wheels have no ducklake extension and ``INSTALL`` needs the network. ``ducklake_extension()`` finds the
 extension file; ``LakeUnavailable`` says why when it cannot.
 
-Layout under ``root``::
+Layout under ``root`` (``storage.store.Store`` picks the catalog; the embedded default is SQLite in WAL mode)::
 
-    lake.ducklake      the catalog (a DuckDB file; ``catalog="sqlite"`` -> lake.sqlite, or a PostgreSQL DSN)
-    lake_data/         Parquet data files, written and removed only by DuckLake
+    lake.sqlite        the catalog (``catalog="duckdb"`` -> lake.ducklake, or a PostgreSQL DSN for a team store)
+    lake_data/         Parquet data files, written and removed only by DuckLake (``data_path``: shared storage)
 
-Tables (``TABLE_MODES``):
+Tables (``table_mode``):
 
 * ``once``: samples, scores, layer_stats, features. One row per natural key (``NATURAL_KEYS``, the scoring key
   ``score_key`` = hash of model, weights, checkpoint, score config and code first); ``commit_run`` skips rows
@@ -22,8 +18,8 @@ Tables (``TABLE_MODES``):
 * ``run``: every other derived table, stored as ``<table>_history`` with ``run_id``; the ``<table>`` view is the
   latest run's rows per ``CURRENT_GROUPS`` group (e.g. per selection), latest by commit snapshot (run ids are
   hashes, not times).
-* ``runs``: one row per run, appended in the same transaction as its results; the commit's snapshot records
-  the run id (``commit_extra_info``), so the ``runs`` view shows which snapshot each run made.
+* ``runs``: one row per run outcome, appended in the same transaction as its results; the commit's snapshot
+  records the run id (``commit_extra_info``), so the ``runs`` view shows which snapshot each run made.
 """
 
 from __future__ import annotations
@@ -34,13 +30,13 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from gradsift.schemas.tables import TABLES
-from gradsift.storage.catalog import duck_type
 
 NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     "samples": ("dataset", "sample_id"),
@@ -76,7 +72,37 @@ FEATURES_SCHEMA = pa.schema(
 )
 """DuckLake 1.5 stores no fixed-size ARRAY (``FLOAT[k]``: "unsupported type"): features are ``FLOAT[]``."""
 
-LAKE_SCHEMAS: dict[str, pa.Schema] = {**TABLES, "features": FEATURES_SCHEMA}
+INGESTS = pa.schema([("ingest_key", pa.string()), ("dataset", pa.string()), ("entry", pa.string())])
+"""Which samples shards a source's ingest made (``entry``: JSON, flows.incremental), one row per run that used it."""
+
+CAPTURE_FEATURES = pa.schema([("step", pa.int64()), ("rank", pa.int32()), *FEATURES_SCHEMA])
+"""Features recorded during a captured training run (schemas.tables.capture_features_schema, as ``FLOAT[]``)."""
+
+LAKE_SCHEMAS: dict[str, pa.Schema] = {
+    **TABLES,
+    "features": FEATURES_SCHEMA,
+    "ingests": INGESTS,
+    "capture_features": CAPTURE_FEATURES,
+}
+
+DUCK_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float16(): "FLOAT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+}
+
+
+def duck_type(t: pa.DataType) -> str:
+    """The DuckDB column type of an Arrow type (lists of any length; float16 read as FLOAT)."""
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+        return f"{duck_type(t.value_type)}[]"
+    return DUCK_TYPES[t]
 
 
 def table_mode(table: str) -> str:
@@ -88,6 +114,13 @@ def table_mode(table: str) -> str:
 def stored_name(table: str) -> str:
     """The lake table behind a view name: ``<table>_history`` for per-run tables, else the name itself."""
     return f"{table}_history" if table_mode(table) == "run" else table
+
+
+LOAD_CONFIG = {"autoinstall_known_extensions": False, "allow_unsigned_extensions": True}
+"""Connect-time config of every connection that loads the lake's extensions. They are loaded only by gradsift, from
+the files of the pinned PyPI wheels (``ducklake_extension``); verifying their signatures costs 1-3 s per connection
+on a loaded 2-core machine (measured: 2.1-2.8 s against 0.01 s), paid by every run's commit and every reader. User
+SQL never loads anything: ``gradsift query`` refuses LOAD by statement type and its settings are locked."""
 
 
 class LakeUnavailable(RuntimeError):
@@ -145,15 +178,25 @@ def literal(text: str) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
+Rows = pa.Table | list[Path]
+"""A table's rows to commit: in memory, or the Parquet files that hold them."""
+
+
 class Lake:
     """One attached DuckLake (the writer's handle; readers use ``connect_readonly``)."""
 
     ALIAS = "lake"
 
-    def __init__(self, root: Path | str, catalog: str = "duckdb", inline_rows: int | None = None):
+    def __init__(
+        self,
+        root: Path | str,
+        catalog: str = "duckdb",
+        inline_rows: int | None = None,
+        data_path: Path | str | None = None,
+    ):
         self.root = Path(root).resolve()
         self.catalog = catalog
-        self.data_path = self.root / "lake_data"
+        self.data_path = Path(data_path).resolve() if data_path is not None else self.root / "lake_data"
         self.inline_rows = inline_rows
         self.con: duckdb.DuckDBPyConnection | None = None
 
@@ -180,7 +223,7 @@ class Lake:
             # ("database is locked", measured); in WAL mode readers and the one writer go on together.
             with closing(sqlite3.connect(self.root / "lake.sqlite")) as db:
                 db.execute("PRAGMA journal_mode=WAL")
-        con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
+        con = duckdb.connect(":memory:", config=LOAD_CONFIG)
         try:
             self._load(con)
             options = [f"DATA_PATH {literal(str(self.data_path) + os.sep)}"]
@@ -237,16 +280,24 @@ class Lake:
             raise
 
     def commit_run(
-        self, run_id: str, tables: dict[str, pa.Table], run: dict | None = None, score_key: str | None = None
+        self, run_id: str, tables: dict[str, Rows], run: dict | None = None, score_key: str | None = None
     ) -> dict[str, int]:
         """Write one run's tables and its ``runs`` row in ONE transaction; returns rows written per table.
 
+        ``tables``: each table's rows, an Arrow table or its Parquet files (read by DuckDB, never all in memory).
         Tables stored once per key insert only rows whose natural key is new (and each key once if the batch
         repeats it); scoring tables get ``score_key`` (required when one is given). ``run``: the runs row (missing
-        columns null; ``run_id`` and ``rows_written`` filled in)."""
+        columns null; ``run_id``, ``rows_written`` filled in, ``status`` completed and ``finished_at`` now unless given:
+        the views order runs by ``finished_at``)."""
         with self.transaction(run_id) as con:
             written = self._write(con, run_id, tables, score_key)
-            row = {**(run or {}), "run_id": run_id, "rows_written": sum(written.values())}
+            row = {
+                "status": "completed",
+                "finished_at": datetime.now(UTC),
+                **(run or {}),
+                "run_id": run_id,
+                "rows_written": sum(written.values()),
+            }
             runs = pa.Table.from_pylist([{f.name: row.get(f.name) for f in TABLES["runs"]}], schema=TABLES["runs"])
             con.register("_gradsift_run", runs)
             try:
@@ -255,7 +306,7 @@ class Lake:
                 con.unregister("_gradsift_run")
         return written
 
-    def commit_shard(self, run_id: str, tables: dict[str, pa.Table], score_key: str | None = None) -> dict[str, int]:
+    def commit_shard(self, run_id: str, tables: dict[str, Rows], score_key: str | None = None) -> dict[str, int]:
         """One worker's shard of run ``run_id`` in one transaction, no ``runs`` row (the driver's ``commit_run``
         writes it once every shard is in). For the tables stored once per key only: a rerun shard inserts nothing
         new, so shards committed before a crash are simply kept. Workers on several machines do this against one
@@ -266,7 +317,7 @@ class Lake:
         with self.transaction(run_id) as con:
             return self._write(con, run_id, tables, score_key)
 
-    def _write(self, con, run_id: str, tables: dict[str, pa.Table], score_key: str | None) -> dict[str, int]:
+    def _write(self, con, run_id: str, tables: dict[str, Rows], score_key: str | None) -> dict[str, int]:
         for table in tables:
             if table not in LAKE_SCHEMAS or table == "runs":
                 raise ValueError(f"not a lake results table: {table!r}")
@@ -277,21 +328,29 @@ class Lake:
             for i, (table, data) in enumerate(tables.items())
         }
 
-    def _insert(self, con, name: str, run_id: str, table: str, data: pa.Table, score_key: str | None) -> int:
-        con.register(name, _arrow_for_duckdb(data))
+    def _insert(self, con, name: str, run_id: str, table: str, data: Rows, score_key: str | None) -> int:
+        if isinstance(data, pa.Table):
+            con.register(name, _arrow_for_duckdb(data))
+            source = name
+        else:  # Parquet files: DuckDB reads float16 as FLOAT and fixed-size lists as lists
+            files = ", ".join(literal(str(f)) for f in data)
+            source = f"read_parquet([{files}], union_by_name = true)"
         try:
+            found = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()] if data else []
             extra = [f"{literal(run_id)} AS run_id"]
             if table in SCORE_TABLES:
                 extra.append(f"{literal(score_key)} AS score_key")
             known = [n for n, _ in lake_columns(table) if n not in ("run_id", "score_key")]
-            unknown = sorted(set(data.column_names) - set(known))
+            unknown = sorted(set(found) - set(known))
             if unknown:
                 raise ValueError(f"{table}: columns not in its schema: {unknown}")
-            missing_key = [k for k in NATURAL_KEYS.get(table, ()) if k != "score_key" and k not in data.column_names]
+            if not found:
+                return 0
+            missing_key = [k for k in NATURAL_KEYS.get(table, ()) if k != "score_key" and k not in found]
             if missing_key:
                 raise ValueError(f"{table}: rows need their key columns, missing: {missing_key}")
-            cols = [c for c in known if c in data.column_names]  # the rest are null (INSERT ... BY NAME)
-            select = f"SELECT {', '.join(extra)}, {', '.join(ident(c) for c in cols)} FROM {name}"
+            cols = [c for c in known if c in found]  # the rest are null (INSERT ... BY NAME)
+            select = f"SELECT {', '.join(extra)}, {', '.join(ident(c) for c in cols)} FROM {source}"
             target = f"{self.ALIAS}.{ident(stored_name(table))}"
             if table in NATURAL_KEYS:
                 key = NATURAL_KEYS[table]
@@ -304,7 +363,8 @@ class Lake:
             (count,) = con.execute(f"INSERT INTO {target} BY NAME {select}").fetchone()
             return int(count)
         finally:
-            con.unregister(name)
+            if isinstance(data, pa.Table):
+                con.unregister(name)
 
     # -- maintenance ---------------------------------------------------------------------------------------------
     def compact(self, older_than: str | None = None) -> None:

@@ -1,9 +1,10 @@
 """One writer per store: an advisory ``flock`` on ``<store>/.writer.lock`` that names its holder.
 
 The kernel drops the lock when the holding process dies (even by SIGKILL), so a crashed run never
-leaves a stale lock behind. Readers (``gradsift query``) never take it: they open the catalog
-read-only, and the catalog is replaced atomically (storage.catalog), so they are never blocked and
-never see a half-built one.
+leaves a stale lock behind. Readers (``gradsift query``) never take it: they attach the lake read-only
+(storage.catalog) and each statement reads one committed snapshot, so they are never blocked and never see a
+half-committed run. (DuckLake would detect two writers' conflicting commits itself; gradsift wants the second
+writer to wait or fail up front, naming the first, not to fail at its commit.)
 """
 
 from __future__ import annotations

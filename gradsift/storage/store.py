@@ -1,45 +1,47 @@
-"""The Parquet store: staging per run, atomic parts, whole-run commit, resume.
+"""The store: a DuckLake of every run's tables (storage.lake), staging per run, artifacts, resume.
 
 Layout under the store root::
 
-    tables/runs/<run_id>.parquet                  one row per run (rewritten as its status changes)
-    tables/<table>/run_id=<run_id>/<part>.parquet  derived rows, visible once the run completes
-    manifests/<run_id>/, reports/<run_id>/         a run's artifacts (files), there once the run commits
-    staging/<run_id>/                              a run in progress:
-        <table>/<part>.parquet                       its tables; parts are written atomically
-        _artifacts/<kind>/<file>                     its artifacts (kind: manifests, reports)
-        _stages/<stage>                              completion markers (resume skips done work)
-        _scratch/<name>/<part>.parquet               parts it needs only while it runs; never committed
-    catalog.duckdb                                 views over the tables (storage.catalog)
+    lake.sqlite, lake_data/         the DuckLake: catalog (SQLite in WAL mode) and Parquet data files
+    lake.json                       optional: a team store's catalog (PostgreSQL DSN) and shared data path
+    manifests/<run_id>/, reports/<run_id>/   a run's artifacts (files), there once the run commits
+    staging/<run_id>/               a run in progress:
+        <table>/<part>.parquet        its tables' parts, written atomically (resume skips the finished ones)
+        _artifacts/<kind>/<file>      its artifacts (kind: manifests, reports)
+        _stages/<stage>               completion markers (resume skips done work)
+        _scratch/<name>/<part>.parquet  parts it needs only while it runs; never committed
 
-Every write goes through ``storage.atomic`` (a temp file renamed into place); a run is moved from
-staging into ``tables/``, ``manifests/`` and ``reports/`` only when all of it is written, so a crash never
-leaves a half-written table or an artifact of an uncommitted run visible, and rerunning the same command
-finds the finished parts and skips them. The commit first records what it will move (the ``committing``
-marker); a commit cut short is finished by the next ``commit`` of that run (``RunRecorder`` does so
-before rerunning anything).
+A run's staged parts and its ``runs`` row go into the lake in ONE transaction (``RunStaging.commit``): a crash
+before it commits leaves the previous snapshot and the staging folder (the rerun resumes from the markers); after
+it, the run is complete. Artifacts are moved into place after the commit (a crash between: the rerun, finding the
+run completed, moves them).
 """
 
 from __future__ import annotations
 
-import glob
+import fcntl
 import json
+import os
 import re
+import threading
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradsift.schemas.tables import RUNS
+from gradsift.schemas.base import Config
 from gradsift.storage.atomic import (
-    link_atomic,
     parquet_writer_atomic,
     remove_dir,
     replace_dir,
     write_json_atomic,
     write_parquet_atomic,
 )
+from gradsift.storage.lake import LOAD_CONFIG, Lake, literal, table_mode
+from gradsift.storage.lake_query import create_views
 
 STAGES_DIR = "_stages"
 """Stage markers of a staged run (``mark_done`` / ``stage_info``); never committed."""
@@ -49,8 +51,8 @@ ARTIFACTS_DIR = "_artifacts"
 """Files of a run (manifests, reports) committed to ``<store>/<kind>/<run_id>/``."""
 INTERNAL_DIRS = (STAGES_DIR, SCRATCH_DIR)
 ARTIFACT_KINDS = ("manifests", "reports")
-COMMITTING = "committing"
-"""The stage marker a commit writes before it moves anything: what it moves, with each table's rows."""
+SCORE_KEY = "score_key"
+"""The stage marker naming the scoring key of the run's scores, layer_stats and features (default: the run id)."""
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -61,53 +63,129 @@ def _table_name(table: str) -> str:
     return table
 
 
-def _jsonable(value):
-    """``value`` as JSON would give it back (a value JSON has no type for as its ``str``; such keys dropped)."""
-    return json.loads(json.dumps(value, default=str, skipkeys=True))
-
-
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _read_row(path: Path) -> dict:
-    """A run row: its file read in one go, so that a writer replacing it (temp file + rename) mid-read cannot
-    mix two versions (pyarrow opens a path once for the footer and again for the data)."""
-    return pq.read_table(pa.BufferReader(path.read_bytes())).to_pylist()[0]
+class LakeConfig(Config):
+    """Where a store keeps its DuckLake catalog and data files (``<store>/lake.json``; absent: the defaults)."""
+
+    catalog: str = "sqlite"
+    """``sqlite`` (``<store>/lake.sqlite``, WAL: one writer and many readers), ``duckdb`` (``<store>/lake.ducklake``:
+    one process at a time) or, for a team store, a libpq DSN of an empty PostgreSQL database
+    (``dbname=gradsift host=db user=gradsift``)."""
+    data_path: str | None = None
+    """The folder of the data files (shared storage every writer and reader mounts); default ``<store>/lake_data``."""
+
+
+class OldLayoutError(RuntimeError):
+    """A store written by gradsift's earlier layout (``tables/<table>/run_id=<id>/`` partitions, no lake)."""
 
 
 class Store:
-    """A store folder of Parquet tables and a DuckDB catalog."""
+    """A store folder: its DuckLake, the staging folders of runs in progress and the runs' artifacts."""
+
+    CONFIG = "lake.json"
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
-        self.tables = self.root / "tables"
         self.staging_root = self.root / "staging"
-        self.catalog_path = self.root / "catalog.duckdb"
+        path = self.root / self.CONFIG
+        self.config = LakeConfig.model_validate_json(path.read_text()) if path.exists() else LakeConfig()
+
+    def lake(self) -> Lake:
+        """The store's lake (not attached yet), inlining off: each commit writes its rows as Parquet files, so
+        reads do not go through the catalog database (docs/store.md, 100 nights)."""
+        return Lake(self.root, self.config.catalog, inline_rows=0, data_path=self.config.data_path)
+
+    def exists(self) -> bool:
+        """Has the lake been created (a team store's catalog: a PostgreSQL database, assumed there)?"""
+        if self.config.catalog in ("sqlite", "duckdb"):
+            return Path(self.lake().uri.rsplit(":", 1)[1]).exists()
+        return (self.root / self.CONFIG).exists()
+
+    def check_layout(self) -> None:
+        """Refuse a store of the earlier hard-linked Parquet layout, saying how to move on."""
+        if (self.root / "tables").is_dir() and not self.exists():
+            raise OldLayoutError(
+                f"{self.root} was written by an earlier gradsift (tables/<table>/run_id=<id>/ Parquet partitions); "
+                "this version keeps results in a DuckLake (lake.sqlite + lake_data/). Rerun your ingest/score "
+                f"commands with a new --store (their inputs are all they need), or move {self.root / 'tables'} "
+                "aside to start this store afresh"
+            )
+
+    def check_catalog(self) -> None:
+        """Refuse a lake whose catalog file is gone while its data files are there (deleted by hand)."""
+        if not self.exists() and any(self.lake().data_path.glob("**/*.parquet")):
+            raise FileNotFoundError(
+                f"{self.root}: the lake's catalog {self.lake().uri} is missing but its data files are there; the "
+                "catalog is the store's history (which file holds which rows of which snapshot) and cannot be rebuilt "
+                "from the files: restore it from a backup, or move the store aside and rerun the commands"
+            )
 
     def ensure(self) -> Store:
-        self.tables.mkdir(parents=True, exist_ok=True)
+        """The store's folders and its lake with every table (created once, under a file lock)."""
+        self.check_layout()
         self.staging_root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lake-init.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self.check_catalog()
+            if not (self.root / ".lake-ready").exists() or not self.exists():
+                self.lake().open().close()
+                (self.root / ".lake-ready").touch()
         return self
 
-    # ----- runs -------------------------------------------------------------------------------
-    def run_path(self, run_id: str) -> Path:
-        return self.tables / "runs" / f"{run_id}.parquet"
+    # ----- reading (gradsift's own reads; user SQL goes through storage.catalog.query) -----------------------------
+    def reader(self) -> duckdb.DuckDBPyConnection:
+        """A locked-down connection over the lake (``locked_down``: attached READ_ONLY, the current views, files only
+        under the lake's data path and catalog file, settings locked); close it after use.
+
+        With a SQLite or PostgreSQL catalog it is a cursor of one such instance per process and store, made once:
+        loading the extensions verifies their signatures (seconds on a loaded machine) and the views bind against
+        the catalog. Each statement still reads the latest committed snapshot. A DuckDB-file catalog locks out every
+        other attach, so its reader is an instance of its own, closed with it."""
+        lake = self.lake()
+        if self.config.catalog == "duckdb":
+            return _lake_instance(lake)
+        key = (lake.uri, str(lake.data_path))
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = _lake_instance(lake)
+            return _SHARED[key].cursor()
+
+    def read(self, sql: str, params: list | dict | None = None) -> pa.Table:
+        """One query over the current views (gradsift's own SQL; values bound as ``params``)."""
+        if not self.exists():
+            self.check_layout()
+            self.check_catalog()
+            raise FileNotFoundError(f"no store at {self.root}: run a flow first (gradsift demo / score / nightly)")
+        with closing(self.reader()) as con:
+            return con.execute(sql, params).to_arrow_table()
 
     def read_run(self, run_id: str) -> dict | None:
-        path = self.run_path(run_id)
-        try:
-            return _read_row(path)
-        except FileNotFoundError:
+        """The latest outcome of run ``run_id`` (its ``runs`` row), None if it never completed or failed."""
+        if not self.exists():
             return None
-
-    def write_run(self, row: dict) -> None:
-        full = {name: row.get(name) for name in RUNS.names}
-        write_parquet_atomic(pa.Table.from_pylist([full], schema=RUNS), self.run_path(row["run_id"]))
+        rows = self.read("SELECT * FROM runs WHERE run_id = ?", [run_id]).to_pylist()
+        return rows[0] if rows else None
 
     def runs(self) -> list[dict]:
-        return [_read_row(p) for p in sorted((self.tables / "runs").glob("*.parquet"))]
+        return self.read("SELECT * FROM runs ORDER BY snapshot_id").to_pylist() if self.exists() else []
 
+    def run_table(self, table: str, run_id: str) -> pa.Table:
+        """The rows of ``table`` that run ``run_id`` committed; for ``samples``, every sample of the shards it
+        ingested (stored once, by whichever run first ingested each)."""
+        if table == "samples":
+            return self.read(
+                "SELECT * FROM samples WHERE shard IN (SELECT unnest(CAST(json_extract(entry, '$.shards') AS "
+                "VARCHAR[])) FROM ingests_history WHERE run_id = ?) ORDER BY shard, line",
+                [run_id],
+            )
+        if table_mode(table) != "run":
+            raise ValueError(f"{table} is stored once per key, not per run: query it by its key")
+        return self.read(f"SELECT * EXCLUDE (run_id) FROM {_table_name(table)}_history WHERE run_id = ?", [run_id])
+
+    # ----- runs and artifacts -----------------------------------------------------------------
     def staging(self, run_id: str) -> RunStaging:
         return RunStaging(self, run_id)
 
@@ -117,11 +195,40 @@ class Store:
             raise ValueError(f"artifact kind must be one of {ARTIFACT_KINDS}, got {kind!r}")
         return self.root / kind / run_id
 
-    def committed_parts(self, table: str, run_id: str) -> list[Path]:
-        return sorted((self.tables / table / f"run_id={run_id}").glob("*.parquet"))
 
-    def table_has_data(self, table: str) -> bool:
-        return any((self.tables / table).glob("run_id=*/*.parquet"))
+_SHARED: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _lake_instance(lake: Lake) -> duckdb.DuckDBPyConnection:
+    def attach(con: duckdb.DuckDBPyConnection) -> None:
+        lake._load(con)
+        con.execute(f"ATTACH {literal(lake.uri)} AS {Lake.ALIAS} (READ_ONLY)")
+        create_views(con)
+
+    allowed = [f"{lake.data_path}{os.sep}"]
+    if lake.catalog in ("duckdb", "sqlite"):
+        allowed.append(lake.uri.rsplit(":", 1)[1])
+    return locked_down(attach, allowed)
+
+
+def locked_down(attach, allowed: list[str]) -> duckdb.DuckDBPyConnection:
+    """A private in-memory DuckDB with no extension autoinstall/autoload and no Python replacement scans; after
+    ``attach(con)`` it may read files only under ``allowed``, reaches nothing else and its settings are locked.
+    ``allowed_directories`` can only be set on a started database and before external access is off, so it and the
+    two after it are SETs; the rest are connect-time config."""
+    con = duckdb.connect(
+        ":memory:", config={**LOAD_CONFIG, "autoload_known_extensions": False, "python_enable_replacements": False}
+    )
+    try:
+        attach(con)
+        con.execute("SET allowed_directories = $dirs", {"dirs": allowed})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 class Parts:
@@ -204,6 +311,10 @@ class RunStaging(Parts):
         marker = self.dir / STAGES_DIR / stage
         return json.loads(marker.read_text()) if marker.exists() else None
 
+    def set_score_key(self, key: str) -> None:
+        """The scoring key this run's scores, layer_stats and features are stored under (flows.incremental)."""
+        self.mark_done(SCORE_KEY, {"key": key})
+
     # ----- commit -----------------------------------------------------------------------------
     def staged(self) -> tuple[list[str], list[str]]:
         """(tables, artifact kinds) staged now. Anything in the folder that is neither a table, an artifact
@@ -228,72 +339,24 @@ class RunStaging(Parts):
                 )
         return tables, kinds
 
-    def pending_commit(self) -> dict | None:
-        """The plan of a commit that began and did not finish (the ``committing`` marker), else None."""
-        return self.stage_info(COMMITTING)
+    def commit(self, run: dict) -> int:
+        """Write every staged table and the ``runs`` row ``run`` into the lake in one transaction (rows stored once
+        per key that the lake has already are skipped); returns the rows written. ``finish`` then moves the
+        artifacts into place."""
+        tables, _ = self.staged()
+        parts = {table: self.parts(table) for table in tables}
+        key = (self.stage_info(SCORE_KEY) or {}).get("key")
+        tables = {t: p for t, p in parts.items() if p}
+        with self.store.lake() as lake:
+            written = lake.commit_run(self.run_id, tables, run={**run, "score_key": key}, score_key=key or self.run_id)
+        return sum(written.values())
 
-    def prepare_commit(self, result: dict | None = None) -> dict:
-        """Record what the commit moves before it moves anything: the ``committing`` marker.
-
-        The plan: ``tables`` {table: rows}, ``artifacts`` [kind], ``result`` (the run's result, JSON)."""
-        prior = self.pending_commit() or {"tables": {}, "artifacts": [], "result": None}
-        tables, kinds = self.staged()
-        plan = {
-            "tables": prior["tables"] | {t: self.count_rows(t) for t in tables},  # moved ones keep their count
-            "artifacts": sorted(set(prior["artifacts"]) | set(kinds)),
-            "result": _jsonable(result) if result is not None else prior["result"],
-        }
-        self.mark_done(COMMITTING, plan)
-        return plan
-
-    def commit_table(self, table: str) -> None:
-        """Move one staged table into ``tables/<table>/run_id=<run_id>`` (done already: nothing to do)."""
-        src, dest = self.dir / table, self.store.tables / table / f"run_id={self.run_id}"
-        if src.exists():
-            replace_dir(src, dest)
-        elif not dest.exists():
-            raise FileNotFoundError(f"commit of run {self.run_id}: table {table} is neither in {self.dir} nor {dest}")
-
-    def commit_artifacts(self, kind: str) -> None:
-        """Move the staged ``kind`` files to ``<store>/<kind>/<run_id>/`` (done already: nothing to do)."""
-        src, dest = self.artifact_dir(kind), self.final_artifact_path(kind)
-        if src.exists():
-            replace_dir(src, dest)
-        elif not dest.exists():
-            raise FileNotFoundError(f"commit of run {self.run_id}: {kind} are neither in {src} nor {dest}")
-
-    def commit(self, result: dict | None = None, remove: bool = True) -> int:
-        """Move every staged table into ``tables/<table>/run_id=<run_id>`` and every artifact kind into
-        ``<store>/<kind>/<run_id>/``; returns the rows of the run's tables.
-
-        Writes the ``committing`` marker first; a commit cut short (the marker is there) is finished by calling
-        this again, moving what is left and counting what was moved. ``remove``: delete the staging folder
-        (markers, scratch) at the end; ``RunRecorder`` removes it itself once the run row says completed.
-        """
-        plan = self.prepare_commit(result)
-        for table in plan["tables"]:
-            self.commit_table(table)
-        for kind in plan["artifacts"]:
-            self.commit_artifacts(kind)
-        if remove:
-            self.remove()
-        return sum(plan["tables"].values())
-
-    def restage_committed(self, broken: list[Path]) -> int:
-        """Link this run's committed parts back into its staging folder (to redo a completed run), but for any
-        part named like one in ``broken`` in any table (a shard's parts go together; a path that is not a part,
-        e.g. the tables folder for a run whose rows do not add up, restages nothing). A flow's resume then skips
-        what is staged and recomputes the rest. Returns the parts linked."""
-        if any(path.suffix != ".parquet" for path in broken):
-            return 0
-        skip = {path.stem for path in broken}
-        linked = 0
-        for folder in sorted(self.store.tables.glob(f"*/run_id={glob.escape(self.run_id)}")):
-            for part in sorted(folder.glob("*.parquet")):
-                if part.stem not in skip:
-                    link_atomic(part, self.part_path(folder.parent.name, part.stem))
-                    linked += 1
-        return linked
+    def finish(self) -> None:
+        """After the commit: move the staged artifacts to ``<store>/<kind>/<run_id>/``, remove the staging folder
+        (also what a crash right after the commit left: the rerun of a completed run calls this)."""
+        for kind in self.staged()[1]:
+            replace_dir(self.artifact_dir(kind), self.final_artifact_path(kind))
+        self.remove()
 
     def remove(self) -> None:
         """Delete the staging folder (after a commit, or to discard the run's staged work)."""
