@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradsift.selection.auto import auto_select, choose
-from gradsift.selection.direction import direction_rule, first_learned
+from gradsift.selection.direction import direction_rule, first_learned, visits_direction
 
 
 def _planted(n: int = 1200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,3 +96,28 @@ def test_select_auto_flow_on_a_frozen_sentence_pair_run(tmp_path, prefect_harnes
     assert "Sorscher" in reasons[0]["reason"]
     pairs = query(store, "SELECT count(*) AS n FROM samples WHERE text_pair IS NOT NULL").to_pylist()
     assert pairs == [{"n": 40}]
+    default = select_flow(SelectConfig(store=cfg.store, scores_run=run, score="el2n", fractions=[0.5]))
+    [row] = query(store, "SELECT config FROM runs WHERE run_id = $r", {"r": default["run_id"]}).to_pylist()
+    drop = json.loads(row["config"])["drop"]  # the resolved direction is what the run records
+    assert drop in ("easy", "hard") and default["selections"] == [f"el2n-keep-drop-{drop}-keep0.50-seed0"]
+    [reason] = query(store, "SELECT DISTINCT reason FROM selections WHERE run_id = $r", {"r": default["run_id"]})[
+        "reason"
+    ].to_pylist()
+    assert "direction rule (no --drop): proxy held-out accuracy" in reason and f"drop {drop}" in reason
+
+
+def test_the_rule_on_a_visit_log_reads_progressive_accuracy():
+    """Two seeds x 4 samples x 3 epochs of visits: accuracy from the second half of each seed's first epoch."""
+    ck, sid, epoch, step, correct = [], [], [], [], []
+    for seed in range(2):
+        for e in range(3):
+            for i in range(4):
+                ck.append(f"r-seed{seed}"), sid.append(f"s{3 - i}"), epoch.append(e + 1), step.append(4 * e + i)
+                correct.append(e > 0 or i >= 2)  # first epoch: the later half right
+    arrays = [np.array(v) for v in (ck, sid, epoch, step, correct)]
+    rule = visits_direction(*arrays)
+    assert rule.accuracy == 1.0 and rule.never_learned == 0.0 and rule.drop == "easy"
+    assert "progressive accuracy (first epoch, second half) 1.000" in rule.reason
+    arrays[4] = np.where(arrays[2] == 1, np.arange(24) % 4 < 2, arrays[4])  # the later half wrong
+    assert visits_direction(*arrays).accuracy == 0.0 and visits_direction(*arrays).drop == "hard"
+
