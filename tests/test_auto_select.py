@@ -121,3 +121,33 @@ def test_the_rule_on_a_visit_log_reads_progressive_accuracy():
     arrays[4] = np.where(arrays[2] == 1, np.arange(24) % 4 < 2, arrays[4])  # the later half wrong
     assert visits_direction(*arrays).accuracy == 0.0 and visits_direction(*arrays).drop == "hard"
 
+
+def test_nightly_auto_select_section(tmp_path, prefect_harness, ray_local):
+    """The nightly config's auto_select section: trials and the choice of the run's labelled samples in
+    selection_trials and selections, committed with the nightly run."""
+    import json
+
+    from gradsift.flows.nightly import nightly_flow
+    from gradsift.schemas.config import NightlyConfig
+    from gradsift.storage.catalog import query
+    from gradsift.storage.store import Store
+
+    path = tmp_path / "rows.jsonl"
+    words = {"pos": ["a fine sunny day", "we loved it", "great fun"], "neg": ["a cold grey day", "we hated it", "dull"]}
+    path.write_text("".join(
+        json.dumps({"text": f"note {i}: {words[lab][i % 3]}", "label": lab}) + "\n"
+        for i, lab in ((i, "pos" if i % 2 else "neg") for i in range(40))
+    ))  # fmt: skip
+    cfg = NightlyConfig.model_validate({
+        "store": str(tmp_path / "store"),
+        "ingest": {"sources": [{"path": str(path), "dataset": "notes"}], "shard_size": 16},
+        "ray": {"num_actors": 1},
+        "auto_select": {"fractions": [0.5], "budget": 12, "epochs": 3, "embed_cache": str(tmp_path / "emb")},
+    })  # fmt: skip
+    out = nightly_flow(cfg)
+    assert out["auto_select"]["selection"] in ("auto-keep1.00", "auto-keep0.50") and out["auto_select"]["rows"] == 40
+    store = Store(cfg.store)
+    trials = query(store, "SELECT run_id, candidate FROM selection_trials").to_pylist()
+    assert len(trials) == 12 and {t["run_id"] for t in trials} == {out["run_id"]}
+    [reason] = query(store, "SELECT DISTINCT reason FROM selections").column("reason").to_pylist()
+    assert reason.startswith("auto: ") and "Sorscher" in reason
