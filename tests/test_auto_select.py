@@ -104,6 +104,7 @@ def test_select_auto_flow_on_a_frozen_sentence_pair_run(tmp_path, prefect_harnes
         "reason"
     ].to_pylist()
     assert "direction rule (no --drop): proxy held-out accuracy" in reason and f"drop {drop}" in reason
+    assert default["reason"] == reason.split("; ", 1)[1]  # the CLI prints it
 
 
 def test_the_rule_on_a_visit_log_reads_progressive_accuracy():

@@ -86,7 +86,7 @@ def select_run(config: SelectConfig) -> dict:
                     kept = data.take(order[result.kept[order]]).select(["dataset", "sample_id", "label", "record"])
                     write_manifest(recorder.staging, name, kept)
                 names.append(name)
-        return {"selections": names, "samples": data.num_rows}
+        return {"selections": names, "samples": data.num_rows, **({"reason": rule_note[2:]} if rule_note else {})}
 
     return run_recorded("select", config, [], "", body)
 
