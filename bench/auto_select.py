@@ -76,6 +76,11 @@ def test_accuracy(c: Candidate, x, y, xt, yt, scores, seeds, epochs) -> list[flo
     return accs
 
 
+def names_at(f: float) -> list[str]:
+    """The test table's candidates at fraction kept ``f``: random, then every score in both directions."""
+    return [f"random-keep{f:.2f}"] + [f"{s}-drop-{d}-keep{f:.2f}" for s in AUTO_SCORES for d in ("easy", "hard")]
+
+
 def study(name: str, args) -> dict:
     train, test = load_set(name, args.data)
     train, test = sample(train, args.train_rows, 0), sample(test, args.test_rows, 1)
@@ -83,18 +88,20 @@ def study(name: str, args) -> dict:
     y = np.array([classes.index(r["label"]) for r in train])
     yt = np.array([classes.index(r["label"]) for r in test])
     x, xt = embed(train, args.embed_cache, args.max_length), embed(test, args.embed_cache, args.max_length)
-    seeds, f = (0, 1, 2), args.fraction
+    seeds, f, fractions = (0, 1, 2), args.fraction, sorted({args.fraction, *args.fractions}, reverse=True)
     auto = auto_select(x, y, fractions=(f,), seeds=seeds, budget=args.budget, epochs=args.epochs)
+    wide = auto_select(x, y, fractions=fractions, seeds=seeds, budget=3 * 7 * len(fractions) + 3, epochs=args.epochs)
     scores = head_scores(train_head(x, y, len(classes), args.epochs, seed=0))
-    cands = [Candidate("all", "", 1.0), Candidate("random", "", f)]
-    cands += [Candidate(s, d, f) for s in AUTO_SCORES for d in ("easy", "hard")]
+    cands = [Candidate("all", "", 1.0)] + [Candidate(s, d, g) for g in fractions for s, d in
+                                           [("random", "")] + [(s, d) for s in AUTO_SCORES for d in ("easy", "hard")]]  # fmt: skip
     test_acc = {c.name: test_accuracy(c, x, y, xt, yt, scores, seeds, args.epochs) for c in cands}
-    picked = auto.chosen.name if auto.chosen else "all"
-    side = {d: float(np.mean([np.mean(test_acc[f"{s}-drop-{d}-keep{f:.2f}"]) for s in AUTO_SCORES]))
-            for d in ("easy", "hard")}  # fmt: skip
-    out = {"set": name, "n_train": len(y), "n_test": len(yt), "test": test_acc, "auto": picked,
-           "auto_reason": auto.reason, "rule": auto.direction.drop, "rule_reason": auto.direction.reason,
-           "side_mean": side, "trials": auto.trials}  # fmt: skip
+    side = {f"{g:.2f}": {d: float(np.mean([np.mean(test_acc[f"{s}-drop-{d}-keep{g:.2f}"]) for s in AUTO_SCORES]))
+                         for d in ("easy", "hard")} for g in fractions}  # fmt: skip
+    out = {"set": name, "n_train": len(y), "n_test": len(yt), "fractions": fractions, "test": test_acc,
+           "auto": auto.chosen.name if auto.chosen else "all", "auto_reason": auto.reason,
+           "auto_any": wide.chosen.name if wide.chosen else "all", "auto_any_reason": wide.reason,
+           "rule": auto.direction.drop, "rule_reason": auto.direction.reason, "side_mean": side,
+           "trials": auto.trials, "trials_any": wide.trials}  # fmt: skip
     if name == "agnews":
         flipped = np.random.default_rng(5).random(len(y)) < 0.1
         noisy = np.where(flipped, (y + np.random.default_rng(6).integers(1, len(classes), len(y))) % len(classes), y)
@@ -103,39 +110,65 @@ def study(name: str, args) -> dict:
     return out
 
 
+def cell(accs: list[float]) -> str:
+    return f"{100 * np.mean(accs):.2f} [{100 * min(accs):.2f}-{100 * max(accs):.2f}]"
+
+
 def table(results: list[dict], fraction: float) -> str:
+    """Per set at ``fraction`` kept: every candidate's test accuracy, what --auto picked and the rule's side."""
     f = fraction
-    names = ["all", f"random-keep{f:.2f}"] + [
-        f"{s}-drop-{d}-keep{f:.2f}" for s in AUTO_SCORES for d in ("easy", "hard")
-    ]
     lines = ["| candidate | " + " | ".join(r["set"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
-    for n in names:
-        cells = [f"{100 * np.mean(r['test'][n]):.2f} [{100 * min(r['test'][n]):.2f}-{100 * max(r['test'][n]):.2f}]"
-                 for r in results]  # fmt: skip
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines.append("| --auto picked | " + " | ".join(f"{r['auto']} ({100 * np.mean(r['test'][r['auto']]):.2f})"
+    for n in ["all", *names_at(f)]:
+        lines.append(f"| {n} | " + " | ".join(cell(r["test"][n]) for r in results) + " |")
+    for key, label in (("auto", f"--auto picked (keep {f:.2f})"), ("auto_any", "--auto picked (any fraction)")):
+        lines.append(f"| {label} | " + " | ".join(f"{r[key]} ({100 * np.mean(r['test'][r[key]]):.2f})"
                                                    for r in results) + " |")  # fmt: skip
-    lines.append("| rule: drop | " + " | ".join(f"{r['rule']} (easy {100 * r['side_mean']['easy']:.2f} / hard "
-                                                  f"{100 * r['side_mean']['hard']:.2f})" for r in results) + " |")  # fmt: skip
+    s = f"{f:.2f}"
+    lines.append("| rule: drop | " + " | ".join(f"{r['rule']} (easy {100 * r['side_mean'][s]['easy']:.2f} / hard "
+                                                  f"{100 * r['side_mean'][s]['hard']:.2f})" for r in results) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
-def plot(results: list[dict], fraction: float, path: Path) -> None:
+def curves(r: dict) -> str:
+    """One set's test accuracy at every fraction kept (rows) by candidate (columns)."""
+    heads = ["random"] + [f"{s}-{d}" for s in AUTO_SCORES for d in ("easy", "hard")]
+    lines = ["| kept | " + " | ".join(heads) + " | rule: easy / hard |", "|---" * (len(heads) + 2) + "|"]
+    lines.append(f"| 1.00 (all) | {cell(r['test']['all'])} |" + " |" * (len(heads)))
+    for g in r["fractions"]:
+        side = r["side_mean"][f"{g:.2f}"]
+        row = " | ".join(cell(r["test"][n]) for n in names_at(g))
+        lines.append(f"| {g:.2f} | {row} | {100 * side['easy']:.2f} / {100 * side['hard']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Test accuracy against the fraction kept, per set: all data, random (its seed range shaded), every score in
+    both directions (solid: drop easy, dashed: drop hard); the --auto pick at its fraction as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
-    for ax, r in zip(np.atleast_1d(axes), results, strict=True):
-        names = list(r["test"])
-        means = [100 * np.mean(r["test"][n]) for n in names]
-        colors = ["tab:green" if n == r["auto"] else "tab:gray" if n in ("all", f"random-keep{fraction:.2f}")
-                  else "tab:blue" for n in names]  # fmt: skip
-        ax.barh(names, means, color=colors)
-        ax.set_xlim(min(means) - 2, max(means) + 1)
-        ax.set_title(f"{r['set']} ({r['n_train']} train rows), keep {fraction:.0%}; green: --auto")
-        ax.set_xlabel("test accuracy (%)")
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        fr = r["fractions"]
+        rnd = [r["test"][f"random-keep{g:.2f}"] for g in fr]
+        ax.axhline(100 * np.mean(r["test"]["all"]), color="black", lw=1, label="all data")
+        ax.plot(fr, [100 * np.mean(a) for a in rnd], color="tab:gray", lw=2, label="random")
+        ax.fill_between(fr, [100 * min(a) for a in rnd], [100 * max(a) for a in rnd], color="tab:gray", alpha=0.3)
+        for s, color in zip(AUTO_SCORES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+            for d, style in (("easy", "-"), ("hard", "--")):
+                accs = [100 * np.mean(r["test"][f"{s}-drop-{d}-keep{g:.2f}"]) for g in fr]
+                ax.plot(fr, accs, style, color=color, marker=".", label=f"{s} drop {d}")
+        for key, mark in (("auto", "*"), ("auto_any", "P")):
+            pick = r[key]
+            kept = 1.0 if pick == "all" else float(pick.rsplit("keep", 1)[1])
+            ax.plot([kept], [100 * np.mean(r["test"][pick])], mark, color="red", ms=12, label=f"{key}: {pick}")
+        ax.invert_xaxis()
+        ax.set_title(f"{r['set']}: {r['n_train']} train / {r['n_test']} test, rule: drop {r['rule']}")
+        ax.set_xlabel("fraction of the training data kept")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -149,6 +182,12 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=1500)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--fraction", type=float, default=0.55, help="Fraction kept (0.55: 45% pruned).")
+    parser.add_argument(
+        "--fractions",
+        type=lambda v: [float(f) for f in v.split(",")],
+        default=[],
+        help="More fractions kept for the curves (comma-separated); --auto also picks among them.",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--budget", type=int, default=30, help="Retrainings --auto may spend.")
     parser.add_argument("--plot", type=Path, default=Path("docs/auto_select.png"))
@@ -161,12 +200,16 @@ def main() -> None:
         results = [study(name, args) for name in args.sets.split(",")]
     print(table(results, args.fraction))
     for r in results:
-        print(f"{r['set']}: auto {r['auto']} ({r['auto_reason']}); rule {r['rule_reason']}")
+        print(f"\n{r['set']}:\n" + curves(r))
+        print(
+            f"{r['set']}: auto {r['auto']} ({r['auto_reason']}); any fraction {r['auto_any']} "
+            f"({r['auto_any_reason']}); rule {r['rule_reason']}"
+        )
         if "noise_auroc_aum" in r:
             print(f"{r['set']}: label-noise AUROC of AUM (10% flipped) {r['noise_auroc_aum']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
-    plot(results, args.fraction, args.plot)
+    plot(results, args.plot)
 
 
 if __name__ == "__main__":

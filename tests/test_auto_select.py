@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradsift.selection.auto import auto_select, choose
-from gradsift.selection.direction import direction_rule, first_learned
+from gradsift.selection.direction import direction_rule, first_learned, visits_direction
 
 
 def _planted(n: int = 1200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,3 +96,59 @@ def test_select_auto_flow_on_a_frozen_sentence_pair_run(tmp_path, prefect_harnes
     assert "Sorscher" in reasons[0]["reason"]
     pairs = query(store, "SELECT count(*) AS n FROM samples WHERE text_pair IS NOT NULL").to_pylist()
     assert pairs == [{"n": 40}]
+    default = select_flow(SelectConfig(store=cfg.store, scores_run=run, score="el2n", fractions=[0.5]))
+    [row] = query(store, "SELECT config FROM runs WHERE run_id = $r", {"r": default["run_id"]}).to_pylist()
+    drop = json.loads(row["config"])["drop"]  # the resolved direction is what the run records
+    assert drop in ("easy", "hard") and default["selections"] == [f"el2n-keep-drop-{drop}-keep0.50-seed0"]
+    [reason] = query(store, "SELECT DISTINCT reason FROM selections WHERE run_id = $r", {"r": default["run_id"]})[
+        "reason"
+    ].to_pylist()
+    assert "direction rule (no --drop): proxy held-out accuracy" in reason and f"drop {drop}" in reason
+    assert default["reason"] == reason.split("; ", 1)[1]  # the CLI prints it
+
+
+def test_the_rule_on_a_visit_log_reads_progressive_accuracy():
+    """Two seeds x 4 samples x 3 epochs of visits: accuracy from the second half of each seed's first epoch."""
+    ck, sid, epoch, step, correct = [], [], [], [], []
+    for seed in range(2):
+        for e in range(3):
+            for i in range(4):
+                ck.append(f"r-seed{seed}"), sid.append(f"s{3 - i}"), epoch.append(e + 1), step.append(4 * e + i)
+                correct.append(e > 0 or i >= 2)  # first epoch: the later half right
+    arrays = [np.array(v) for v in (ck, sid, epoch, step, correct)]
+    rule = visits_direction(*arrays)
+    assert rule.accuracy == 1.0 and rule.never_learned == 0.0 and rule.drop == "easy"
+    assert "progressive accuracy (first epoch, second half) 1.000" in rule.reason
+    arrays[4] = np.where(arrays[2] == 1, np.arange(24) % 4 < 2, arrays[4])  # the later half wrong
+    assert visits_direction(*arrays).accuracy == 0.0 and visits_direction(*arrays).drop == "hard"
+
+
+def test_nightly_auto_select_section(tmp_path, prefect_harness, ray_local):
+    """The nightly config's auto_select section: trials and the choice of the run's labelled samples in
+    selection_trials and selections, committed with the nightly run."""
+    import json
+
+    from gradsift.flows.nightly import nightly_flow
+    from gradsift.schemas.config import NightlyConfig
+    from gradsift.storage.catalog import query
+    from gradsift.storage.store import Store
+
+    path = tmp_path / "rows.jsonl"
+    words = {"pos": ["a fine sunny day", "we loved it", "great fun"], "neg": ["a cold grey day", "we hated it", "dull"]}
+    path.write_text("".join(
+        json.dumps({"text": f"note {i}: {words[lab][i % 3]}", "label": lab}) + "\n"
+        for i, lab in ((i, "pos" if i % 2 else "neg") for i in range(40))
+    ))  # fmt: skip
+    cfg = NightlyConfig.model_validate({
+        "store": str(tmp_path / "store"),
+        "ingest": {"sources": [{"path": str(path), "dataset": "notes"}], "shard_size": 16},
+        "ray": {"num_actors": 1},
+        "auto_select": {"fractions": [0.5], "budget": 12, "epochs": 3, "embed_cache": str(tmp_path / "emb")},
+    })  # fmt: skip
+    out = nightly_flow(cfg)
+    assert out["auto_select"]["selection"] in ("auto-keep1.00", "auto-keep0.50") and out["auto_select"]["rows"] == 40
+    store = Store(cfg.store)
+    trials = query(store, "SELECT run_id, candidate FROM selection_trials").to_pylist()
+    assert len(trials) == 12 and {t["run_id"] for t in trials} == {out["run_id"]}
+    [reason] = query(store, "SELECT DISTINCT reason FROM selections").column("reason").to_pylist()
+    assert reason.startswith("auto: ") and "Sorscher" in reason

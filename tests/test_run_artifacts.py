@@ -44,7 +44,9 @@ def tiny_train_store(root) -> Store:
 def select_config(store: Store):
     from gradsift.schemas.train import SelectConfig
 
-    return SelectConfig(store=str(store.root), scores_run=TRAIN_RUN, score="el2n", fractions=[0.5], stratify="none")
+    return SelectConfig(
+        store=str(store.root), scores_run=TRAIN_RUN, score="el2n", fractions=[0.5], drop="easy", stratify="none"
+    )
 
 
 def manifests_outside_staging(store: Store) -> list:

@@ -83,3 +83,35 @@ def test_finetune_batches_carry_the_token_type_ids_to_the_model(tiny_bert):
         paired = forward_logits(model, batch)
         flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert not torch.allclose(paired, flat)
+
+
+def test_the_finetune_proxy_feeds_the_pair_as_a_pair(tiny_bert, tmp_path):
+    """finetune mode's own path (encode_rows, cut to max_length, then HFProxy's forward): the segment ids stay aligned
+    with the cut tokens and reach the model (the logits differ from the same tokens as one segment)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from gradsift.schemas.train import TrainConfig
+    from gradsift.training.proxy import HFProxy, TrainData, encode_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    cfg = TrainConfig(data={"path": str(tmp_path / "pairs.jsonl")}, model=tiny_bert, mode="finetune", max_length=9)
+    pairs = (("A man plays a guitar.", "A person makes music."), ("Two dogs run.", "Animals move fast outside."))
+    rows = [
+        {"dataset": "d", "sample_id": str(i), "text": t, "text_pair": p, "label": "a"} for i, (t, p) in enumerate(pairs)
+    ]
+    joined = [{**r, "text": f"{r['text']} {r['text_pair']}", "text_pair": None} for r in rows]
+    items = encode_rows(cfg, TrainData(rows, {"a": 0}), tokenizer, "classification")
+    flat = encode_rows(cfg, TrainData(joined, {"a": 0}), tokenizer, "classification")
+    assert all(len(it.token_type_ids) == len(it.input_ids) == 9 for it in items) and sum(items[1].token_type_ids) > 0
+    assert all(it.token_type_ids is None for it in flat) and [it.input_ids for it in flat] != [
+        it.input_ids for it in items
+    ]
+    untyped = [dataclasses.replace(it, token_type_ids=None) for it in items]  # the same tokens, one segment
+    with torch.no_grad():
+        paired = HFProxy(model, tokenizer, "classification", items, lora=False).logits(np.arange(2))[0]
+        one_segment = HFProxy(model, tokenizer, "classification", untyped, lora=False).logits(np.arange(2))[0]
+    assert paired.shape == (2, 2) and not torch.allclose(paired, one_segment)

@@ -72,6 +72,8 @@ def train_summary(result: dict, store) -> None:
 
 def select_summary(result: dict, store) -> None:
     console.print(f"select run {result['run_id']}: {result['status']}; {', '.join(result.get('selections', []))}")
+    if result.get("reason"):  # --auto's choice, or the direction rule's when no --drop was given
+        console.print(result["reason"], highlight=False)
     console.print(f"manifests: {Path(store) / 'manifests' / result['run_id']}", highlight=False)
 
 

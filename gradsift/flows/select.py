@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from gradsift.flows.auto_select import auto_selection, plot_trials, trials_table
+from gradsift.flows.auto_select import auto_selection, default_direction, plot_trials, trials_table
 from gradsift.flows.runs import run_recorded
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import SelectConfig
@@ -60,6 +60,11 @@ def select_run(config: SelectConfig) -> dict:
         raise ValueError(f"run {config.scores_run!r} has no {config.score} scores ({why})")
     frame = {name: data.column(name).to_numpy(zero_copy_only=False) for name in data.column_names}
     frame["never_learned"] = frame["never_learned"].astype(bool)
+    rule_note = ""
+    if config.score and config.drop is None and not config.auto:  # the run records the resolved direction
+        rule = default_direction(store, config, frame)
+        config = config.model_copy(update={"drop": rule.drop})
+        rule_note = f"; direction rule (no --drop): {rule.reason}"
 
     def body(recorder) -> dict:
         names = []
@@ -74,13 +79,14 @@ def select_run(config: SelectConfig) -> dict:
             for seed in config.seeds:
                 name = selection_name(config, fraction, seed)
                 result = select_one(config, frame, fraction, seed)
+                result.reason += rule_note
                 recorder.staging.write_part("selections", name, selection_table(result, name, frame["dataset"]))
                 if config.manifest:
                     order = np.argsort(result.rank, kind="stable")
                     kept = data.take(order[result.kept[order]]).select(["dataset", "sample_id", "label", "record"])
                     write_manifest(recorder.staging, name, kept)
                 names.append(name)
-        return {"selections": names, "samples": data.num_rows}
+        return {"selections": names, "samples": data.num_rows, **({"reason": rule_note[2:]} if rule_note else {})}
 
     return run_recorded("select", config, [], "", body)
 

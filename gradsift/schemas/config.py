@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from gradsift.schemas.base import Config
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import FastSlowConfig, InfluenceConfig, MixtureConfig, PairsConfig, ReportConfig
+from gradsift.schemas.select import AutoSelectConfig
 
 
 class DataSource(Config):
@@ -148,8 +149,13 @@ class NightlyConfig(RunConfig):
         None, description="Domain mixture weights toward the target (needs target; skipped when absent)."
     )
     report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
+    auto_select: AutoSelectConfig | None = Field(
+        None,
+        description="select --auto on the run's labelled samples (not the targets'): score, direction and fraction "
+        "chosen on a held-out validation split; skipped when absent.",
+    )
 
-    toml_paths = (*RunConfig.toml_paths, "target.checkpoints.store")
+    toml_paths = (*RunConfig.toml_paths, "target.checkpoints.store", "auto_select.embed_cache")
 
     @model_validator(mode="after")
     def _target_datasets_ingested(self) -> NightlyConfig:

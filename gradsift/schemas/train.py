@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from gradsift.schemas.base import Config
 from gradsift.schemas.config import DataSource, RayConfig
+from gradsift.schemas.select import SelectionOptions
 
 Budget = Literal["epochs", "steps"]
 """Retraining budget of a selection: the train run's epochs, or as many optimiser steps as all data."""
@@ -81,7 +82,7 @@ class TrainConfig(Config):
         return self
 
 
-class SelectConfig(Config):
+class SelectConfig(SelectionOptions):
     """Selections from a scored training run: keep a fraction by a score, random, or softmax-sampled."""
 
     store: str = Field("store", description="Store folder.")
@@ -89,26 +90,22 @@ class SelectConfig(Config):
     score: Literal[SCORE_NAMES] | None = Field(
         None, description=f"Score to select by: {', '.join(SCORE_NAMES)} (None: the random baseline)."
     )
-    fractions: list[float] = Field(
-        default_factory=lambda: [0.85, 0.7, 0.55, 0.4], description="Fractions of the data kept, one selection each."
+    drop: Literal["easy", "hard"] | None = Field(
+        None,
+        description="Which end of the score is dropped; None: the direction rule reads the train run's dynamics "
+        "(selection.direction: drop easy when the data are plentiful for the proxy, hard when scarce; Sorscher et "
+        "al. 2022) and says so in selections.reason.",
     )
-    drop: Literal["easy", "hard"] = Field("easy", description="Which end of the score is dropped.")
     method: Literal["keep", "softmax"] = Field(
         "keep", description="keep: deterministic by score; softmax: sample with probability softmax(score/T)."
     )
     temperature: float = Field(1.0, gt=0, description="softmax method: temperature (on z-scored scores).")
     stratify: Literal["none", "label", "domain"] = Field("label", description="Keep the same fraction per group.")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds (random baseline, softmax, ties).")
     manifest: bool = Field(True, description="Write Parquet and JSONL manifests with the original records.")
     auto: bool = Field(
         False,
         description="Choose score, direction and fraction on a validation split held out of the training data "
         "(frozen-mode train runs): every candidate retrained on cached embeddings, written to selection_trials.",
-    )
-    budget: int = Field(60, ge=1, description="--auto: at most this many retrainings (candidates x seeds).")
-    validation: float = Field(0.2, gt=0, lt=1, description="--auto: fraction of the training data held out.")
-    when_none_wins: Literal["all", "random"] = Field(
-        "all", description="--auto: what is kept when no candidate beats random by more than the seed spread."
     )
 
     toml_paths = ("store",)

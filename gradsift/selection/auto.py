@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from gradsift.models.embeddings import build_head
 from gradsift.selection.by_score import hardness
 from gradsift.selection.direction import Direction, direction_rule
-from gradsift.selection.subsets import keep_fraction, random_fraction
+from gradsift.selection.subsets import SelectionResult, keep_fraction, random_fraction
 from gradsift.signals import dynamics as dyn
 
 AUTO_SCORES = ("el2n", "aum", "forgetting")
@@ -117,14 +117,42 @@ class AutoResult:
     proxy_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def subset_mask(c: Candidate, ids: np.ndarray, scores: dict, y: np.ndarray, seed: int) -> np.ndarray:
-    """Which of ``ids`` candidate ``c`` keeps (stratified by the labels ``y``)."""
+def candidate_selection(c: Candidate, ids: np.ndarray, scores: dict, y: np.ndarray, seed: int) -> SelectionResult:
+    """Candidate ``c``'s selection of ``ids`` (stratified by the labels ``y``; ``scores`` as ``head_scores``)."""
     if c.score == "all":
-        return np.ones(len(ids), dtype=bool)
+        return random_fraction(ids, 1.0, seed=seed, groups=y)
     if c.score == "random":
-        return random_fraction(ids, c.fraction, seed=seed, groups=y).kept
+        return random_fraction(ids, c.fraction, seed=seed, groups=y)
     hard = hardness(c.score, scores[c.score], scores["never_learned"])
-    return keep_fraction(ids, hard, c.fraction, drop="low" if c.drop == "easy" else "high", groups=y, seed=seed).kept
+    drop = "low" if c.drop == "easy" else "high"
+    return keep_fraction(ids, hard, c.fraction, drop=drop, groups=y, seed=seed, name=c.score)
+
+
+def subset_mask(c: Candidate, ids: np.ndarray, scores: dict, y: np.ndarray, seed: int) -> np.ndarray:
+    """Which of ``ids`` candidate ``c`` keeps."""
+    return candidate_selection(c, ids, scores, y, seed).kept
+
+
+def applied(auto: AutoResult, fractions: Sequence[float], when_none_wins: str) -> Candidate:
+    """The candidate a selection applies: the chosen one, else all data or random at the first fraction."""
+    if auto.chosen is not None:
+        return auto.chosen
+    return Candidate("random", "", fractions[0]) if when_none_wins == "random" else Candidate("all", "", 1.0)
+
+
+def auto_reason(auto: AutoResult, when_none_wins: str) -> str:
+    """What ``selections.reason`` says of an --auto selection: the pick, why, and the direction rule's reading."""
+    return f"auto: {auto.chosen.name if auto.chosen else when_none_wins}: {auto.reason}; {auto.direction.reason}"
+
+
+def proxy_direction(
+    x: np.ndarray, y: np.ndarray, validation: float, epochs: int, split_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, HeadRun, Direction]:
+    """(rest, validation indices, the head proxy trained on the rest, the direction rule on its held-out accuracy
+    and training dynamics): what --auto orders its candidates by, and ``select``'s default direction."""
+    rest, val = stratified_split(y, validation, split_seed)
+    proxy = train_head(x[rest], y[rest], int(y.max()) + 1, epochs, seed=split_seed)
+    return rest, val, proxy, direction_rule(accuracy(proxy.model, x[val], y[val]), proxy.correct)
 
 
 def auto_select(
@@ -140,10 +168,8 @@ def auto_select(
 ) -> AutoResult:
     """Every trial of ``select --auto`` on embeddings ``x`` with integer labels ``y`` (see the module)."""
     num_labels = int(y.max()) + 1
-    rest, val = stratified_split(y, validation, split_seed)
-    proxy = train_head(x[rest], y[rest], num_labels, epochs, seed=split_seed)
+    rest, val, proxy, direction = proxy_direction(x, y, validation, epochs, split_seed)
     found = head_scores(proxy)
-    direction = direction_rule(accuracy(proxy.model, x[val], y[val]), proxy.correct)
     result = AutoResult(direction, proxy_scores=found)
     ids = np.arange(len(rest))
     for c in candidates(scores, fractions, direction.drop, len(seeds), budget):

@@ -55,3 +55,22 @@ def direction_rule(accuracy: float, correct: np.ndarray) -> Direction:
         f"epochs: data {'plentiful' if plentiful else 'scarce'} for the model, drop {drop} (Sorscher et al. 2022)"
     )
     return Direction(drop, float(accuracy), never, median, reason)
+
+
+def visits_direction(
+    checkpoint: np.ndarray, sample_id: np.ndarray, epoch: np.ndarray, step: np.ndarray, correct: np.ndarray
+) -> Direction:
+    """The rule on a train run's visit log (one row per visit; ``checkpoint`` names the seed), for a run without a
+    held-out split: the accuracy is that of the second half of each seed's first-epoch visits, each sample predicted
+    before the model trained on it (progressive validation, Blum, Kalai & Langford 1999); ``correct`` [N, E] per
+    seed from its visits in step order, the seeds' samples stacked."""
+    heldout, rows = [], []
+    for ck in np.unique(checkpoint):
+        m = checkpoint == ck
+        first = m & (epoch == epoch[m].min())
+        heldout.append(correct[first & (step > np.median(step[first]))])
+        order = np.lexsort((step[m], sample_id[m]))
+        rows.append(correct[m][order].reshape(len(np.unique(sample_id[m])), -1))
+    found = direction_rule(float(np.concatenate(heldout).mean()), np.concatenate(rows))
+    reason = found.reason.replace("held-out accuracy", "progressive accuracy (first epoch, second half)")
+    return Direction(found.drop, found.accuracy, found.never_learned, found.median_first_learned, reason)
