@@ -291,3 +291,70 @@ def test_compiled_model_refused(tmp_path):
     model = torch.compile(tiny_classifier())
     with pytest.raises(NotImplementedError, match="torch.compile"), capture(model, str(tmp_path), "c"):
         pass
+
+
+DDP_N, DDP_EPOCHS, DDP_WORLD = 9, 2, 2  # 9 samples: DistributedSampler repeats one to even out the two shards
+
+
+def ddp_sample(i: int) -> dict:
+    g = torch.Generator().manual_seed(100 + i)
+    return {"input_ids": torch.randint(3, 50, (1, 7), generator=g), "labels": torch.tensor([i % 2])}
+
+
+def ddp_shard(rank: int, epoch: int) -> list[int]:
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(DDP_N), num_replicas=DDP_WORLD, rank=rank, shuffle=True, seed=0)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def ddp_worker(rank: int, store: str, rendezvous: str) -> None:
+    """One rank of a 2-process gloo run: a DDP-wrapped classifier, its DistributedSampler shard, batches of 2."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=DDP_WORLD)
+    try:
+        model = nn.parallel.DistributedDataParallel(tiny_classifier())
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the parent's reference sees the same weights
+        step = 0
+        with capture(model, store, "ddp", CaptureConfig(store=store, flush_every=2)) as rec:
+            for epoch in range(1, DDP_EPOCHS + 1):
+                shard = ddp_shard(rank, epoch)
+                for k in range(0, len(shard), 2):
+                    idx = shard[k : k + 2]
+                    items = [ddp_sample(i) for i in idx]
+                    batch = {key: torch.cat([it[key] for it in items]) for key in ("input_ids", "labels")}
+                    out = model(**batch)
+                    out.loss.backward()
+                    step += 1
+                    rec.step([("d", f"id{i}") for i in idx], out, step=step, epoch=epoch)
+                    opt.step()
+                    opt.zero_grad()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_each_rank_records_its_own_samples(tmp_path):
+    """Two real processes (gloo): each rank writes parts of its own shard's visits; the scored record has every
+    sample once per epoch (the sampler's repeat dropped), and each visit's gradient norm is that sample's own."""
+    import torch.multiprocessing as mp
+
+    store = str(tmp_path / "store")
+    mp.spawn(ddp_worker, args=(store, str(tmp_path / "rendezvous")), nprocs=DDP_WORLD, join=True)
+    staging = Store(store).staging("capture-ddp")
+    names = {p.stem[:7] for p in staging.parts(VISITS)}
+    assert names == {"rank000", "rank001"}
+    visits = staging.read(VISITS).to_pandas()
+    for rank in range(DDP_WORLD):
+        for epoch in range(1, DDP_EPOCHS + 1):
+            mine = visits[(visits["rank"] == rank) & (visits["epoch"] == epoch)]
+            assert sorted(mine["sample_id"]) == sorted(f"id{i}" for i in ddp_shard(rank, epoch))
+    kept = record_visits(staging.read(VISITS)).to_pandas()
+    assert len(kept) == DDP_N * DDP_EPOCHS and not kept.duplicated(["sample_id", "epoch"]).any()
+    model = tiny_classifier()
+    for _, row in visits.iterrows():
+        loss, norm = reference(model, ddp_sample(int(row["sample_id"][2:])))
+        assert rel(row["loss"], loss) <= TOL and rel(row["grad_norm"], norm) <= TOL
