@@ -46,7 +46,8 @@ class CaptureSession:
     def __init__(
         self, model: nn.Module, store: str, run_name: str, config: CaptureConfig | None = None, require_ids: bool = True
     ):
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        compiled = getattr(model, "_compiled_call_impl", None) is not None  # model.compile(), in place
+        if compiled or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             raise NotImplementedError("gradsift capture needs the eager model's module hooks: capture the model "
                                       "before torch.compile, and train it uncompiled while capturing")  # fmt: skip
         if isinstance(model, nn.parallel.DistributedDataParallel):
