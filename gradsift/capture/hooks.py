@@ -59,13 +59,14 @@ class _Pending:
         self.logits: Tensor | None = None
         self.labels: Tensor | None = None
         self.scale: Tensor | None = None  # c_i, set by the logits' gradient hook
+        self.loss: Tensor | None = None  # loss_i, computed there too
         self.fused: set[str] = set()  # modules that ran as FusedLinear in this forward
 
 
-def token_summary(logits: Tensor, labels: Tensor, task: str) -> dict[str, Tensor]:
-    """Target tokens per sample and the largest per-token loss (a classifier: 1 and its loss)."""
+def token_summary(logits: Tensor, labels: Tensor, task: str, loss: Tensor) -> dict[str, Tensor]:
+    """Target tokens per sample and the largest per-token loss (a classifier: 1 and its ``loss``)."""
     if task == "classification":
-        return {"n_tokens": torch.ones_like(labels), "token_loss_max": per_sample_loss(logits, labels, task)}
+        return {"n_tokens": torch.ones_like(labels), "token_loss_max": loss}
     targets = labels[:, 1:]
     tok = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX
@@ -159,7 +160,9 @@ class StepCapture:
     def _on_logits_grad(self, p: _Pending, g: Tensor) -> None:
         with torch.enable_grad():
             z = p.logits.float().requires_grad_()
-            (h,) = torch.autograd.grad(per_sample_loss(z, p.labels, self.task).sum(), z)
+            loss = per_sample_loss(z, p.labels, self.task)
+            (h,) = torch.autograd.grad(loss.sum(), z)
+        p.loss = loss.detach()
         hh = h.flatten(1).pow(2).sum(1)
         c = (g.float() * h).flatten(1).sum(1) / hh.clamp_min(torch.finfo(torch.float32).tiny)
         p.scale = torch.where(hh > 0, c, torch.ones_like(c))
@@ -174,8 +177,8 @@ class StepCapture:
         p.st._last, p.st.leaves = None, []
         if p.scale is None:
             return  # a forward without backward (e.g. a step skipped for a non-finite loss): no visit
-        loss = per_sample_loss(p.logits, p.labels, self.task)
-        stats = dyn.visit_stats(p.logits, p.labels, self.task, loss) | token_summary(p.logits, p.labels, self.task)
+        loss = p.loss
+        stats = dyn.visit_stats(p.logits, p.labels, self.task, loss) | token_summary(p.logits, p.labels, self.task, loss)
         res = p.st.finish(loss, self.engine.module_names, layer_stats=False)
         scale = p.scale.cpu()
         feats = None if res.features is None else res.features / scale[:, None]
