@@ -6,7 +6,11 @@ the machine's load hits them alike. Step time is the wall time between on_step_b
 step of each run is warm-up and dropped). Models: the MiniLM classifier (batch 32 x 128 tokens) and the tiny
 random Llama (batch 32 x 128 tokens). Goals: norms <= 1.10x, features <= 1.25x.
 
+The process CPU time of each step is printed too: on a shared machine whose load exceeds its cores, wall time
+mostly measures the other processes; with ``--threads 1`` the CPU time is the step's own work.
+
 Usage: python bench/capture_overhead.py [--rounds 3] [--steps 6] [--models minilm tiny] [--device cpu|cuda]
+    [--threads N]
 """
 
 from __future__ import annotations
@@ -26,24 +30,25 @@ MODES = {"off": None, "norms": 0, "features": 8192}
 
 
 class StepTimer:
-    """on_step_begin .. on_step_end wall times (CUDA synchronised)."""
+    """on_step_begin .. on_step_end wall and process CPU times (CUDA synchronised)."""
 
     def __new__(cls):
         from transformers import TrainerCallback
 
         class _Timer(TrainerCallback):
             def __init__(self):
-                self.times, self._t = [], 0.0
+                self.times, self.cpu, self._t, self._c = [], [], 0.0, 0.0
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self._t = time.perf_counter()
+                self._t, self._c = time.perf_counter(), time.process_time()
 
             def on_step_end(self, args, state, control, **kwargs):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.times.append(time.perf_counter() - self._t)
+                self.cpu.append(time.process_time() - self._c)
 
         return _Timer()
 
@@ -96,7 +101,7 @@ def run_once(model_name, mode, steps, batch, length, device, store):
         disable_tqdm=True, learning_rate=1e-5,
     )  # fmt: skip
     Trainer(model=make(), args=args, train_dataset=feats, data_collator=collate, callbacks=callbacks).train()
-    return timer.times[1:]
+    return timer.times[1:], timer.cpu[1:]
 
 
 def main() -> None:
@@ -107,19 +112,27 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--models", nargs="+", default=["minilm", "tiny"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store = tempfile.mkdtemp(prefix="gs-capture-bench-")
     for model_name in args.models:
         times: dict[str, list[float]] = {m: [] for m in MODES}
+        cpu: dict[str, list[float]] = {m: [] for m in MODES}
         for _ in range(args.rounds):
             for mode in MODES:
-                times[mode] += run_once(model_name, mode, args.steps, args.batch, args.length, args.device, store)
-        base = statistics.median(times["off"])
-        line = f"{model_name} batch {args.batch}x{args.length} on {args.device}: step off {base * 1e3:.0f} ms"
-        for mode in ("norms", "features"):
-            med = statistics.median(times[mode])
-            line += f", {mode} {med * 1e3:.0f} ms ({med / base:.3f}x)"
-        print(line + f" [median of {len(times['off'])} steps per mode, {args.rounds} interleaved rounds]", flush=True)
+                wall, used = run_once(model_name, mode, args.steps, args.batch, args.length, args.device, store)
+                times[mode] += wall
+                cpu[mode] += used
+        for label, values in (("wall", times), ("cpu", cpu)):
+            base = statistics.median(values["off"])
+            line = f"{model_name} batch {args.batch}x{args.length} on {args.device}, {label}: off {base * 1e3:.0f} ms"
+            for mode in ("norms", "features"):
+                med = statistics.median(values[mode])
+                line += f", {mode} {med * 1e3:.0f} ms ({med / base:.3f}x)"
+            print(line + f" [median of {len(values['off'])} steps per mode, {args.rounds} interleaved rounds, "
+                  f"{torch.get_num_threads()} threads]", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

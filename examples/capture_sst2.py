@@ -7,7 +7,9 @@ scores (``capture-<name>``). The script prints the AUROC of AUM (and the other s
 first, for the captured run and the proxy run, then selects by the captured AUM and (``--evaluate``) retrains.
 
 Usage (from the repo root): python examples/capture_sst2.py [--data ../shared/data/sst2] [--work /tmp/gs-capture]
-    [--rows 5000] [--epochs 3] [--evaluate]
+    [--rows 5000] [--epochs 3] [--max-length 64] [--evaluate]
+
+It prints the acceptance check: the AUM AUROC of both runs and their difference (goal <= 0.01).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64, help="tokens per sentence (SST-2's are short; both runs)")
     ap.add_argument("--name", default="sst2-minilm")
     ap.add_argument("--no-proxy", action="store_true", help="ingest only (one proxy epoch is still needed to ingest)")
     ap.add_argument("--evaluate", action="store_true", help="retrain on the AUM selection and on all (slow)")
@@ -70,7 +73,7 @@ def main() -> None:
     noisy = args.work / f"train{args.rows}-noisy10.tsv"
     flipped = noisy_copy(subset, noisy, 0.10, seed=0, label_col=1, header=True)
     common = {"store": store, "model": "minilm", "mode": "finetune", "batch_size": args.batch, "lr": args.lr,
-              "max_length": 128, "seeds": [0], "gradient_scores": False}  # fmt: skip
+              "max_length": args.max_length, "seeds": [0], "gradient_scores": False}  # fmt: skip
     t = time.perf_counter()
     proxy = train_flow(TrainConfig(data={"path": str(noisy), **SOURCE}, epochs=1 if args.no_proxy else args.epochs,
                                    **common))  # fmt: skip
@@ -83,7 +86,7 @@ def main() -> None:
     # the ingest's class index (the labels found, sorted); a rerun of a completed proxy run does not return it
     label_index = proxy.get("label_index") or {label: i for i, label in enumerate(sorted({r["label"] for r in rows}))}
     model, tokenizer = load_model(resolve_model("minilm"), num_labels=len(label_index), seed=0)
-    train_set = samples_dataset(rows, tokenizer, label_index, max_length=128)
+    train_set = samples_dataset(rows, tokenizer, label_index, max_length=args.max_length)
     callback = CaptureCallback(store, args.name)
     targs = TrainingArguments(
         output_dir=str(args.work / "hf"), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
@@ -100,9 +103,13 @@ def main() -> None:
     print(
         f"\n{len(rows)} samples, {len(flipped)} flipped; HF Trainer + capture {hf_s:.0f} s, proxy run {proxy_s:.0f} s"
     )
-    print(f"captured run {captured}: AUROC {aurocs(Store(store), captured, flipped)}")
+    ours = aurocs(Store(store), captured, flipped)
+    print(f"captured run {captured}: AUROC {ours}")
     if not args.no_proxy:
-        print(f"proxy run {proxy['run_id']}: AUROC {aurocs(Store(store), proxy['run_id'], flipped)}")
+        theirs = aurocs(Store(store), proxy["run_id"], flipped)
+        print(f"proxy run {proxy['run_id']}: AUROC {theirs}")
+        a, b = ours["aum (low first)"], theirs["aum (low first)"]
+        print(f"AUM AUROC captured {a:.4f}, proxy {b:.4f}, difference {abs(a - b):.4f} (goal <= 0.01)", flush=True)
     selection = select_flow(SelectConfig(store=store, scores_run=captured, score="aum", drop="hard", fractions=[0.9]))
     print(f"selection run {selection['run_id']}: {selection['selections']}")
     if args.evaluate:

@@ -14,6 +14,10 @@ dL/dlogits_i = c_i * dloss_i/dlogits_i, with dloss_i/dlogits_i from autograd thr
 model). Norms are divided by |c_i|, features by c_i, so the record is || grad_w loss_i || whatever the
 reduction. Dropout is whatever the step uses (the recorded gradient is the step's own).
 
+A Linear whose per-sample gradients the engine would materialise runs as ``fused.FusedLinear`` during capture:
+its backward builds them once and returns their sum as the weight gradient (the step's own grad_W matmul is
+skipped), gradsift/capture/fused.py.
+
 Position ids: a model that takes ``position_ids`` and is not given them gets its default (0..T-1) as one row per
 sample, so that a position embedding's output gradient is per sample (a [1, T] default broadcasts over the batch).
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradsift.capture.fused import FusedLinear, fusable, fuse_now
 from gradsift.capture.ids import ID_KEY, MISSING_HINT, MissingSampleIdsError
 from gradsift.data.batching import IGNORE_INDEX
 from gradsift.engine.gradients import PerSampleGradients
@@ -54,12 +59,14 @@ class _Pending:
         self.logits: Tensor | None = None
         self.labels: Tensor | None = None
         self.scale: Tensor | None = None  # c_i, set by the logits' gradient hook
+        self.loss: Tensor | None = None  # loss_i, computed there too
+        self.fused: set[str] = set()  # modules that ran as FusedLinear in this forward
 
 
-def token_summary(logits: Tensor, labels: Tensor, task: str) -> dict[str, Tensor]:
-    """Target tokens per sample and the largest per-token loss (a classifier: 1 and its loss)."""
+def token_summary(logits: Tensor, labels: Tensor, task: str, loss: Tensor) -> dict[str, Tensor]:
+    """Target tokens per sample and the largest per-token loss (a classifier: 1 and its ``loss``)."""
     if task == "classification":
-        return {"n_tokens": torch.ones_like(labels), "token_loss_max": per_sample_loss(logits, labels, task)}
+        return {"n_tokens": torch.ones_like(labels), "token_loss_max": loss}
     targets = labels[:, 1:]
     tok = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX
@@ -83,6 +90,9 @@ class StepCapture:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.takes_positions = "position_ids" in inspect.signature(base.forward).parameters
         self.handles = [m.module.register_forward_hook(self._module_hook(m)) for m in self.engine.mods]
+        self.fusable = [m for m in self.engine.mods if fusable(m)]
+        for m in self.fusable:
+            m.module.forward = self._fused_forward(m)  # an instance attribute: close() deletes it
         self.handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._post, with_kwargs=True))
 
@@ -90,6 +100,9 @@ class StepCapture:
         for h in self.handles:
             h.remove()
         self.handles = []
+        for m in self.fusable:
+            del m.module.forward
+        self.fusable = []
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
@@ -113,11 +126,25 @@ class StepCapture:
 
     def _module_hook(self, m: Covered):
         def hook(mod, args, out):
-            if self.pending is None or not torch.is_grad_enabled():
+            if self.pending is None or not torch.is_grad_enabled() or m.name in self.pending.fused:
                 return None
             return self.pending.st.forward_hook(m)(mod, args, out)
 
         return hook
+
+    def _fused_forward(self, m: Covered):
+        mod = m.module
+
+        def forward(x: Tensor) -> Tensor:
+            p = self.pending
+            if p is None or not torch.is_grad_enabled() or not fuse_now(p.st, mod, x):
+                return nn.Linear.forward(mod, x)
+            if m.name in p.fused:
+                raise NotImplementedError(f"{m.name} is called more than once per forward pass")
+            p.fused.add(m.name)
+            return FusedLinear.apply(x, mod.weight, mod.bias, p.st, m)
+
+        return forward
 
     def _post(self, module, args, kwargs, out):
         p = self.pending
@@ -133,7 +160,9 @@ class StepCapture:
     def _on_logits_grad(self, p: _Pending, g: Tensor) -> None:
         with torch.enable_grad():
             z = p.logits.float().requires_grad_()
-            (h,) = torch.autograd.grad(per_sample_loss(z, p.labels, self.task).sum(), z)
+            loss = per_sample_loss(z, p.labels, self.task)
+            (h,) = torch.autograd.grad(loss.sum(), z)
+        p.loss = loss.detach()
         hh = h.flatten(1).pow(2).sum(1)
         c = (g.float() * h).flatten(1).sum(1) / hh.clamp_min(torch.finfo(torch.float32).tiny)
         p.scale = torch.where(hh > 0, c, torch.ones_like(c))
@@ -148,8 +177,8 @@ class StepCapture:
         p.st._last, p.st.leaves = None, []
         if p.scale is None:
             return  # a forward without backward (e.g. a step skipped for a non-finite loss): no visit
-        loss = per_sample_loss(p.logits, p.labels, self.task)
-        stats = dyn.visit_stats(p.logits, p.labels, self.task, loss) | token_summary(p.logits, p.labels, self.task)
+        loss = p.loss
+        stats = dyn.visit_stats(p.logits, p.labels, self.task, loss) | token_summary(p.logits, p.labels, self.task, loss)
         res = p.st.finish(loss, self.engine.module_names, layer_stats=False)
         scale = p.scale.cpu()
         feats = None if res.features is None else res.features / scale[:, None]

@@ -5,8 +5,15 @@ proxy run's (``gradsift train``): ``training.loop.visit_scores`` (forgetting, ne
 Per sample, from its visits in step order: EL2N and GraNd at its visit in epoch ``score_epoch`` (Paul et al.
 2021: early in training; here the model of that step, not an end-of-epoch checkpoint), loss at its last visit,
 TracIn self-influence sum_visits lr * ||g||^2 (Pruthi et al. 2020, with every visit as a checkpoint), forgetting
-and AUM over all visits. VoG needs the gradient of the gold logit (not of the loss) at checkpoints, which the
-training step does not compute: it is null for a captured run.
+and AUM over all visits.
+
+VoG is null for a captured run, by design. VoG (Agarwal et al. 2022) is the variance across checkpoints of the
+gradient of the gold-label logit w.r.t. the embedding-layer output, at fixed inputs (eval mode). The training
+step's backward gives the gradient of the loss w.r.t. that output instead: a softmax-weighted mix over every
+logit's gradient (for two classes -(1 - p_y) times the gradient of the margin, not of the gold logit), under
+dropout. The gold logit's needs a second backward per visit, which in-run capture does not add (``gradsift
+train`` runs it at its checkpoints). Nor can the record hold it cheaply: it is T x H floats per sample and
+visit; even a running variance keeps 2 N T H floats (about 2 GB for 5,000 samples at 128 tokens x 384).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
             optimizer.step(); optimizer.zero_grad()
 
 DDP: each process records the samples of its own rank (its DistributedSampler shard) into parts named by the
-rank; the samples DistributedSampler repeats to even out the shards are dropped when scoring
+rank (a ``DistributedDataParallel`` model is hooked through its ``module``; the output gradients the hooks see
+are the rank's own, before DDP averages the weight gradients); the samples DistributedSampler repeats to even out the shards are dropped when scoring
 (``scores.record_visits``: one visit per sample and epoch, the lowest rank's).
 """
 
@@ -45,9 +46,12 @@ class CaptureSession:
     def __init__(
         self, model: nn.Module, store: str, run_name: str, config: CaptureConfig | None = None, require_ids: bool = True
     ):
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        compiled = getattr(model, "_compiled_call_impl", None) is not None  # model.compile(), in place
+        if compiled or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             raise NotImplementedError("gradsift capture needs the eager model's module hooks: capture the model "
                                       "before torch.compile, and train it uncompiled while capturing")  # fmt: skip
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the hooks go on the wrapped model, which DDP calls with the same kwargs
         self.config = config or CaptureConfig(store=str(store))
         engine = EngineConfig(
             parameters=self.config.parameters,
