@@ -33,6 +33,7 @@ from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
 
 SHAPES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, intermediate=128, vocab=512),  # a smoke test
     "21m": dict(hidden=512, layers=4, heads=8, intermediate=1376, vocab=8192),
     "134m": dict(hidden=768, layers=12, heads=12, intermediate=2048, vocab=32000),
 }
@@ -94,7 +95,7 @@ def methods(model: nn.Module, ids: torch.Tensor) -> dict[str, Method]:
         "training step": train_step,
         "gradsift norms (all params)": engine("all", 0),
         "gradsift norms": engine("block_linear", 0),
-        "gradsift norms + 8192-d features": engine("block_linear", 8192),
+        f"gradsift norms + {16 * 16 * len(linear)}-d features": engine("block_linear", 16 * 16 * len(linear)),
     }
     for name, make in (("Bergson, proj 16/module", bergson), ("Opacus ghost clipping", opacus),
                        ("torch.func vmap", vmap)):  # fmt: skip
@@ -107,9 +108,41 @@ def methods(model: nn.Module, ids: torch.Tensor) -> dict[str, Method]:
 
 
 def bergson(model: nn.Module, ids: torch.Tensor, linear: dict) -> Method:
-    import bergson  # noqa: F401 - 2.5 needs transformers>=5 and huggingface_hub>=1.13
+    """Bergson's own hooks (``TraceCollector``), loss and backward (``fwd_bwd_factory``), set up as its worker
+    does (weights frozen, input embeddings trainable), 16x16 projection per module. The first call also runs it
+    unprojected (norms of the full per-sample gradients, for the exactness column) and is not timed."""
+    from bergson.collector.collector import fwd_bwd_factory
+    from bergson.collector.gradient_collectors import TraceCollector
+    from bergson.config import IndexConfig
+    from bergson.gradients import GradientProcessor
 
-    raise NotImplementedError("bergson imported, but its collector is not wired into this benchmark yet")
+    class NormCollector(TraceCollector):
+        def backward_hook(self, module: nn.Module, g: torch.Tensor) -> None:
+            self.mod_grads[module._name].append(self._compute_gradient(module, g).pow(2).sum(1))
+
+    targets = {n.removesuffix(".weight") for n in linear}
+    fwd_bwd = fwd_bwd_factory(IndexConfig(run_path="unused", loss_reduction="mean"))
+    kw = dict(model=model, target_modules=targets, device="cpu", dtype=torch.float32)
+    proj = TraceCollector(processor=GradientProcessor(projection_dim=16), **kw)
+    first = [True]
+
+    def step(collector) -> None:
+        model.requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(True)
+        collector.mod_grads.clear()
+        with collector:
+            fwd_bwd(model, ids, ids, {})
+
+    def run() -> torch.Tensor | None:
+        step(proj)
+        if not first[0]:
+            return None
+        first[0] = False
+        exact = NormCollector(processor=GradientProcessor(projection_dim=0), **kw)
+        step(exact)
+        return torch.sqrt(sum(v[0] for v in exact.mod_grads.values()))
+
+    return run
 
 
 def opacus(model: nn.Module, ids: torch.Tensor, linear: dict) -> Method:
