@@ -97,7 +97,7 @@ class LinearHandler(Handler):
                     if st.flat is not None:
                         st.flat_rows(m.weight, i, j, gm.transpose(1, 2) if self.transposed else gm)
             else:
-                sq = em.ghost_sq_norm(m.saved.gram(), g)
+                sq = st.ghost(m.report, m.saved, g)
         if m.bias is not None:
             gb = g.float().sum(dim=1)
             sq = gb.pow(2).sum(dim=1) if sq is None else sq + gb.pow(2).sum(dim=1)
@@ -105,7 +105,8 @@ class LinearHandler(Handler):
                 st.flat_add(m.bias, gb)
             if st.projector is not None and m.weight is None:
                 st.projector.project_vector(m.bias, gb, st.features)
-        st.add(m.report, sq)
+        if sq is not None:
+            st.add(m.report, sq)
         if m.nuclear:
             st.nuclear[m.name] = em.nuclear(x, g)
         if st.projector is not None and m.weight is not None:  # a tied head adds into the embedding block
