@@ -2,8 +2,9 @@
 
 One process, methods interleaved (every repeat times each method once, in turn), the same random-init Llama
 and batch, fp32: a batched training step, gradsift (norms of every parameter, the default; norms of the
-blocks' Linear layers only, ``parameters=block_linear``; those norms plus 8192-d projected features),
-Bergson (16-d projection per module), Opacus ghost clipping, torch.func vmap and the naive per-sample loop.
+blocks' Linear layers only, ``parameters=block_linear``; those norms plus projected features of the same
+total size as Bergson's, 16 x 16 per module), Bergson (its own hooks, 16 x 16 projection per module), Opacus
+ghost clipping, torch.func vmap and the naive per-sample loop.
 The peers cover the blocks' Linear layers, so every method but "gradsift (all)" is timed on that set and
 its norms are compared against the naive loop's on it. Peers are optional (``pip install .[bench]``); a
 missing or unusable one is skipped with a message. Last line: one JSON object, per size
