@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a range that 2.13.0 satisfies then installs nothing more.
 	$(BIN)/pip install -q torch==2.13.0
+	# The transformers the whole suite runs on; 5.x works too (`.[bench]` brings it for Bergson).
+	$(BIN)/pip install -q 'transformers>=4.56,<5'
 	$(BIN)/pip install -q -e '.[real,dev]'
 	touch $(STAMP)
 

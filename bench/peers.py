@@ -2,14 +2,17 @@
 
 One process, methods interleaved (every repeat times each method once, in turn), the same random-init Llama
 and batch, fp32: a batched training step, gradsift (norms of every parameter, the default; norms of the
-blocks' Linear layers only, ``parameters=block_linear``; those norms plus 8192-d projected features),
-Bergson (16-d projection per module), Opacus ghost clipping, torch.func vmap and the naive per-sample loop.
+blocks' Linear layers only, ``parameters=block_linear``; those norms plus projected features of the same
+total size as Bergson's, 16 x 16 per module), Bergson (its own hooks, 16 x 16 projection per module), Opacus
+ghost clipping, torch.func vmap and the naive per-sample loop.
 The peers cover the blocks' Linear layers, so every method but "gradsift (all)" is timed on that set and
 its norms are compared against the naive loop's on it. Peers are optional (``pip install .[bench]``); a
 missing or unusable one is skipped with a message. Last line: one JSON object, per size
 ``gradsift_over_bergson``, ``gradsift_over_opacus``, ``gradsift_over_train_step``, ``max_rel_err``.
 
     PYTHONPATH=. python bench/peers.py [--sizes 21m-128x16 21m-512x8 134m-128x8] [--repeats 3] [--profile]
+    PYTHONPATH=. python bench/peers.py --device cuda --dtype bfloat16 --sizes 134m-512x16 --naive-samples 2 \\
+        --skip torch.func    # the GPU rows of bench/gpu.sh
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from persample import profile_table
+from persample import profile_table, sync
 from torch import nn
 
 from gradsift.data.batching import Batch
@@ -33,8 +36,10 @@ from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
 
 SHAPES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, intermediate=128, vocab=512),  # a smoke test
     "21m": dict(hidden=512, layers=4, heads=8, intermediate=1376, vocab=8192),
     "134m": dict(hidden=768, layers=12, heads=12, intermediate=2048, vocab=32000),
+    "1b": dict(hidden=2048, layers=22, heads=16, intermediate=5632, vocab=32000),  # 1.26B, persample.py's preset
 }
 SIZES = ("21m-128x16", "21m-512x8", "134m-128x8")
 Method = Callable[[], torch.Tensor | None]
@@ -60,8 +65,9 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return per_sample_loss(model(input_ids=ids).logits, ids, "causal_lm")
 
 
-def methods(model: nn.Module, ids: torch.Tensor) -> dict[str, Method]:
-    """Each method as a call returning its per-sample norms over the block Linear weights (or None)."""
+def methods(model: nn.Module, ids: torch.Tensor, naive_samples: int | None = None) -> dict[str, Method]:
+    """Each method as a call returning its per-sample norms over the block Linear weights (or None); the naive
+    loop runs the first ``naive_samples`` samples (all by default)."""
     linear = block_linears(model)
     batch = Batch(ids, torch.ones_like(ids), ids.clone())
 
@@ -73,10 +79,10 @@ def methods(model: nn.Module, ids: torch.Tensor) -> dict[str, Method]:
     def naive() -> torch.Tensor:
         only(model, linear)
         norms = []
-        for i in range(len(ids)):
+        for i in range(naive_samples or len(ids)):
             model.zero_grad(set_to_none=True)
             loss_of(model, ids[i : i + 1]).sum().backward()
-            norms.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in linear.values())))
+            norms.append(torch.sqrt(sum(p.grad.float().pow(2).sum() for p in linear.values())))
         return torch.stack(norms)
 
     def engine(parameters: str, feature_dim: int) -> Method:
@@ -94,7 +100,7 @@ def methods(model: nn.Module, ids: torch.Tensor) -> dict[str, Method]:
         "training step": train_step,
         "gradsift norms (all params)": engine("all", 0),
         "gradsift norms": engine("block_linear", 0),
-        "gradsift norms + 8192-d features": engine("block_linear", 8192),
+        f"gradsift norms + {16 * 16 * len(linear)}-d features": engine("block_linear", 16 * 16 * len(linear)),
     }
     for name, make in (("Bergson, proj 16/module", bergson), ("Opacus ghost clipping", opacus),
                        ("torch.func vmap", vmap)):  # fmt: skip
@@ -107,9 +113,41 @@ def methods(model: nn.Module, ids: torch.Tensor) -> dict[str, Method]:
 
 
 def bergson(model: nn.Module, ids: torch.Tensor, linear: dict) -> Method:
-    import bergson  # noqa: F401 - 2.5 needs transformers>=5 and huggingface_hub>=1.13
+    """Bergson's own hooks (``TraceCollector``), loss and backward (``fwd_bwd_factory``), set up as its worker
+    does (weights frozen, input embeddings trainable), 16x16 projection per module. The first call also runs it
+    unprojected (norms of the full per-sample gradients, for the exactness column) and is not timed."""
+    from bergson.collector.collector import fwd_bwd_factory
+    from bergson.collector.gradient_collectors import TraceCollector
+    from bergson.config import IndexConfig
+    from bergson.gradients import GradientProcessor
 
-    raise NotImplementedError("bergson imported, but its collector is not wired into this benchmark yet")
+    class NormCollector(TraceCollector):
+        def backward_hook(self, module: nn.Module, g: torch.Tensor) -> None:
+            self.mod_grads[module._name].append(self._compute_gradient(module, g).pow(2).sum(1))
+
+    targets = {n.removesuffix(".weight") for n in linear}
+    fwd_bwd = fwd_bwd_factory(IndexConfig(run_path="unused", loss_reduction="mean"))
+    kw = dict(model=model, target_modules=targets, device=ids.device, dtype=torch.float32)
+    proj = TraceCollector(processor=GradientProcessor(projection_dim=16), **kw)
+    first = [True]
+
+    def step(collector) -> None:
+        model.requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(True)
+        collector.mod_grads.clear()
+        with collector:
+            fwd_bwd(model, ids, ids, {})
+
+    def run() -> torch.Tensor | None:
+        step(proj)
+        if not first[0]:
+            return None
+        first[0] = False
+        exact = NormCollector(processor=GradientProcessor(projection_dim=0), **kw)
+        step(exact)
+        return torch.sqrt(sum(v[0] for v in exact.mod_grads.values()))
+
+    return run
 
 
 def opacus(model: nn.Module, ids: torch.Tensor, linear: dict) -> Method:
@@ -156,66 +194,96 @@ def vmap(model: nn.Module, ids: torch.Tensor, linear: dict) -> Method:
     return run
 
 
-def run_size(size: str, repeats: int) -> dict:
+def run_size(size: str, repeats: int, device: str = "cpu", dtype: str = "float32", naive_samples: int | None = None,
+             skip: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """One size ("21m-128x16": shape, seq x batch): every method but those starting with a ``skip`` entry,
+    interleaved; prints the table and returns the size's JSON entry (peak MiB per method on CUDA)."""
     shape_name, dims = size.split("-")
     seq, batch = (int(x) for x in dims.split("x"))
     shape = SHAPES[shape_name]
-    model = build_llama(LlamaShape(**shape, max_positions=max(2048, seq)), seed=0)
-    ids = torch.randint(3, shape["vocab"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    todo = methods(model, ids)
+    model = build_llama(LlamaShape(**shape, max_positions=max(2048, seq)), seed=0).to(device, getattr(torch, dtype))
+    ids = torch.randint(3, shape["vocab"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    todo = {n: fn for n, fn in methods(model, ids, naive_samples).items() if not n.startswith(skip)}
     times: dict[str, list[float]] = {name: [] for name in todo}
     norms: dict[str, torch.Tensor | None] = {}
+    peak: dict[str, float] = {}
     for name, fn in list(todo.items()):
         try:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             norms[name] = fn()  # warm-up, and the norms compared
+            sync(device)
+            if device.startswith("cuda"):
+                peak[name] = torch.cuda.max_memory_allocated() / 2**20
         except Exception as err:  # noqa: BLE001 - a peer failing on this model is reported and skipped
             print(f"skipped {name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             del todo[name], times[name]
     for _ in range(repeats):
         for name, fn in todo.items():
+            sync(device)
             t0 = time.perf_counter()
             fn()
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
-    ref = norms["naive loop"].double()
-    err = {n: ((v.double() - ref).abs() / ref).max().item() for n, v in norms.items()
-           if v is not None and n != "gradsift norms (all params)"}  # fmt: skip
+    err = {}
+    if "naive loop" in norms:
+        ref = norms["naive loop"].double().cpu()
+        err = {n: ((v[: len(ref)].double().cpu() - ref).abs() / ref).max().item() for n, v in norms.items()
+               if v is not None and n != "gradsift norms (all params)"}  # fmt: skip
+    if "naive loop" in med and len(ref) < batch:  # timed on a subset: extrapolated to the batch
+        med["naive loop"] *= batch / len(ref)
     step = med["training step"]
-    print(f"\n{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, seq {seq} x batch {batch}")
-    print("| method | s/batch | x train step | max rel err vs naive |\n|---|---|---|---|")
-    for name, s in med.items():
-        print(f"| {name} | {s:.3f} | {s / step:.2f} | {err[name]:.1e} |" if name in err else
-              f"| {name} | {s:.3f} | {s / step:.2f} | |")  # fmt: skip
-    ours = med["gradsift norms"]
+    print(f"\n{size}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, seq {seq} x batch {batch}, "
+          f"{device} {dtype}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print("| method | s/batch | x train step | max rel err vs naive | peak MiB |\n|---|---|---|---|---|")
+    for name, sec in med.items():
+        e = f"{err[name]:.1e}" if name in err else ""
+        print(f"| {name} | {sec:.3f} | {sec / step:.2f} | {e} | {peak.get(name, float('nan')):.0f} |")
+    ours = med.get("gradsift norms")
+
+    def over(peer: str) -> float | None:
+        return ours / med[peer] if ours and peer in med else None
+
     return {
-        "gradsift_over_bergson": ours / med["Bergson, proj 16/module"] if "Bergson, proj 16/module" in med else None,
-        "gradsift_over_opacus": ours / med["Opacus ghost clipping"] if "Opacus ghost clipping" in med else None,
-        "gradsift_over_train_step": ours / step,
-        "gradsift_all_over_train_step": med["gradsift norms (all params)"] / step,
-        "max_rel_err": max(v for n, v in err.items() if n.startswith("gradsift")),
+        "gradsift_over_bergson": over("Bergson, proj 16/module"),
+        "gradsift_over_opacus": over("Opacus ghost clipping"),
+        "gradsift_over_train_step": over("training step"),
+        "gradsift_all_over_train_step": med["gradsift norms (all params)"] / step if "gradsift norms (all params)" in med else None,
+        "max_rel_err": max((v for n, v in err.items() if n.startswith("gradsift")), default=None),
+        "x_train_step": {n: sec / step for n, sec in med.items()},
         "seconds": med,
-    }
+        "peak_mib": peak,
+    }  # fmt: skip
 
 
 def operator_counts() -> dict:
-    """Profiler operator calls of one training step and one engine call (norms), 12-layer model, CPU."""
+    """Profiler operator calls of one training step and one call of each gradsift variant, 12-layer model, CPU."""
     model = build_llama(LlamaShape(**SHAPES["134m"], max_positions=2048), seed=0)
     ids = torch.randint(3, SHAPES["134m"]["vocab"], (2, 32), generator=torch.Generator().manual_seed(0))
     todo = methods(model, ids)
-    counts = {name: profile_table(name, todo[name], "cpu", rows=0) for name in ("training step", "gradsift norms")}
-    return {**counts, "engine_over_train_step": counts["gradsift norms"] / counts["training step"]}
+    names = ["training step", *(n for n in todo if n.startswith("gradsift"))]
+    counts = {name: profile_table(name, todo[name], "cpu", rows=0) for name in names}
+    step = counts["training step"]
+    return {"calls": counts, "over_train_step": {n: c / step for n, c in counts.items()},
+            "engine_over_train_step": counts["gradsift norms"] / step}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--naive-samples", type=int, default=None, help="samples of the naive loop (default: all)")
+    ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out (name prefixes, e.g. 'torch.func')")
     ap.add_argument("--profile", action="store_true", help="also the operator counts (12-layer model)")
     args = ap.parse_args()
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}")  # fmt: skip
-    result = {size: run_size(size, args.repeats) for size in args.sizes}
+    result = {size: run_size(size, args.repeats, args.device, args.dtype, args.naive_samples, tuple(args.skip))
+              for size in args.sizes}  # fmt: skip
     if args.profile:
         result["operator_counts"] = operator_counts()
     result["load_1m"] = round(os.getloadavg()[0], 2)

@@ -121,6 +121,22 @@ def test_materialise_and_ghost_chosen_by_shape():
     check(eng.compute(batch), reference(model, batch, eng))
 
 
+@pytest.mark.parametrize("layer_stats", [True, False])
+def test_long_sequences_split_grams_and_summed_ghost_norms(llama, layer_stats):
+    # T >= GRAM_SPLIT_MIN: Grams from their half blocks; without layer stats the output-gradient Grams of the
+    # modules sharing an input are summed before the product. Odd and padded lengths, block Linear only too.
+    from gradsift.engine.kernels import GRAM_SPLIT_MIN
+
+    batch = make_batch([GRAM_SPLIT_MIN + 3, GRAM_SPLIT_MIN - 20, 9], prompt=3, seed=4)
+    for parameters in ("all", "block_linear"):
+        cfg = EngineConfig(feature_dim=0, layer_stats=layer_stats, parameters=parameters)
+        eng = PerSampleGradients(llama, cfg, strategy="ghost")
+        res = eng.compute(batch)
+        ref = reference(llama, batch, eng)
+        assert rel_err(res.grad_norm, ref["flat"].norm(dim=1)) < REL
+        assert sorted(res.layer_norms) == (sorted(eng.module_names) if layer_stats else [])
+
+
 def test_tied_embeddings(llama):
     model = build_llama(LlamaShape(hidden=32, layers=1, heads=4, intermediate=64, tie_embeddings=True), seed=2)
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from gradsift.data.batching import collate
@@ -141,7 +142,11 @@ def test_less_scores_equal_direct_computation(tmp_path):
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)  # features are stored as float16
 
 
-def test_blocked_streaming_equals_dense():
+@pytest.mark.parametrize("row_chunk", [2048, 50])
+def test_blocked_streaming_equals_dense(row_chunk, monkeypatch):
+    import gradsift.signals.influence as influence
+
+    monkeypatch.setattr(influence, "ROW_CHUNK", row_chunk)  # 50: blocks of 128 rows cast in 3 chunks
     rng = np.random.default_rng(0)
     n, m, k, c = 1000, 37, 48, 2
     grad = [rng.normal(size=(n, k)).astype(np.float16) for _ in range(c)]

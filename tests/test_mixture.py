@@ -34,3 +34,16 @@ def test_weights_move_toward_aligned_domain():
     # eta = 0 gives the prior back; smoothing keeps every domain above smoothing * prior
     assert np.allclose(list(mixture_weights(per_ckpt, prior, 0.0, 0.1).values()), [0.5, 2 / 6, 1 / 6])
     assert min(w[d] / (prior[d] / 600) for d in w) >= 0.1 - 1e-12
+
+
+def test_domain_sums_in_chunks_equal_direct_sums():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(53, 6)).astype(np.float16)
+    groups = rng.choice(np.array(["a", "b", "c"]), size=53)
+    sums = DomainSums().add(feats, groups, chunk=7)
+    x = feats.astype(np.float64)
+    for g in ("a", "b", "c"):
+        sel = groups == g
+        np.testing.assert_allclose(sums.vec[g], x[sel].sum(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(sums.norm[g], np.linalg.norm(x[sel], axis=1).sum(), rtol=1e-12)
+        assert sums.count[g] == sel.sum()

@@ -11,6 +11,7 @@ import subprocess
 from datetime import datetime
 
 import pytest
+import torch
 from live_services import GRADSIFT, SCORE_ARGS, write_rows
 
 from gradsift.models.folders import ModelFolderError, check_model_folder
@@ -109,9 +110,9 @@ def test_folder_without_config_or_weights(good_folder, tmp_path):
 @pytest.mark.parametrize("loader", LOADERS)
 def test_pickle_only_folder_is_refused(tmp_path, loader):
     folder = tmp_path / "pickled"
-    build_llama(LlamaShape(hidden=16, layers=1, heads=2, intermediate=32)).save_pretrained(
-        folder, safe_serialization=False
-    )
+    model = build_llama(LlamaShape(hidden=16, layers=1, heads=2, intermediate=32))
+    model.config.save_pretrained(folder)  # transformers 5 saves safetensors only: the pickle file is written here
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
     byte_tokenizer().save_pretrained(folder)
     assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
     with pytest.raises(ModelFolderError, match="holds only pytorch_model.bin weights.*convert to safetensors"):

@@ -139,3 +139,16 @@ def test_report_is_staged_until_the_run_commits(tmp_path, monkeypatch):
     again.complete(result.model_dump())
     assert sorted(p.name for p in final.iterdir()) == ["index.html", "mixtures.png"]
     assert store.read_run("nightly-tiny")["status"] == "completed"
+
+
+def test_select_runs_without_prefect_unless_a_server_is_configured(tmp_path, monkeypatch):
+    import gradsift.flows.select as select_mod
+
+    store = tiny_train_store(tmp_path / "store")
+    flows = []
+    monkeypatch.setattr(select_mod, "select_flow", lambda config: flows.append(config) or {"flow": True}, raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = select_mod.select(select_config(store))
+    assert result["status"] == "completed" and flows == []
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert select_mod.select(select_config(store)) == {"flow": True} and len(flows) == 1

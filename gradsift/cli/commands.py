@@ -177,12 +177,10 @@ def train(config: TrainConfig) -> None:
 def select(config: SelectConfig) -> None:
     """Selections from a train run's scores: keep a fraction by a score (drop easy or hard), a random
     baseline, or softmax sampling; writes the selections table and Parquet/JSONL manifests."""
-    import os
+    from gradsift.flows.select import select as run_select
 
-    from gradsift.flows import select as flows
-
-    with reported():  # seconds of work: as a Prefect flow only where a server is configured
-        result = (flows.select_flow if os.environ.get("PREFECT_API_URL") else flows.select_run)(config)
+    with reported():
+        result = run_select(config)
     output.select_summary(result, config.store)
 
 

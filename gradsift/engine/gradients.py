@@ -205,8 +205,9 @@ class PerSampleGradients:
         ).to(dev)
         cfg = self.config
         st = MicroBatch(
-            batch.attention_mask, cfg.feature_dim, self.num_params, self._offsets, self.projector, self.strategy, flat
-        )
+            batch.attention_mask, cfg.feature_dim, self.num_params, self._offsets, self.projector, self.strategy, flat,
+            cfg.layer_stats,
+        )  # fmt: skip
         req = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training
         handles = []

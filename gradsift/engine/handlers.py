@@ -10,7 +10,8 @@ tried in order, and ``register_handler`` adds one):
 
 * ``LinearHandler``: ``isinstance(module, nn.Linear)`` (also peft's LoRA A/B layers).
 * ``Conv1DHandler``: transformers' ``Conv1D`` (GPT-2), a Linear whose weight is stored [d_in, d_out].
-* ``EmbeddingHandler``: ``isinstance(module, nn.Embedding)`` (not ``max_norm`` / ``scale_grad_by_freq``).
+* ``EmbeddingHandler``: ``isinstance(module, nn.Embedding)`` (not ``max_norm`` / ``scale_grad_by_freq``) whose
+  forward is y = c * W[ids] for a constant c, found by a probe (c = sqrt(d) for Gemma's scaled embeddings).
 * ``NormHandler``: any module whose only parameters are a vector ``weight`` [d] (and optionally a
   ``bias`` [d]), with an epsilon attribute (``eps``, ``variance_epsilon`` or ``epsilon``), whose forward
   is one of y = w * x / rms(x) (Llama, Mistral, Qwen, Phi-3, T5, torch's nn.RMSNorm),
@@ -96,7 +97,7 @@ class LinearHandler(Handler):
                     if st.flat is not None:
                         st.flat_rows(m.weight, i, j, gm.transpose(1, 2) if self.transposed else gm)
             else:
-                sq = em.ghost_sq_norm(m.saved.gram(), g)
+                sq = st.ghost(m.report, m.saved, g)
         if m.bias is not None:
             gb = g.float().sum(dim=1)
             sq = gb.pow(2).sum(dim=1) if sq is None else sq + gb.pow(2).sum(dim=1)
@@ -104,7 +105,8 @@ class LinearHandler(Handler):
                 st.flat_add(m.bias, gb)
             if st.projector is not None and m.weight is None:
                 st.projector.project_vector(m.bias, gb, st.features)
-        st.add(m.report, sq)
+        if sq is not None:
+            st.add(m.report, sq)
         if m.nuclear:
             st.nuclear[m.name] = em.nuclear(x, g)
         if st.projector is not None and m.weight is not None:  # a tied head adds into the embedding block
@@ -132,10 +134,14 @@ class EmbeddingHandler(Handler):
     description = "nn.Embedding"
     matrix = True
 
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
     @classmethod
     def match(cls, module: nn.Module) -> Handler | None:
         if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
-            return cls()
+            scale = embedding_scale(module)
+            return None if scale is None else cls(scale)
         return None
 
     def capture(self, st: MicroBatch, x: Tensor) -> object:
@@ -143,6 +149,8 @@ class EmbeddingHandler(Handler):
 
     def backward(self, st: MicroBatch, m: Covered, e: Tensor) -> None:
         ids = m.saved
+        if self.scale != 1.0:  # y = c * W[ids]: the table's gradient is onehot^T (c e)
+            e = e * self.scale
         pad = m.module.padding_idx
         if pad is not None:  # the padding row gets no gradient
             e = e * (ids != pad)[..., None].to(e.dtype)
@@ -154,6 +162,24 @@ class EmbeddingHandler(Handler):
             st.flat_add(m.weight, em.embedding_materialise(ids, e, m.module.num_embeddings))
         if st.projector is not None:
             st.projector.project_embedding(m.weight, ids, e, st.features)
+
+
+def embedding_scale(module: nn.Embedding) -> float | None:
+    """The constant c of an embedding whose forward is y = c * W[ids] (1 for nn.Embedding; sqrt(d) for
+    transformers 5's scaled word embeddings of Gemma), probed on the module's own table; None otherwise."""
+    ids = torch.arange(min(module.num_embeddings, 16), device=module.weight.device)
+    with torch.no_grad():
+        try:
+            y = module(ids)
+        except Exception:  # noqa: BLE001 - any failure means "not an embedding we understand"
+            return None
+        ref = module.weight[ids]
+        if not isinstance(y, Tensor) or y.shape != ref.shape:
+            return None
+        y, ref = y.double(), ref.double()
+        scale = float((y * ref).sum() / (ref * ref).sum().clamp_min(1e-300))
+        ok = (y - scale * ref).abs().max() <= PROBE_TOL * y.abs().max().clamp_min(1e-30)
+    return (1.0 if abs(scale - 1.0) < 1e-6 else scale) if ok else None
 
 
 def norm_eps(module: nn.Module) -> tuple[bool, float | None]:

@@ -20,9 +20,33 @@ def gram(a: Tensor) -> Tensor:
     return torch.bmm(a, a.transpose(1, 2)).float()
 
 
-def ghost_sq_norm(gram_x: Tensor, g: Tensor) -> Tensor:
-    """||sum_t g_t x_t^T||_F^2 = sum_{t,t'} (x_t.x_t')(g_t.g_t') (Li et al. 2022), [B]."""
-    return (gram_x * gram(g)).sum(dim=(1, 2))
+# From this many positions a Gram matrix is computed as the three distinct blocks of its two halves.
+GRAM_SPLIT_MIN = 128
+
+
+def gram_blocks(a: Tensor, acc: list[Tensor] | None = None) -> list[Tensor]:
+    """The distinct blocks of the symmetric a a^T: [A] for T < GRAM_SPLIT_MIN, else [A11, A12, A22] of the
+    two halves of T (3/4 of the products). With ``acc`` (blocks of an earlier call) a a^T is added into it."""
+    t = a.shape[1]
+    h = t // 2 if t >= GRAM_SPLIT_MIN else t
+    parts = [(a, a)] if h == t else [(a[:, :h], a[:, :h]), (a[:, :h], a[:, h:]), (a[:, h:], a[:, h:])]
+    if acc is None:
+        return [torch.bmm(u, v.transpose(1, 2)).float() for u, v in parts]
+    for out, (u, v) in zip(acc, parts, strict=True):
+        if out.dtype == u.dtype:
+            out.baddbmm_(u, v.transpose(1, 2))
+        else:
+            out.add_(torch.bmm(u, v.transpose(1, 2)).float())
+    return acc
+
+
+def ghost_blocks(gx: list[Tensor], gg: list[Tensor]) -> Tensor:
+    """||sum_t g_t x_t^T||_F^2 = sum_{t,t'} (x_t.x_t')(g_t.g_t') (Li et al. 2022) from ``gram_blocks`` of x
+    and g (off-diagonal blocks count twice), [B]."""
+    out = (gx[0] * gg[0]).sum(dim=(1, 2))
+    if len(gx) == 3:
+        out = out + 2 * (gx[1] * gg[1]).sum(dim=(1, 2)) + (gx[2] * gg[2]).sum(dim=(1, 2))
+    return out
 
 
 def materialise(x: Tensor, g: Tensor, b0: int, b1: int) -> Tensor:

@@ -63,15 +63,19 @@ class Covered:
 
 
 class SharedInput:
-    """An input tensor shared by several modules (q/k/v): masked once, Gram computed once."""
+    """An input tensor shared by several modules (q/k/v): masked once, Gram computed once (``em.gram_blocks``).
+
+    ``acc`` sums the output-gradient Grams of the modules reading it when only the total norm is wanted:
+    sum_m <Gx, Gg_m> = <Gx, sum_m Gg_m>, one in-place product per module and one reduction per input."""
 
     def __init__(self, x: Tensor):
         self.x = x
-        self._gram: Tensor | None = None
+        self._gram: list[Tensor] | None = None
+        self.acc: list[Tensor] | None = None
 
-    def gram(self) -> Tensor:
+    def gram(self) -> list[Tensor]:
         if self._gram is None:
-            self._gram = em.gram(self.x)
+            self._gram = em.gram_blocks(self.x)
         return self._gram
 
 
@@ -87,6 +91,7 @@ class MicroBatch:
         projector: GradientProjector | None,
         strategy: str,
         flat: bool,
+        layer_stats: bool = True,
     ):
         b = mask.shape[0]
         dev = mask.device
@@ -101,6 +106,8 @@ class MicroBatch:
         self.leaves: list[tuple[Covered | None, Tensor]] = []
         self.tied: dict[str, tuple[Tensor, Tensor]] = {}
         self._last: tuple[Tensor, SharedInput] | None = None
+        self.layer_stats = layer_stats
+        self._ghost: list[tuple[list[Tensor], list[Tensor]]] = []  # (Gx, sum_m Gg_m) when not layer_stats
 
     # -- inputs and gradients as the handlers see them -----------------------------------------------
     def prepare(self, t: Tensor) -> Tensor:
@@ -121,6 +128,18 @@ class MicroBatch:
         return self.strategy == "materialise" or (self.strategy == "auto" and t * d_in * d_out < t * t * (d_in + d_out))
 
     # -- accumulators ---------------------------------------------------------------------------------
+    def ghost(self, key: str, holder: SharedInput, g: Tensor) -> Tensor | None:
+        """The ghost squared norm of the module reading ``holder`` with output gradient g, or None when it
+        was summed into ``holder.acc`` (no layer stats: only the total is reported, see ``finish``)."""
+        if self.layer_stats:
+            return em.ghost_blocks(holder.gram(), em.gram_blocks(g))
+        if holder.acc is None:
+            holder.acc = em.gram_blocks(g)
+            self._ghost.append((holder.gram(), holder.acc))
+        else:
+            em.gram_blocks(g, holder.acc)
+        return None
+
     def add(self, key: str, v: Tensor) -> None:
         self.sq[key] = self.sq[key] + v if key in self.sq else v
 
@@ -168,6 +187,8 @@ class MicroBatch:
             sq[k] = sq[k] + 2 * c
         zero = torch.zeros_like(loss, dtype=torch.float32)
         total = sum(sq.values(), zero)
+        for gx, gg in self._ghost:
+            total = total + em.ghost_blocks(gx, gg)
         # a module whose output never got a gradient (it does not reach the loss) has zero gradient
         layer = {k: sq.get(k, zero).clamp_min(0).sqrt().cpu() for k in module_names} if layer_stats else {}
         return SampleGrads(

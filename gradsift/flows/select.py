@@ -1,13 +1,15 @@
 """The selection flow: selections from a train run's scores -> ``selections`` table + manifests.
 
 ``select_flow`` (the Prefect flow of ``select_run``) is built on first use, so that a command running
-``select_run`` directly does not import prefect. Manifests (the kept samples' original records, in
+``select_run`` directly does not import prefect; ``select`` decides between the two (the one place that policy lives). Manifests (the kept samples' original records, in
 preference order) are staged with the run and committed with it to ``<store>/manifests/<run_id>/<selection>.parquet`` and ``.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +46,7 @@ def scores_query(column: str) -> str:
 
 def select_run(config: SelectConfig) -> dict:
     """Write one selection per (fraction, seed) from the scores of ``config.scores_run`` (seconds of work: the CLI
-    runs it without Prefect unless a server is configured; ``select_flow`` is the same as a Prefect flow)."""
+    runs it through ``select``; ``select_flow`` is the same as a Prefect flow)."""
     store = Store(config.store)
     column = config.score or "loss"
     data = query(store, scores_query(column), {"run": config.scores_run})
@@ -89,6 +91,14 @@ def select_run(config: SelectConfig) -> dict:
         return {"selections": names, "samples": data.num_rows, **({"reason": rule_note[2:]} if rule_note else {})}
 
     return run_recorded("select", config, [], "", body)
+
+
+def select(config: SelectConfig) -> dict:
+    """Seconds of work: run ``select_run`` directly, as the Prefect flow only where a server is configured
+    (PREFECT_API_URL), so that a command without one starts no temporary Prefect server."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return select_run(config)
+    return sys.modules[__name__].select_flow(config)  # built by the module's __getattr__ on first use
 
 
 def __getattr__(name: str):

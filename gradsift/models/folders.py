@@ -17,8 +17,9 @@ class ModelFolderError(ValueError):
 CUSTOM_CODE_FIELDS = ("auto_map", "custom_pipelines")  # keys by which a folder asks transformers to import its .py
 CODE_CONFIGS = ("config.json", "tokenizer_config.json", "adapter_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")
-# Every from_pretrained of a checked folder's weights: local files, no code from the folder, safetensors only.
-SAFE_LOAD = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True}
+# Every from_pretrained of a checked folder's weights: local files, no code from the folder, safetensors only, and
+# no hub kernels (transformers 5.25+ turns them on by default: code fetched from the hub).
+SAFE_LOAD = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True, "use_kernels": False}
 HOW_TO_SAVE = "model.save_pretrained(FOLDER, safe_serialization=True) and tokenizer.save_pretrained(FOLDER) make one"
 
 

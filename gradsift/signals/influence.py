@@ -16,8 +16,8 @@ Formulas (c runs over checkpoints with learning rate eta_c; z a training sample,
 
 Every method then scores a training sample by the mean of Inf over a subtask's target samples and
 the maximum over subtasks (LESS, section 3.2). Blocks: features are float16 on disk and in memory;
-each block is cast to float32 and multiplied against all targets, so the memory of one call is
-O(block_rows * (k + M)) whatever N.
+each block is cast to float32 in chunks of ROW_CHUNK rows straight into its products with all targets, so
+the memory of one call is O(block_rows * (k * 2 bytes + M * 4 bytes) + ROW_CHUNK * k * 4 bytes) whatever N.
 """
 
 from __future__ import annotations
@@ -107,24 +107,43 @@ class BlockResult:
     top_vals: dict[str, np.ndarray]  # [k', M]
 
 
+ROW_CHUNK = 2048
+"""Training rows cast from float16 to float32 at a time: the float32 copy stays ROW_CHUNK x k whatever the block."""
+
+
 def block_scores(
     train: dict[str, list[np.ndarray]], targets: Targets, methods: list[Method], top_k: int
 ) -> BlockResult:
     """Influence of one block. ``train[kind][c]``: [B, k] float16 (or float32) features at checkpoint c,
     kind "grad" or "adam". Accumulates in float32: sum_c w_c sim(x_c, t_c) for every target, then mean
-    per subtask and max over subtasks (LESS, section 3.2)."""
+    per subtask and max over subtasks (LESS, section 3.2). Rows are cast in chunks of ROW_CHUNK straight
+    into the products, each chunk once for every method reading its kind; a cosine divides the product's rows
+    by the rows' norms (x / |x| @ t = (x @ t) / |x|) rather than normalising a copy."""
     avg = targets.averaging()
+    k = targets.feats[0].shape[1]
+    n = len(next(iter(train.values()))[0])
+    inf = {m: np.zeros((n, len(targets.subtask)), dtype=np.float32) for m in methods}
+    for kind in dict.fromkeys(TRAIN_KIND[m] for m in methods):
+        readers = [m for m in methods if TRAIN_KIND[m] == kind]
+        for i in range(0, n, ROW_CHUNK):
+            for c, feats in enumerate(train[kind]):
+                x = np.asarray(feats[i : i + ROW_CHUNK], dtype=np.float32)
+                inv = None
+                for m in readers:
+                    prod = x @ targets.matrix(m)[c * k : (c + 1) * k]
+                    if m != "tracin":
+                        if inv is None:
+                            norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+                            inv = (1.0 / np.where(norm > 0, norm, 1.0))[:, None]
+                        prod *= inv
+                    inf[m][i : i + ROW_CHUNK] += prod
     scores, top_rows, top_vals = {}, {}, {}
     for method in methods:
-        x = [np.asarray(f, dtype=np.float32) for f in train[TRAIN_KIND[method]]]
-        if method != "tracin":
-            x = [l2_normalise(f) for f in x]
-        inf = np.concatenate(x, axis=1) @ targets.matrix(method)  # [B, M] float32
-        scores[method] = (inf @ avg).max(axis=1)
+        scores[method] = (inf[method] @ avg).max(axis=1)
         if top_k:
-            k = min(top_k, inf.shape[0])
-            rows = np.argpartition(-inf, k - 1, axis=0)[:k]
-            top_rows[method], top_vals[method] = rows, np.take_along_axis(inf, rows, axis=0)
+            kk = min(top_k, n)
+            rows = np.argpartition(-inf[method], kk - 1, axis=0)[:kk]
+            top_rows[method], top_vals[method] = rows, np.take_along_axis(inf[method], rows, axis=0)
     return BlockResult(scores, top_rows, top_vals)
 
 
@@ -274,7 +293,10 @@ def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource
             for kind, value in src.kinds.items():
                 sel = ckpt == value
                 pos = dict(zip(pid[sel].tolist(), np.flatnonzero(sel).tolist(), strict=True))
-                feats[kind][j].append(mat[[pos[i] for i in ids]].astype(np.float16, copy=False))
+                rows = np.fromiter((pos[i] for i in ids), dtype=np.int64, count=len(ids))
+                in_order = len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+                part_rows = mat[rows[0] : rows[0] + len(rows)] if in_order else mat[rows]  # a view when in order
+                feats[kind][j].append(part_rows.astype(np.float16, copy=False))
     out = {kind: [np.concatenate(per_src) for per_src in lists] for kind, lists in feats.items()}
     return keys, out
 

@@ -27,15 +27,24 @@ class DomainSums:
     norm: dict[str, float] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
 
-    def add(self, feats: np.ndarray, groups: np.ndarray) -> DomainSums:
-        """Accumulate [B, k] features (any float dtype; summed in float64) under their group labels."""
-        x = np.asarray(feats, dtype=np.float64)
-        norms = np.linalg.norm(x, axis=1)
-        for label in np.unique(groups):
-            sel, g = groups == label, str(label)
-            self.vec[g] = self.vec.get(g, 0.0) + x[sel].sum(axis=0)
-            self.norm[g] = self.norm.get(g, 0.0) + float(norms[sel].sum())
-            self.count[g] = self.count.get(g, 0) + int(sel.sum())
+    def add(self, feats: np.ndarray, groups: np.ndarray, chunk: int = 2048) -> DomainSums:
+        """Accumulate [B, k] features (any float dtype; summed in float64) under their group labels: per chunk
+        of rows one float64 copy and one product with the chunk's group indicator matrix."""
+        labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        vec = np.zeros((len(labels), feats.shape[1]))
+        norm = np.zeros(len(labels))
+        for i in range(0, len(feats), chunk):
+            x = np.asarray(feats[i : i + chunk], dtype=np.float64)
+            onehot = np.zeros((len(labels), len(x)))
+            onehot[inverse[i : i + chunk], np.arange(len(x))] = 1.0
+            vec += onehot @ x
+            norm += onehot @ np.sqrt(np.einsum("ij,ij->i", x, x))
+        counts = np.bincount(inverse, minlength=len(labels))
+        for j, label in enumerate(labels):
+            g = str(label)
+            self.vec[g] = self.vec.get(g, 0.0) + vec[j]
+            self.norm[g] = self.norm.get(g, 0.0) + float(norm[j])
+            self.count[g] = self.count.get(g, 0) + int(counts[j])
         return self
 
     def merge(self, other: DomainSums) -> DomainSums:
