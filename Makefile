@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(BIN)/gradsift demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	# Two workers, one test file each: most of a test's wall time is waiting on the processes it starts
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check gradsift tests bench
