@@ -12,7 +12,7 @@ console = Console()
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # a path in it stays whole
     raise typer.Exit(2)
 
 
