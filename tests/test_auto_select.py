@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gradsift.selection.auto import auto_select, choose
 from gradsift.selection.direction import direction_rule, first_learned, visits_direction
@@ -53,6 +54,11 @@ def test_the_direction_rule_reads_accuracy_and_dynamics():
     never = early.copy()
     never[:30] = False
     assert direction_rule(0.92, never).drop == "hard" and "never learned 30.0%" in direction_rule(0.92, never).reason
+    still_learning = early.copy()
+    still_learning[:20, 6] = False  # 80% right in the epoch before the last, 100% in the last
+    rule = direction_rule(0.92, still_learning)
+    assert rule.drop == "hard" and rule.last_epoch_gain == pytest.approx(0.2)  # the step budget is short: scarce
+    assert "training accuracy +20.0% over the last epoch" in rule.reason
     np.testing.assert_array_equal(first_learned(np.array([[0, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]], bool)), [3, 0, 4])
 
 

@@ -6,6 +6,9 @@ plentiful for the model, keep the hard samples (drop easy); when scarce, keep th
 Cartography"): a proxy that reaches a high held-out accuracy, leaves few samples never learned and learns most
 samples early has data to spare (the easy samples are redundant); one with a low held-out accuracy, many
 never-learned or late-learned samples is still data-starved (the hard samples are noise or out of its reach).
+Sorscher et al.'s regimes assume training to convergence; a retrain of a pruned subset for the same epochs takes
+fewer steps, so a proxy whose training accuracy still rose over its last epoch counts as scarce too: the step budget
+is what is short, and the hard samples would not be fit in it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ PLENTIFUL_ACCURACY = 0.85
 """Held-out accuracy of the proxy from which the data count as plentiful."""
 MAX_NEVER_LEARNED = 0.15
 """Never-learned fraction above which the data count as scarce, whatever the accuracy."""
+MAX_LAST_EPOCH_GAIN = 0.01
+"""Rise of the training accuracy over the last epoch above which the proxy counts as still learning (scarce)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Direction:
     accuracy: float
     never_learned: float
     median_first_learned: float  # as a fraction of the epochs; 1.0 when half or more are never learned
+    last_epoch_gain: float  # training accuracy at the last epoch minus at the one before (0.0 with one epoch)
     reason: str
 
 
@@ -42,19 +48,24 @@ def first_learned(correct: np.ndarray) -> np.ndarray:
 
 def direction_rule(accuracy: float, correct: np.ndarray) -> Direction:
     """Drop easy when the proxy's held-out ``accuracy`` >= ``PLENTIFUL_ACCURACY``, at most ``MAX_NEVER_LEARNED`` of
-    the samples are never learned and half are learned within the first half of the epochs; else drop hard.
-    ``correct``: [N, E] whether each training sample was classified correctly at the end of each epoch."""
+    the samples are never learned, half are learned within the first half of the epochs and the training accuracy
+    rose by at most ``MAX_LAST_EPOCH_GAIN`` over the last epoch; else drop hard.
+    ``correct``: [N, E] whether each training sample was classified correctly at each epoch."""
     c = np.asarray(correct, dtype=bool)
     epochs = c.shape[1]
     never = float((~c.any(axis=1)).mean())
     median = min(float(np.median(first_learned(c))) + 1, epochs) / epochs  # epochs it takes, as a fraction
-    plentiful = accuracy >= PLENTIFUL_ACCURACY and never <= MAX_NEVER_LEARNED and median <= 0.5
+    gain = float(c[:, -1].mean() - c[:, -2].mean()) if epochs > 1 else 0.0
+    plentiful = (
+        accuracy >= PLENTIFUL_ACCURACY and never <= MAX_NEVER_LEARNED and median <= 0.5 and gain <= MAX_LAST_EPOCH_GAIN
+    )
     drop: Literal["easy", "hard"] = "easy" if plentiful else "hard"
     reason = (
         f"proxy held-out accuracy {accuracy:.3f}, never learned {never:.1%}, half learned by {median:.0%} of the "
-        f"epochs: data {'plentiful' if plentiful else 'scarce'} for the model, drop {drop} (Sorscher et al. 2022)"
+        f"epochs, training accuracy {gain:+.1%} over the last epoch: data {'plentiful' if plentiful else 'scarce'} "
+        f"for the model, drop {drop} (Sorscher et al. 2022)"
     )
-    return Direction(drop, float(accuracy), never, median, reason)
+    return Direction(drop, float(accuracy), never, median, gain, reason)
 
 
 def visits_direction(
@@ -73,4 +84,6 @@ def visits_direction(
         rows.append(correct[m][order].reshape(len(np.unique(sample_id[m])), -1))
     found = direction_rule(float(np.concatenate(heldout).mean()), np.concatenate(rows))
     reason = found.reason.replace("held-out accuracy", "progressive accuracy (first epoch, second half)")
-    return Direction(found.drop, found.accuracy, found.never_learned, found.median_first_learned, reason)
+    return Direction(
+        found.drop, found.accuracy, found.never_learned, found.median_first_learned, found.last_epoch_gain, reason
+    )
