@@ -155,7 +155,7 @@ class StepCapture:
         n_tokens = torch.bincount(owner, minlength=n)
         per_sample = torch.zeros(2, n, device=r.device)  # sum_t <g_t, r_t>, sum_t |r_t|^2
         per_sample[0].index_add_(0, owner, (view(g, p.labels)[0] * r).sum(1))
-        per_sample[1].index_add_(0, owner, torch.linalg.vector_norm(r, dim=1).square())
+        per_sample[1].index_add_(0, owner, tokens["el2n"].square())  # |r_t|^2
         gr, rr = per_sample
         c = n_tokens * gr / rr.clamp_min(torch.finfo(torch.float32).tiny)
         p.scale = torch.where(rr > 0, c, torch.ones_like(c))

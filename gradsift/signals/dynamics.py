@@ -75,12 +75,13 @@ def token_stats(
     flat_logits: Tensor, flat_labels: Tensor, owner: Tensor, n: int, task: TaskType
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``visit_stats`` from the adapter's token view ([M, C] logits, [M] labels, [M] owning sample), one softmax
-    pass: (per-sample loss, pred, correct, margin, el2n, [n] each; per token: loss, and ``residual`` [M, C],
-    the gradient of the token's cross-entropy w.r.t. its logits). The loss is the mean of the sample's token
+    pass: (per-sample loss, pred, correct, margin, el2n, [n] each; per token: loss, el2n, and ``residual``
+    [M, C], the gradient of the token's cross-entropy w.r.t. its logits). The loss is the mean of the sample's token
     cross-entropies, as ``per_sample_loss`` defines it for both adapters."""
     logp = F.log_softmax(flat_logits.float(), dim=-1)
     token_loss = -logp.gather(1, flat_labels[:, None]).squeeze(1)
     r = _minus_onehot(logp.exp_(), flat_labels)
+    token_el2n = r.norm(dim=-1)
     token_margin, argmax = _margin_argmax(flat_logits, flat_labels)
     hit = (argmax == flat_labels).float()
     if task == "classification":
@@ -93,9 +94,9 @@ def token_stats(
         "pred": pred,
         "correct": correct,
         "margin": _per_sample_mean(token_margin, owner, n),
-        "el2n": _per_sample_mean(r.norm(dim=-1), owner, n),
+        "el2n": _per_sample_mean(token_el2n, owner, n),
     }
-    return per_sample, {"loss": token_loss, "residual": r}
+    return per_sample, {"loss": token_loss, "el2n": token_el2n, "residual": r}
 
 
 def gold_logit(logits: Tensor, labels: Tensor, task: TaskType) -> Tensor:
