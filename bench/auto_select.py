@@ -76,6 +76,13 @@ def test_accuracy(c: Candidate, x, y, xt, yt, scores, seeds, epochs) -> list[flo
     return accs
 
 
+def plant_noise(y: np.ndarray, num_labels: int, seed: int = 5, rate: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy labels, flipped mask): each label flipped with probability ``rate`` to another class, seeded."""
+    flipped = np.random.default_rng(seed).random(len(y)) < rate
+    other = (y + np.random.default_rng(seed + 1).integers(1, num_labels, len(y))) % num_labels
+    return np.where(flipped, other, y), flipped
+
+
 def names_at(f: float) -> list[str]:
     """The test table's candidates at fraction kept ``f``: random, then every score in both directions."""
     return [f"random-keep{f:.2f}"] + [f"{s}-drop-{d}-keep{f:.2f}" for s in AUTO_SCORES for d in ("easy", "hard")]
@@ -103,8 +110,7 @@ def study(name: str, args) -> dict:
            "rule": auto.direction.drop, "rule_reason": auto.direction.reason, "side_mean": side,
            "trials": auto.trials, "trials_any": wide.trials}  # fmt: skip
     if name == "agnews":
-        flipped = np.random.default_rng(5).random(len(y)) < 0.1
-        noisy = np.where(flipped, (y + np.random.default_rng(6).integers(1, len(classes), len(y))) % len(classes), y)
+        noisy, flipped = plant_noise(y, len(classes))
         aums = np.mean([head_scores(train_head(x, noisy, len(classes), args.epochs, s))["aum"] for s in seeds], 0)
         out["noise_auroc_aum"] = auroc(-aums, flipped)
     return out

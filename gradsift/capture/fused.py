@@ -42,13 +42,13 @@ def fused_grads(st: MicroBatch, m: Covered, x: Tensor, g: Tensor, bias: bool) ->
     the module has a bias)."""
     xs, gs = st.prepare(x), st.prepare(g)  # [B, T, d], pads zeroed
     per = torch.bmm(gs.transpose(1, 2), xs)  # G_i [B, d_out, d_in]
-    sq = per.flatten(1).pow(2).sum(1).float()
+    sq = torch.linalg.vector_norm(per.flatten(1), dim=1).float().square()  # no [B, d_out, d_in] temporary
     grad_w = per.sum(0)
     grad_b = None
     if bias:
         per_b = gs.sum(1)
         if m.bias is not None:
-            sq = sq + per_b.float().pow(2).sum(1)
+            sq = sq + torch.linalg.vector_norm(per_b.float(), dim=1).square()
         grad_b = per_b.sum(0)
     if st.padded and x.dim() == 3 and x.shape[1] == st.mask.shape[1]:  # pads' part of the step's gradient
         pad = st.mask == 0

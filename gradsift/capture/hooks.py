@@ -10,9 +10,11 @@ al. 2024). No second backward and no per-sample weight-gradient copies.
 Scale: the step's loss is some weighted sum sum_i c_i loss_i (a batch mean c_i = 1/B, a token mean over
 the batch c_i = n_i / N, divided by the accumulation steps or by the Trainer's ``num_items_in_batch``), so the
 output gradients the hooks see are c_i times those of loss_i. A tensor hook on the logits finds c_i exactly:
-dL/dlogits_i = c_i * dloss_i/dlogits_i, with dloss_i/dlogits_i from autograd through the loss alone (not the
-model). Norms are divided by |c_i|, features by c_i, so the record is || grad_w loss_i || whatever the
-reduction. Dropout is whatever the step uses (the recorded gradient is the step's own).
+dL/dlogits_i = c_i * dloss_i/dlogits_i, where loss_i is the mean cross-entropy of the sample's n_i target tokens
+(``per_sample_loss``, both adapters), so dloss_i/dlogits_t = (softmax - onehot)_t / n_i: the residual that the
+visit's statistics (``dynamics.token_stats``) compute in the same softmax pass. Norms are divided by |c_i|,
+features by c_i, so the record is || grad_w loss_i || whatever the reduction. Dropout is whatever the step uses
+(the recorded gradient is the step's own).
 
 A Linear whose per-sample gradients the engine would materialise runs as ``fused.FusedLinear`` during capture:
 its backward builds them once and returns their sum as the weight gradient (the step's own grad_W matmul is
@@ -35,10 +37,9 @@ from torch import Tensor, nn
 
 from gradsift.capture.fused import FusedLinear, fusable, fuse_now
 from gradsift.capture.ids import ID_KEY, MISSING_HINT, MissingSampleIdsError
-from gradsift.data.batching import IGNORE_INDEX
 from gradsift.engine.gradients import PerSampleGradients
 from gradsift.engine.state import Covered, MicroBatch
-from gradsift.models.adapter import per_sample_loss
+from gradsift.models.adapter import adapter
 from gradsift.schemas.engine import EngineConfig
 from gradsift.signals import dynamics as dyn
 
@@ -59,20 +60,8 @@ class _Pending:
         self.logits: Tensor | None = None
         self.labels: Tensor | None = None
         self.scale: Tensor | None = None  # c_i, set by the logits' gradient hook
-        self.loss: Tensor | None = None  # loss_i, computed there too
+        self.stats: dict[str, Tensor] = {}  # the visit's statistics, computed there too
         self.fused: set[str] = set()  # modules that ran as FusedLinear in this forward
-
-
-def token_summary(logits: Tensor, labels: Tensor, task: str, loss: Tensor) -> dict[str, Tensor]:
-    """Target tokens per sample and the largest per-token loss (a classifier: 1 and its ``loss``)."""
-    if task == "classification":
-        return {"n_tokens": torch.ones_like(labels), "token_loss_max": loss}
-    targets = labels[:, 1:]
-    tok = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=IGNORE_INDEX
-    )
-    keep = targets != IGNORE_INDEX
-    return {"n_tokens": keep.sum(1), "token_loss_max": tok.masked_fill(~keep, float("-inf")).amax(1).clamp_min(0)}
 
 
 class StepCapture:
@@ -158,14 +147,20 @@ class StepCapture:
         return None
 
     def _on_logits_grad(self, p: _Pending, g: Tensor) -> None:
-        with torch.enable_grad():
-            z = p.logits.float().requires_grad_()
-            loss = per_sample_loss(z, p.labels, self.task)
-            (h,) = torch.autograd.grad(loss.sum(), z)
-        p.loss = loss.detach()
-        hh = h.flatten(1).pow(2).sum(1)
-        c = (g.float() * h).flatten(1).sum(1) / hh.clamp_min(torch.finfo(torch.float32).tiny)
-        p.scale = torch.where(hh > 0, c, torch.ones_like(c))
+        view = adapter(self.task).token_view
+        flat, labels, owner = view(p.logits, p.labels)
+        n = p.labels.shape[0]
+        stats, tokens = dyn.token_stats(flat, labels, owner, n, self.task)
+        r = tokens["residual"]
+        n_tokens = torch.bincount(owner, minlength=n)
+        per_sample = torch.zeros(2, n, device=r.device)  # sum_t <g_t, r_t>, sum_t |r_t|^2
+        per_sample[0].index_add_(0, owner, (view(g, p.labels)[0] * r).sum(1))
+        per_sample[1].index_add_(0, owner, tokens["el2n"].square())  # |r_t|^2
+        gr, rr = per_sample
+        c = n_tokens * gr / rr.clamp_min(torch.finfo(torch.float32).tiny)
+        p.scale = torch.where(rr > 0, c, torch.ones_like(c))
+        worst = torch.zeros(n, device=r.device).scatter_reduce_(0, owner, tokens["loss"], "amax")
+        p.stats = stats | {"n_tokens": n_tokens, "token_loss_max": worst}
 
     # -- results ----------------------------------------------------------------------------------------
     def _finish_pending(self) -> None:
@@ -177,12 +172,10 @@ class StepCapture:
         p.st._last, p.st.leaves = None, []
         if p.scale is None:
             return  # a forward without backward (e.g. a step skipped for a non-finite loss): no visit
-        loss = p.loss
-        stats = dyn.visit_stats(p.logits, p.labels, self.task, loss) | token_summary(p.logits, p.labels, self.task, loss)
-        res = p.st.finish(loss, self.engine.module_names, layer_stats=False)
+        res = p.st.finish(p.stats["loss"], self.engine.module_names, layer_stats=False)
         scale = p.scale.cpu()
         feats = None if res.features is None else res.features / scale[:, None]
-        stats = {k: v.detach().cpu() for k, v in stats.items()}
+        stats = {k: v.cpu() for k, v in p.stats.items()}
         self.done.append(MicroResult(p.ids, stats, res.grad_norm / scale.abs(), feats))
 
     def collect(self) -> list[MicroResult]:

@@ -85,6 +85,8 @@ class CausalLMAdapter(ModelAdapter):
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         keep = labels != IGNORE_INDEX
         owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        if bool(keep.all()):  # no ignored token: a reshape copies less than a masked gather
+            return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), owner.reshape(-1)
         return logits[keep], labels[keep], owner[keep]
 
 

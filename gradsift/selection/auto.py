@@ -50,9 +50,12 @@ class HeadRun:
     el2n: np.ndarray  # [N, E]
 
 
-def train_head(x: np.ndarray, y: np.ndarray, num_labels: int, epochs: int, seed: int, lr: float = 3e-3) -> HeadRun:
-    """A linear head trained with AdamW in shuffled batches of 64; the dynamics recorded after every epoch."""
-    model = build_head(x.shape[1], num_labels, seed=seed)
+def train_head(
+    x: np.ndarray, y: np.ndarray, num_labels: int, epochs: int, seed: int, lr: float = 3e-3, hidden: int = 0
+) -> HeadRun:
+    """A head (linear, or one hidden ReLU layer of ``hidden`` units) trained with AdamW in shuffled batches of 64;
+    the dynamics recorded after every epoch."""
+    model = build_head(x.shape[1], num_labels, hidden=hidden, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
     gen = torch.Generator().manual_seed(seed)

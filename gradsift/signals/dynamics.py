@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradsift.models.adapter import TaskType, adapter, per_sample_loss
+from gradsift.models.adapter import TaskType, adapter
 from gradsift.selection.subsets import zscore
 
 
@@ -28,16 +28,28 @@ def _per_sample_mean(values: Tensor, owner: Tensor, n: int) -> Tensor:
 def margin(logits: Tensor, labels: Tensor) -> Tensor:
     """Margin of each row: gold logit minus the largest other logit, [M, C], [M] -> [M]
     (Pleiss et al. 2020, "Identifying Mislabeled Data using the Area Under the Margin Ranking")."""
+    return _margin_argmax(logits, labels)[0]
+
+
+def _margin_argmax(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(margin, argmax) of each row from its two largest logits: the largest other logit is the second one where
+    the gold label is the argmax, else the first (one pass, no copy of the logits, no host sync)."""
+    top, index = logits.topk(2, dim=1)
+    argmax = index[:, 0]
     gold = logits.gather(1, labels[:, None]).squeeze(1)
-    other = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-    return gold - other
+    other = torch.where(argmax == labels, top[:, 1], top[:, 0])
+    return gold - other, argmax
 
 
 def el2n(logits: Tensor, labels: Tensor) -> Tensor:
     """EL2N = || softmax(f(x)) - onehot(y) ||_2 per row, [M, C], [M] -> [M]
     (Paul et al. 2021, "Deep Learning on a Data Diet: Finding Important Examples Early in Training")."""
-    probs = F.softmax(logits.float(), dim=-1)
-    return (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)).norm(dim=-1)
+    return _minus_onehot(F.softmax(logits.float(), dim=-1), labels).norm(dim=-1)
+
+
+def _minus_onehot(probs: Tensor, labels: Tensor) -> Tensor:
+    """probs - onehot(labels), in place (the one-hot is not built)."""
+    return probs.scatter_add_(1, labels[:, None], torch.full_like(probs[:, :1], -1.0))
 
 
 @torch.no_grad()
@@ -49,22 +61,39 @@ def visit_stats(logits: Tensor, labels: Tensor, task: TaskType, loss: Tensor | N
     ``loss``: the per-sample loss when the caller has it already (the training step), else computed here.
     """
     flat_logits, flat_labels, owner = adapter(task).token_view(logits, labels)
-    n = labels.shape[0]
-    argmax = flat_logits.argmax(-1)
+    stats, _ = token_stats(flat_logits, flat_labels, owner, labels.shape[0], task)
+    if loss is not None:
+        stats["loss"] = loss.detach()
+    return stats
+
+
+@torch.no_grad()
+def token_stats(
+    flat_logits: Tensor, flat_labels: Tensor, owner: Tensor, n: int, task: TaskType
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``visit_stats`` from the adapter's token view ([M, C] logits, [M] labels, [M] owning sample), one softmax
+    pass: (per-sample loss, pred, correct, margin, el2n, [n] each; per token: loss, el2n, and ``residual``
+    [M, C], the gradient of the token's cross-entropy w.r.t. its logits). The loss is the mean of the sample's token
+    cross-entropies, as ``per_sample_loss`` defines it for both adapters."""
+    logp = F.log_softmax(flat_logits.float(), dim=-1)
+    token_loss = -logp.gather(1, flat_labels[:, None]).squeeze(1)
+    r = _minus_onehot(logp.exp_(), flat_labels)
+    token_el2n = r.norm(dim=-1)
+    token_margin, argmax = _margin_argmax(flat_logits, flat_labels)
     hit = (argmax == flat_labels).float()
     if task == "classification":
-        pred = argmax
-        correct = hit.bool()
+        pred, correct = argmax, hit.bool()
     else:
-        pred = torch.full((n,), -1, dtype=torch.long, device=labels.device)
+        pred = torch.full((n,), -1, dtype=torch.long, device=flat_labels.device)
         correct = _per_sample_mean(hit, owner, n) >= 0.5
-    return {
-        "loss": per_sample_loss(logits, labels, task) if loss is None else loss.detach(),
+    per_sample = {
+        "loss": _per_sample_mean(token_loss, owner, n),
         "pred": pred,
         "correct": correct,
-        "margin": _per_sample_mean(margin(flat_logits, flat_labels), owner, n),
-        "el2n": _per_sample_mean(el2n(flat_logits, flat_labels), owner, n),
+        "margin": _per_sample_mean(token_margin, owner, n),
+        "el2n": _per_sample_mean(token_el2n, owner, n),
     }
+    return per_sample, {"loss": token_loss, "el2n": token_el2n, "residual": r}
 
 
 def gold_logit(logits: Tensor, labels: Tensor, task: TaskType) -> Tensor:
