@@ -8,7 +8,8 @@ gradients of sample i are exactly those of loss_i. Forward hooks keep each cover
 tensor hooks on its output receive the output gradient g. For a Linear layer the per-sample weight
 gradient is G_i = sum_t g_t x_t^T and the bias gradient sum_t g_t. Its squared Frobenius norm is either
 the "ghost" identity sum_{t,t'} (x_t.x_t')(g_t.g_t') (ghost clipping, Li et al. 2022, "Large Language
-Models Can Be Strong Differentially Private Learners"), cost T^2 (d_in + d_out), or ||G_i||^2 after
+Models Can Be Strong Differentially Private Learners"), cost T^2 (d_in + d_out) (3/4 of it from T = 128 on:
+the symmetric Grams from their halves' three distinct blocks, ``kernels.gram_products``), or ||G_i||^2 after
 materialising G_i, cost T d_in d_out; the engine picks the cheaper per layer (Bu et al. 2022,
 "book-keeping": per-sample norms without the weight gradients). Inputs x sharing one tensor (q/k/v,
 gate/up) share one Gram matrix.
