@@ -10,6 +10,7 @@ from torch import nn
 
 from gradsift.data.batching import IGNORE_INDEX, Batch
 from gradsift.engine.gradients import PerSampleGradients, module_key
+from gradsift.engine.kernels import GRAM_SPLIT_MIN, gram_blocks, gram_products
 from gradsift.models.adapter import per_sample_loss
 from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
@@ -125,8 +126,6 @@ def test_materialise_and_ghost_chosen_by_shape():
 def test_long_sequences_split_grams_and_summed_ghost_norms(llama, layer_stats):
     # T >= GRAM_SPLIT_MIN: Grams from their half blocks; without layer stats the output-gradient Grams of the
     # modules sharing an input are summed before the product. Odd and padded lengths, block Linear only too.
-    from gradsift.engine.kernels import GRAM_SPLIT_MIN
-
     batch = make_batch([GRAM_SPLIT_MIN + 3, GRAM_SPLIT_MIN - 20, 9], prompt=3, seed=4)
     for parameters in ("all", "block_linear"):
         cfg = EngineConfig(feature_dim=0, layer_stats=layer_stats, parameters=parameters)
@@ -135,6 +134,29 @@ def test_long_sequences_split_grams_and_summed_ghost_norms(llama, layer_stats):
         ref = reference(llama, batch, eng)
         assert rel_err(res.grad_norm, ref["flat"].norm(dim=1)) < REL
         assert sorted(res.layer_norms) == (sorted(eng.module_names) if layer_stats else [])
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialise"])
+def test_block_linear_propagates_no_gradient_below_the_first_block(llama, strategy):
+    # Only the blocks' Linear layers are covered: the first block's q/k/v and gate/up outputs are the leaves,
+    # so nothing below them (embedding, first norm) is differentiated, and the norms still equal autograd's.
+    seen = []
+    norm = llama.model.layers[0].input_layernorm
+    handle = norm.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
+    try:
+        batch = make_batch([GRAM_SPLIT_MIN + 5, 11, 30], prompt=2, seed=5)
+        eng = PerSampleGradients(llama, EngineConfig(feature_dim=64, parameters="block_linear"), strategy=strategy)
+        res = eng.compute(batch, flat_grads=True)
+    finally:
+        handle.remove()
+    assert seen == [False]
+    check(res, reference(llama, batch, eng))
+
+
+def test_gram_products_count_the_blocks():
+    for t in (1, 7, GRAM_SPLIT_MIN - 1, GRAM_SPLIT_MIN, GRAM_SPLIT_MIN + 3, 4 * GRAM_SPLIT_MIN + 1):
+        a = torch.zeros(1, t, 3)
+        assert gram_products(t, 3) == sum(3 * b.shape[1] * b.shape[2] for b in gram_blocks(a))
 
 
 def test_tied_embeddings(llama):

@@ -8,14 +8,17 @@ gradients of sample i are exactly those of loss_i. Forward hooks keep each cover
 tensor hooks on its output receive the output gradient g. For a Linear layer the per-sample weight
 gradient is G_i = sum_t g_t x_t^T and the bias gradient sum_t g_t. Its squared Frobenius norm is either
 the "ghost" identity sum_{t,t'} (x_t.x_t')(g_t.g_t') (ghost clipping, Li et al. 2022, "Large Language
-Models Can Be Strong Differentially Private Learners"), cost T^2 (d_in + d_out), or ||G_i||^2 after
+Models Can Be Strong Differentially Private Learners"), cost T^2 (d_in + d_out) (3/4 of it from T = 128 on:
+the symmetric Grams from their halves' three distinct blocks, ``kernels.gram_products``), or ||G_i||^2 after
 materialising G_i, cost T d_in d_out; the engine picks the cheaper per layer (Bu et al. 2022,
 "book-keeping": per-sample norms without the weight gradients). Inputs x sharing one tensor (q/k/v,
 gate/up) share one Gram matrix.
 
-No weight gradient is ever computed: during ``compute`` every parameter has requires_grad=False, every
-nn.Embedding output is made a fresh leaf that requires grad, and torch.autograd.grad(total, leaves)
-propagates only activation gradients. That is cheaper than a training step.
+No weight gradient is ever computed: during ``compute`` every parameter has requires_grad=False, the output
+of every covered module whose input carries no gradient (the embeddings; with ``parameters="block_linear"``
+the first block's q/k/v and gate/up) is made a fresh leaf that requires grad, and
+torch.autograd.grad(total, leaves) propagates only activation gradients, and none below those leaves (no
+input gradient of the first covered modules). That is cheaper than a training step.
 
 Other parameter kinds:
 * nn.Embedding: G_i = sum_t onehot(id_t) e_t^T, ||G_i||^2 = sum_{t,t'} [id_t == id_t'] (e_t.e_t') (e: gradient
@@ -217,10 +220,6 @@ class PerSampleGradients:
                 p.requires_grad_(False)
             for m in self.mods:
                 handles.append(m.module.register_forward_hook(st.forward_hook(m)))
-            covered = {id(m.module) for m in self.mods}
-            for mod in model.modules():
-                if isinstance(mod, nn.Embedding) and id(mod) not in covered:
-                    handles.append(mod.register_forward_hook(st.leaf_hook))
             m_long = batch.attention_mask.long()
             pos = (m_long.cumsum(-1) - 1).clamp(min=0)
             with torch.enable_grad():
@@ -233,8 +232,7 @@ class PerSampleGradients:
                 leaves = [t for _, t in st.leaves]
                 grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
             for (m, t), g in zip(st.leaves, grads, strict=True):
-                if m is not None:
-                    st.on_grad(m, torch.zeros_like(t) if g is None else g)
+                st.on_grad(m, torch.zeros_like(t) if g is None else g)
         finally:
             for h in handles:
                 h.remove()

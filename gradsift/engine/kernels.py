@@ -40,6 +40,12 @@ def gram_blocks(a: Tensor, acc: list[Tensor] | None = None) -> list[Tensor]:
     return acc
 
 
+def gram_products(t: int, d: int) -> int:
+    """Multiply-adds per sample of ``gram_blocks`` of a [T, d] input."""
+    h = t // 2 if t >= GRAM_SPLIT_MIN else t
+    return d * (h * h + h * (t - h) + (t - h) ** 2) if h < t else d * t * t
+
+
 def ghost_blocks(gx: list[Tensor], gg: list[Tensor]) -> Tensor:
     """||sum_t g_t x_t^T||_F^2 = sum_{t,t'} (x_t.x_t')(g_t.g_t') (Li et al. 2022) from ``gram_blocks`` of x
     and g (off-diagonal blocks count twice), [B]."""

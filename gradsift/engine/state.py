@@ -103,7 +103,7 @@ class MicroBatch:
         self.nuclear: dict[str, tuple[Tensor, Tensor]] = {}
         self.features = torch.zeros(b, feature_dim, device=dev) if projector is not None else None
         self.flat = torch.zeros(b, num_params, device=dev) if flat else None
-        self.leaves: list[tuple[Covered | None, Tensor]] = []
+        self.leaves: list[tuple[Covered, Tensor]] = []
         self.tied: dict[str, tuple[Tensor, Tensor]] = {}
         self._last: tuple[Tensor, SharedInput] | None = None
         self.layer_stats = layer_stats
@@ -124,8 +124,10 @@ class MicroBatch:
         return holder
 
     def materialise(self, t: int, d_in: int, d_out: int) -> bool:
-        """Whether a matrix gradient is materialised (cheaper than the ghost norm, or forced)."""
-        return self.strategy == "materialise" or (self.strategy == "auto" and t * d_in * d_out < t * t * (d_in + d_out))
+        """Whether a matrix gradient is materialised (T d_in d_out multiply-adds, fewer than the ghost norm's two
+        Grams, or forced)."""
+        ghost = em.gram_products(t, d_in) + em.gram_products(t, d_out)
+        return self.strategy == "materialise" or (self.strategy == "auto" and t * d_in * d_out < ghost)
 
     # -- accumulators ---------------------------------------------------------------------------------
     def ghost(self, key: str, holder: SharedInput, g: Tensor) -> Tensor | None:
@@ -153,14 +155,6 @@ class MicroBatch:
         self.flat[i:j, start : start + n] += g.reshape(j - i, -1)
 
     # -- hooks ----------------------------------------------------------------------------------------
-    def leaf_hook(self, mod, args, out):
-        """On uncovered embeddings: make the output a leaf so that activation gradients flow."""
-        if out.requires_grad:
-            return None
-        out = out.detach().requires_grad_()
-        self.leaves.append((None, out))
-        return out
-
     def forward_hook(self, m: Covered):
         def hook(mod, args, out):
             if m.saved is not None:

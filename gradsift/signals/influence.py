@@ -24,18 +24,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from gradsift.data.batching import collate, micro_batches
-from gradsift.models.adapter import adapter
-from gradsift.models.checkpoints import CheckpointInfo, load_checkpoint
-from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.influence import Method
 from gradsift.signals.mixture import DomainSums
 from gradsift.storage.keys import FEATURE_KINDS, CheckpointFeature, FeaturePart
+
+if TYPE_CHECKING:  # torch and the model code are imported where features are made, not where blocks are scored
+    import torch
+
+    from gradsift.models.checkpoints import CheckpointInfo
 
 TRAIN_KIND = {"less": "adam", "tracin": "grad", "cosine": "grad"}
 """Which training-side features each method reads; the target side always reads plain gradients."""
@@ -169,6 +170,8 @@ def optimizer_moments(model: torch.nn.Module, state: dict, names: list[str]) -> 
 
     The optimizer's parameter indices follow its param_groups, built (by the train flow) over the
     model's trainable parameters in ``named_parameters`` order."""
+    import torch
+
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     index = [i for g in state["param_groups"] for i in g["params"]]
     if len(index) != len(trainable):
@@ -190,6 +193,8 @@ class CheckpointFeaturizer:
 
     def __init__(self, info: CheckpointInfo, feature_dim: int, seed: int = 0, micro_batch_size: int = 16):
         from gradsift.engine.gradients import PerSampleGradients
+        from gradsift.models.checkpoints import load_checkpoint
+        from gradsift.schemas.engine import EngineConfig
         from gradsift.signals.scoring import pick_device
 
         if not info.meta.get("lora"):
@@ -214,7 +219,8 @@ class CheckpointFeaturizer:
 
     def featurize(self, samples: pa.Table) -> dict[str, pa.Table]:
         """Rows of ``features`` for one shard: checkpoint ``CheckpointFeature(name, "grad" / "adam").value``."""
-        from gradsift.models.adapter import task_of
+        from gradsift.data.batching import collate, micro_batches
+        from gradsift.models.adapter import adapter, task_of
         from gradsift.signals.scoring import features_table
 
         task = task_of(self.model.get_base_model())
