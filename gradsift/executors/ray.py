@@ -14,9 +14,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
-from ray.util import ActorPool
-
 from gradsift.schemas.config import RayConfig
 
 
@@ -29,6 +26,8 @@ def ensure_ray(config: RayConfig) -> str:
     the usage-stats module only (which probes the cloud metadata addresses once, usage stats on or off),
     and the raylet's dashboard and runtime-env agents: no ray.init option turns those off.
     """
+    import ray
+
     if not ray.is_initialized():
         if config.address:
             env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "HF_", "TRANSFORMERS_"))}
@@ -66,6 +65,9 @@ def run_on_pool(
     """
     if not items:
         return []
+    import ray
+    from ray.util import ActorPool
+
     ensure_ray(config)
     actor_cls = ray.remote(worker_cls).options(**actor_options(config))
     actors = [actor_cls.remote(*init_args) for _ in range(min(config.num_actors, len(items)))]
@@ -79,6 +81,40 @@ def run_on_pool(
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def in_process(config: RayConfig, n_items: int) -> bool:
+    """Whether ``n_items`` of work run in this process rather than on a freshly started local Ray: no cluster
+    is configured and there are at most ``config.in_process_max_shards`` (starting Ray and its actors costs more
+    than such an input takes)."""
+    return not config.address and n_items <= config.in_process_max_shards
+
+
+def describe_executor(config: RayConfig, n_items: int) -> str:
+    """Where ``run_items`` runs ``n_items``, for the progress log (starting or joining Ray where it will use it)."""
+    if in_process(config, n_items):
+        return f"in this process ({n_items} <= in_process_max_shards={config.in_process_max_shards}, no Ray cluster)"
+    return f"on Ray {ensure_ray(config)} with {min(config.num_actors, n_items)} actors"
+
+
+def run_items(
+    worker_cls: type,
+    init_args: Sequence,
+    items: Sequence,
+    config: RayConfig,
+    on_done: Callable[[Any, int, int], None] | None = None,
+) -> list:
+    """``run_on_pool``, or for a small input without a cluster (``in_process``) the same worker built once in
+    this process and called on each item in turn (same parts written, same results)."""
+    if not in_process(config, len(items)):
+        return run_on_pool(worker_cls, init_args, items, config, on_done)
+    worker = worker_cls(*init_args) if items else None
+    results = []
+    for item in items:
+        results.append(worker(item))
+        if on_done:
+            on_done(results[-1], len(results), len(items))
+    return results
 
 
 class Jobs:
