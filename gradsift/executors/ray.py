@@ -54,9 +54,12 @@ def run_on_pool(
     items: Sequence,
     config: RayConfig,
     on_done: Callable[[Any, int, int], None] | None = None,
+    small_in_process: bool = False,
 ) -> list:
     """``worker(item)`` for every item on ``min(config.num_actors, len(items))`` actors; the results in the
-    order they finished (a worker that needs its item's place returns it).
+    order they finished (a worker that needs its item's place returns it). With ``small_in_process``, a small
+    input without a cluster (``in_process``) runs on one worker built in this process instead, item by item
+    (same parts written, same results).
 
     Items go to whichever actor is free (``ray.util.ActorPool``); ``init_args`` are small (configs and paths,
     sent inline: an actor restarts from them); ``on_done(result, n_done, n_items)`` follows each result.
@@ -65,6 +68,13 @@ def run_on_pool(
     """
     if not items:
         return []
+    if small_in_process and in_process(config, len(items)):
+        worker, results = worker_cls(*init_args), []
+        for item in items:
+            results.append(worker(item))
+            if on_done:
+                on_done(results[-1], len(results), len(items))
+        return results
     import ray
     from ray.util import ActorPool
 
@@ -91,30 +101,10 @@ def in_process(config: RayConfig, n_items: int) -> bool:
 
 
 def describe_executor(config: RayConfig, n_items: int) -> str:
-    """Where ``run_items`` runs ``n_items``, for the progress log (starting or joining Ray where it will use it)."""
+    """Where ``run_on_pool(..., small_in_process=True)`` runs ``n_items``, for the progress log (starting or joining Ray where it will use it)."""
     if in_process(config, n_items):
         return f"in this process ({n_items} <= in_process_max_shards={config.in_process_max_shards}, no Ray cluster)"
     return f"on Ray {ensure_ray(config)} with {min(config.num_actors, n_items)} actors"
-
-
-def run_items(
-    worker_cls: type,
-    init_args: Sequence,
-    items: Sequence,
-    config: RayConfig,
-    on_done: Callable[[Any, int, int], None] | None = None,
-) -> list:
-    """``run_on_pool``, or for a small input without a cluster (``in_process``) the same worker built once in
-    this process and called on each item in turn (same parts written, same results)."""
-    if not in_process(config, len(items)):
-        return run_on_pool(worker_cls, init_args, items, config, on_done)
-    worker = worker_cls(*init_args) if items else None
-    results = []
-    for item in items:
-        results.append(worker(item))
-        if on_done:
-            on_done(results[-1], len(results), len(items))
-    return results
 
 
 class Jobs:

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gradsift.data.ingest import IngestError, IngestResult, IngestStream, LabelRule
 from gradsift.data.reasons import Problem, quarantine_row
 from gradsift.data.shards import write_source
-from gradsift.executors.ray import describe_executor, run_items
+from gradsift.executors.ray import describe_executor, run_on_pool
 from gradsift.executors.workers import ScoringWorker
 from gradsift.flows.incremental import (
     ingest_key,
@@ -184,7 +184,7 @@ def _progress_artifact(n_done: int, n_shards: int, run_id: str) -> Callable[[int
 @stage("score", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutput) -> ScoreOutput:
     """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors (in this process
-    for a small input without a Ray cluster: ``executors.ray.run_items``).
+    for a small input without a Ray cluster: ``executors.ray.in_process``).
 
     Shards whose samples the lake already has scores of under this run's scoring key (same model and score
     config) are not recomputed (flows.incremental); shards this run already scored before a crash are skipped.
@@ -199,9 +199,7 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
     reused = set(reused_shards(store, staging, shards, key))
     todo = [s for s in shards if s not in reused and not staging.has_part("scores", s)]
     where = describe_executor(config.ray, len(todo)) if todo else "nothing to score"
-    logger.info(
-        "scoring %d of %d shards (%d reused from earlier runs): %s", len(todo), len(shards), len(reused), where
-    )
+    logger.info("scoring %d of %d shards (%d reused from earlier runs): %s", len(todo), len(shards), len(reused), where)
     n_done_before = len(shards) - len(todo)
     progress = _progress_artifact(n_done_before, len(shards), run_id)
     with Progress(
@@ -220,7 +218,7 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
 
         start = time.perf_counter()
         worker = (str(store.root), run_id, config.model, config.score.engine, ingest.label_index, config.seed)
-        scored = run_items(ScoringWorker, worker, todo, config.ray, on_done)
+        scored = run_on_pool(ScoringWorker, worker, todo, config.ray, on_done, small_in_process=True)
         seconds = time.perf_counter() - start
     parameter_set = next((d["parameter_set"] for d in scored if d["parameter_set"]), None)
     parameter_set = parameter_set or known_parameter_set(store, key)
