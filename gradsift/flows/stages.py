@@ -1,5 +1,6 @@
 """The pipeline stages: Prefect tasks with retries inside a flow run, plain calls outside one (``flows.runner``);
-coarse units (DESIGN: keep Prefect tasks coarse, drive Ray directly inside them). Each stage is resumable through its staging markers."""
+coarse units (DESIGN: keep Prefect tasks coarse, drive Ray directly inside them). Each stage is resumable
+through its staging markers."""
 
 from __future__ import annotations
 
