@@ -80,6 +80,8 @@ def main() -> None:
                 TRAIN_RUN,
                 "--score",
                 "el2n",
+                "--drop",
+                "hard",
                 "--fractions",
                 "0.5",
                 "--stratify",

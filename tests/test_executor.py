@@ -9,7 +9,6 @@ import time
 import pytest
 import ray.cloudpickle
 
-from gradsift.executors import ray as executor
 from gradsift.executors.ray import run_jobs, run_on_pool
 from gradsift.schemas.config import RayConfig
 
@@ -82,7 +81,7 @@ def test_actors_declare_the_configured_cpus_gpus_and_retries(ray_local, monkeypa
             asked.append(kw)
             return real_remote(self.cls).options(**(kw | {"num_gpus": 0}))
 
-    monkeypatch.setattr(executor.ray, "remote", Spy)
+    monkeypatch.setattr(ray, "remote", Spy)  # the executor imports ray where it starts actors
     config = RayConfig(
         address=None, num_actors=2, num_cpus_per_actor=0.25, num_gpus_per_actor=0.5, max_restarts=3, max_task_retries=4
     )

@@ -136,7 +136,9 @@ def test_score_cli_refuses_custom_code_fast_without_prompt_or_traceback(good_fol
     data = write_rows(tmp_path / "rows.jsonl", 12, "safety")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # an ephemeral server, as for most users
     env.update(GRADSIFT_STATE=str(tmp_path / "state"), COLUMNS="400")
+    # --prefect: the flow, whose stages have retries (the refusal must not be retried)
     cmd = [GRADSIFT, "score", str(data), "--model", str(folder), "--store", str(tmp_path / "store"), *SCORE_ARGS]
+    cmd.append("--prefect")
     proc = subprocess.run(cmd, input="y\ny\ny\n", capture_output=True, text=True, env=env, timeout=240)
     out = proc.stdout + proc.stderr
     flat = " ".join(out.split())

@@ -81,7 +81,8 @@ def test_sigkilled_cli_leaves_no_process_behind(tmp_path):
         PREFECT_HOME=str(tmp_path / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
-    cmd = [GRADSIFT, "score", str(data), "--store", str(store.root), *SCORE_ARGS]
+    # --prefect: the flow on a temporary Prefect server, so that the reaper has both services to stop
+    cmd = [GRADSIFT, "score", str(data), "--store", str(store.root), *SCORE_ARGS, "--prefect"]
     log = (tmp_path / "cli.log").open("wb")
     cli = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     descendants: list[psutil.Process] = []

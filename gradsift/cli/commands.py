@@ -56,6 +56,21 @@ WORK_POOL = inspect.Parameter(
 )
 
 
+PREFECT = inspect.Parameter(
+    "prefect",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[
+        bool,
+        typer.Option(
+            "--prefect",
+            help="Run as the Prefect flow (a temporary local Prefect server unless PREFECT_API_URL is set); "
+            "default: the same stages directly, or the flow where PREFECT_API_URL is set.",
+        ),
+    ],
+)
+
+
 def _nightly(*extras: inspect.Parameter) -> Spec:
     """NightlyConfig from --config; the options override it (--store made absolute: a worker runs elsewhere)."""
     return Spec(NightlyConfig, names=NIGHTLY_NAMES, config_required=True, resolve=("store",), extras=extras)
@@ -67,17 +82,23 @@ def build_config(argv: list[str]):
     return _build_config(app, argv)
 
 
-def _run_flow(kind: str, config) -> None:
-    if kind == "ingest":
-        from gradsift.flows.score import ingest_flow as flow_fn
-    elif kind == "score":
-        from gradsift.flows.score import score_flow as flow_fn
-    elif kind == "influence":
-        from gradsift.flows.influence import influence_flow as flow_fn
+def _run_flow(kind: str, config, prefect: bool = False) -> None:
+    """Run ``kind`` on ``config``: ingest and score as ``flows.runner`` decides (directly, or as the Prefect flow
+    where a server is configured or ``prefect``), influence and nightly always as their Prefect flows."""
+    if kind in ("ingest", "score"):
+        from gradsift.flows import score as runs
+
+        output.log_to_console()
+        run = getattr(runs, kind)
+        with reported():
+            result = run(config, prefect)
     else:
-        from gradsift.flows.nightly import nightly_flow as flow_fn
-    with reported():
-        result = flow_fn(config)
+        if kind == "influence":
+            from gradsift.flows.influence import influence_flow as flow_fn
+        else:
+            from gradsift.flows.nightly import nightly_flow as flow_fn
+        with reported():
+            result = flow_fn(config)
     output.run_summary(result, config.store)
 
 
@@ -118,16 +139,17 @@ def nightly(config: NightlyConfig) -> None:
     _run_flow("nightly", config)
 
 
-@command(app, "ingest", Spec(RunConfig, (DATA,), names=RUN_NAMES, exclude=("score", "ray")))
-def ingest(config: RunConfig) -> None:
+@command(app, "ingest", Spec(RunConfig, (DATA,), names=RUN_NAMES, exclude=("score", "ray"), extras=(PREFECT,)))
+def ingest(config: RunConfig, prefect: bool) -> None:
     """Ingest DATA files into samples and quarantine (the model's tokenizer counts tokens); no scoring."""
-    _run_flow("ingest", config)
+    _run_flow("ingest", config, prefect)
 
 
-@command(app, "score", Spec(RunConfig, (DATA,), names=RUN_NAMES))
-def score(config: RunConfig) -> None:
-    """Ingest DATA files and score every sample: loss, grad norm, layer stats, projected features."""
-    _run_flow("score", config)
+@command(app, "score", Spec(RunConfig, (DATA,), names=RUN_NAMES, extras=(PREFECT,)))
+def score(config: RunConfig, prefect: bool) -> None:
+    """Ingest DATA files and score every sample: loss, grad norm, layer stats, projected features (a small
+    input without a Ray cluster in this process, else on Ray actors)."""
+    _run_flow("score", config, prefect)
 
 
 @command(app, "influence", _nightly())
@@ -173,14 +195,14 @@ def train(config: TrainConfig) -> None:
     output.train_summary(result, config.store)
 
 
-@command(app, "select", Spec(SelectConfig))
-def select(config: SelectConfig) -> None:
+@command(app, "select", Spec(SelectConfig, extras=(PREFECT,)))
+def select(config: SelectConfig, prefect: bool) -> None:
     """Selections from a train run's scores: keep a fraction by a score (drop easy or hard), a random
     baseline, or softmax sampling; writes the selections table and Parquet/JSONL manifests."""
     from gradsift.flows.select import select as run_select
 
     with reported():
-        result = run_select(config)
+        result = run_select(config, prefect)
     output.select_summary(result, config.store)
 
 

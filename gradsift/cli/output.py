@@ -18,6 +18,19 @@ EXAMPLE_QUERIES = [
 ]
 
 
+def log_to_console() -> None:
+    """Show the ``gradsift`` logger's progress lines (INFO and up) on the console: what a run outside Prefect
+    logs (inside a flow run the stages log through Prefect's run logger, which prints its own)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("gradsift")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=console, show_path=False))
+        logger.setLevel(logging.INFO)
+
+
 def _try(store, sql: str, prefix: str = "Try: ") -> None:
     console.print(f'{prefix}gradsift query --store {store} "{sql}"', highlight=False, soft_wrap=True)
 

@@ -14,9 +14,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
-from ray.util import ActorPool
-
 from gradsift.schemas.config import RayConfig
 
 
@@ -29,6 +26,8 @@ def ensure_ray(config: RayConfig) -> str:
     the usage-stats module only (which probes the cloud metadata addresses once, usage stats on or off),
     and the raylet's dashboard and runtime-env agents: no ray.init option turns those off.
     """
+    import ray
+
     if not ray.is_initialized():
         if config.address:
             env = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "HF_", "TRANSFORMERS_"))}
@@ -55,9 +54,12 @@ def run_on_pool(
     items: Sequence,
     config: RayConfig,
     on_done: Callable[[Any, int, int], None] | None = None,
+    small_in_process: bool = False,
 ) -> list:
     """``worker(item)`` for every item on ``min(config.num_actors, len(items))`` actors; the results in the
-    order they finished (a worker that needs its item's place returns it).
+    order they finished (a worker that needs its item's place returns it). With ``small_in_process``, a small
+    input without a cluster (``in_process``) runs on one worker built in this process instead, item by item
+    (same parts written, same results).
 
     Items go to whichever actor is free (``ray.util.ActorPool``); ``init_args`` are small (configs and paths,
     sent inline: an actor restarts from them); ``on_done(result, n_done, n_items)`` follows each result.
@@ -66,6 +68,16 @@ def run_on_pool(
     """
     if not items:
         return []
+    if small_in_process and in_process(config, len(items)):
+        worker, results = worker_cls(*init_args), []
+        for item in items:
+            results.append(worker(item))
+            if on_done:
+                on_done(results[-1], len(results), len(items))
+        return results
+    import ray
+    from ray.util import ActorPool
+
     ensure_ray(config)
     actor_cls = ray.remote(worker_cls).options(**actor_options(config))
     actors = [actor_cls.remote(*init_args) for _ in range(min(config.num_actors, len(items)))]
@@ -79,6 +91,20 @@ def run_on_pool(
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def in_process(config: RayConfig, n_items: int) -> bool:
+    """Whether ``n_items`` of work run in this process rather than on a freshly started local Ray: no cluster
+    is configured and there are at most ``config.in_process_max_shards`` (starting Ray and its actors costs more
+    than such an input takes)."""
+    return not config.address and n_items <= config.in_process_max_shards
+
+
+def describe_executor(config: RayConfig, n_items: int) -> str:
+    """Where ``run_on_pool(..., small_in_process=True)`` runs ``n_items``, for the progress log (starting or joining Ray where it will use it)."""
+    if in_process(config, n_items):
+        return f"in this process ({n_items} <= in_process_max_shards={config.in_process_max_shards}, no Ray cluster)"
+    return f"on Ray {ensure_ray(config)} with {min(config.num_actors, n_items)} actors"
 
 
 class Jobs:

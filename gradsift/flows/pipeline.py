@@ -6,8 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
+from gradsift.flows.runner import in_flow_run
 from gradsift.flows.runs import RunRecorder, run_recorded
 from gradsift.flows.stages import ingest_stage, score_stage
 from gradsift.schemas.config import RunConfig
@@ -58,12 +57,14 @@ def run_pipeline(flow: str, config: RunConfig, extra_stages: list[Stage] = (), s
 
     model = config.model
     results = run_recorded(flow, config, config.ingest.sources, model.name_or_path, body, model.checkpoint)
-    if results["status"] == "completed":
+    if results["status"] == "completed" and in_flow_run():  # a direct run has no Prefect UI to publish to
         _publish(results)
     return results
 
 
 def _publish(results: dict) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     ingest, score = results["ingest"], results.get("score")
     if score is None:  # a flow without a scoring pass (influence on checkpoints): its report stage publishes
         return

@@ -1,20 +1,41 @@
-"""The ingest and scoring flows: files -> samples/quarantine -> per-sample loss, gradient norms, features."""
+"""The ingest and scoring runs: files -> samples/quarantine -> per-sample loss, gradient norms, features.
+
+``score``/``ingest`` run the stages directly or as the Prefect flows ``score_flow``/``ingest_flow`` (built, and
+prefect imported, on first use) as ``flows.runner`` decides.
+"""
 
 from __future__ import annotations
 
-from prefect import flow
-
 from gradsift.flows.pipeline import run_pipeline
+from gradsift.flows.runner import build_flow, flow_or_direct
 from gradsift.schemas.config import RunConfig
 
 
-@flow(name="gradsift-score", log_prints=True)
-def score_flow(config: RunConfig) -> dict:
+def score_run(config: RunConfig) -> dict:
     """Ingest ``config.ingest.sources`` and score every sample with ``config.model``."""
     return run_pipeline("score", config)
 
 
-@flow(name="gradsift-ingest", log_prints=True)
-def ingest_flow(config: RunConfig) -> dict:
+def ingest_run(config: RunConfig) -> dict:
     """Validate, hash and shard ``config.ingest.sources`` into samples and quarantine; no scoring."""
     return run_pipeline("ingest", config, score=False)
+
+
+def score(config: RunConfig, prefect: bool = False) -> dict:
+    """``score_run`` directly, or as the flow ``gradsift-score``."""
+    return flow_or_direct(__name__, "score_flow", score_run, config, prefect)
+
+
+def ingest(config: RunConfig, prefect: bool = False) -> dict:
+    """``ingest_run`` directly, or as the flow ``gradsift-ingest``."""
+    return flow_or_direct(__name__, "ingest_flow", ingest_run, config, prefect)
+
+
+_FLOWS = {"score_flow": ("gradsift-score", score_run), "ingest_flow": ("gradsift-ingest", ingest_run)}
+
+
+def __getattr__(name: str):
+    """``score_flow`` / ``ingest_flow``: the runs as Prefect flows, built once."""
+    if name not in _FLOWS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return build_flow(globals(), name, *_FLOWS[name])

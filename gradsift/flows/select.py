@@ -1,20 +1,18 @@
 """The selection flow: selections from a train run's scores -> ``selections`` table + manifests.
 
 ``select_flow`` (the Prefect flow of ``select_run``) is built on first use, so that a command running
-``select_run`` directly does not import prefect; ``select`` decides between the two (the one place that policy lives). Manifests (the kept samples' original records, in
+``select_run`` directly does not import prefect; ``select`` runs one or the other as ``flows.runner`` decides. Manifests (the kept samples' original records, in
 preference order) are staged with the run and committed with it to ``<store>/manifests/<run_id>/<selection>.parquet`` and ``.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import numpy as np
 import pyarrow as pa
 
-from gradsift.flows.auto_select import auto_selection, default_direction, plot_trials, trials_table
+from gradsift.flows.runner import build_flow, flow_or_direct
 from gradsift.flows.runs import run_recorded
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import SelectConfig
@@ -64,6 +62,8 @@ def select_run(config: SelectConfig) -> dict:
     frame["never_learned"] = frame["never_learned"].astype(bool)
     rule_note = ""
     if config.score and config.drop is None and not config.auto:  # the run records the resolved direction
+        from gradsift.flows.auto_select import default_direction  # torch: only the selections that need it
+
         rule = default_direction(store, config, frame)
         config = config.model_copy(update={"drop": rule.drop})
         rule_note = f"; direction rule (no --drop): {rule.reason}"
@@ -71,6 +71,8 @@ def select_run(config: SelectConfig) -> dict:
     def body(recorder) -> dict:
         names = []
         if config.auto:
+            from gradsift.flows.auto_select import auto_selection, plot_trials, trials_table
+
             name, result, auto = auto_selection(store, config, frame)
             trials = trials_table(name, auto)
             recorder.staging.write_part("selection_trials", name, trials)
@@ -93,19 +95,13 @@ def select_run(config: SelectConfig) -> dict:
     return run_recorded("select", config, [], "", body)
 
 
-def select(config: SelectConfig) -> dict:
-    """Seconds of work: run ``select_run`` directly, as the Prefect flow only where a server is configured
-    (PREFECT_API_URL), so that a command without one starts no temporary Prefect server."""
-    if not os.environ.get("PREFECT_API_URL"):
-        return select_run(config)
-    return sys.modules[__name__].select_flow(config)  # built by the module's __getattr__ on first use
+def select(config: SelectConfig, prefect: bool = False) -> dict:
+    """Seconds of work: ``select_run`` directly, or as the Prefect flow where ``flows.runner.use_prefect`` says."""
+    return flow_or_direct(__name__, "select_flow", select_run, config, prefect)
 
 
 def __getattr__(name: str):
     """``select_flow``: ``select_run`` as the Prefect flow ``gradsift-select``, built (and prefect imported) once."""
     if name != "select_flow":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from prefect import flow
-
-    globals()["select_flow"] = built = flow(name="gradsift-select", log_prints=True)(select_run)
-    return built
+    return build_flow(globals(), name, "gradsift-select", select_run)

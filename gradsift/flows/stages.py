@@ -1,21 +1,20 @@
-"""Prefect tasks, one per pipeline stage: coarse units with retries (DESIGN: keep Prefect tasks
-coarse, drive Ray directly inside them). Each stage is resumable through its staging markers."""
+"""The pipeline stages: Prefect tasks with retries inside a flow run, plain calls outside one (``flows.runner``);
+coarse units (DESIGN: keep Prefect tasks coarse, drive Ray directly inside them). Each stage is resumable
+through its staging markers."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 
-from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gradsift.data.ingest import IngestError, IngestResult, IngestStream, LabelRule
 from gradsift.data.reasons import Problem, quarantine_row
 from gradsift.data.shards import write_source
-from gradsift.executors.ray import ensure_ray, run_on_pool
+from gradsift.executors.ray import describe_executor, run_on_pool
 from gradsift.executors.workers import ScoringWorker
 from gradsift.flows.incremental import (
     ingest_key,
@@ -26,7 +25,8 @@ from gradsift.flows.incremental import (
     scoring_key,
 )
 from gradsift.flows.retry import retry_transient
-from gradsift.flows.runs import file_digest
+from gradsift.flows.runner import in_flow_run, stage
+from gradsift.flows.runs import file_digest, run_logger
 from gradsift.models.adapter import TaskType, adapter
 from gradsift.models.loading import head_of_folder, load_tokenizer
 from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
@@ -154,28 +154,43 @@ def ingest_sources(
     return info
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage("ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def ingest_stage(config: RunConfig, staging: RunStaging) -> IngestOutput:
     """Validate and shard every source into the run's staging folder (``ingest_sources``); bad rows go to
     quarantine. Done once per run: a rerun after the stage finished returns its recorded output.
     """
     if (done := staging.stage_info("ingest")) is not None:
         done = IngestOutput.model_validate(done)
-        get_run_logger().info("ingest already done for this run: %d samples, skipping", done.samples)
+        run_logger().info("ingest already done for this run: %d samples, skipping", done.samples)
         return done
-    info = ingest_sources(config, staging, get_run_logger())
+    info = ingest_sources(config, staging, run_logger())
     staging.mark_done("ingest", info.model_dump())
     return info
 
 
-@task(name="score", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def _progress_artifact(n_done: int, n_shards: int, run_id: str) -> Callable[[int], None]:
+    """Inside a flow run, a Prefect progress artifact of the scoring pass and the function that updates it;
+    outside one (a direct run) the terminal's progress bar is all, and the function does nothing."""
+    if not in_flow_run():
+        return lambda done: None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(
+        progress=100.0 * n_done / max(n_shards, 1),
+        description=f"scoring {n_shards} shards of run {run_id} ({n_done} reused or resumed)",
+    )
+    return lambda done: update_progress_artifact(artifact, progress=100.0 * done / n_shards)
+
+
+@stage("score", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutput) -> ScoreOutput:
-    """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors.
+    """Per-sample loss, gradient norm, layer stats and features for every shard, on Ray actors (in this process
+    for a small input without a Ray cluster: ``executors.ray.in_process``).
 
     Shards whose samples the lake already has scores of under this run's scoring key (same model and score
     config) are not recomputed (flows.incremental); shards this run already scored before a crash are skipped.
     """
-    logger = get_run_logger()
+    logger = run_logger()
     staging = store.staging(run_id)
     if (done := staging.stage_info("score")) is not None:
         return ScoreOutput.model_validate(done)
@@ -184,20 +199,10 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
     staging.set_score_key(key)
     reused = set(reused_shards(store, staging, shards, key))
     todo = [s for s in shards if s not in reused and not staging.has_part("scores", s)]
-    where = ensure_ray(config.ray) if todo else "(not needed)"
-    logger.info(
-        "scoring %d of %d shards (%d reused from earlier runs) on Ray %s with %d actors",
-        len(todo),
-        len(shards),
-        len(reused),
-        where,
-        config.ray.num_actors,
-    )
+    where = describe_executor(config.ray, len(todo)) if todo else "nothing to score"
+    logger.info("scoring %d of %d shards (%d reused from earlier runs): %s", len(todo), len(shards), len(reused), where)
     n_done_before = len(shards) - len(todo)
-    artifact = create_progress_artifact(
-        progress=100.0 * n_done_before / max(len(shards), 1),
-        description=f"scoring {len(shards)} shards of run {run_id} ({n_done_before} reused or resumed)",
-    )
+    progress = _progress_artifact(n_done_before, len(shards), run_id)
     with Progress(
         TextColumn("[bold]scoring"),
         BarColumn(),
@@ -210,11 +215,11 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
 
         def on_done(info: dict, n_done: int, n_todo: int) -> None:
             bar.update(job, advance=1, rate=f"{info['rows'] / max(info['seconds'], 1e-9):.1f} samples/s")
-            update_progress_artifact(artifact, progress=100.0 * (n_done_before + n_done) / len(shards))
+            progress(n_done_before + n_done)
 
         start = time.perf_counter()
         worker = (str(store.root), run_id, config.model, config.score.engine, ingest.label_index, config.seed)
-        scored = run_on_pool(ScoringWorker, worker, todo, config.ray, on_done)
+        scored = run_on_pool(ScoringWorker, worker, todo, config.ray, on_done, small_in_process=True)
         seconds = time.perf_counter() - start
     parameter_set = next((d["parameter_set"] for d in scored if d["parameter_set"]), None)
     parameter_set = parameter_set or known_parameter_set(store, key)

@@ -90,6 +90,12 @@ class RayConfig(Config):
         description="Ray cluster address (auto, ray://host:10001); default RAY_ADDRESS, else a local Ray.",
     )
     num_actors: int = Field(2, ge=1, description="Scoring actors (each loads the model once).")
+    in_process_max_shards: int = Field(
+        2,
+        ge=0,
+        description="Without a Ray cluster (no address), run at most this many shards (items of work) in this process "
+        "instead of starting a local Ray (which with its actors costs about half a minute); 0: always Ray.",
+    )
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each actor declares.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each actor declares (1 on GPU machines).")
     max_restarts: int = Field(2, ge=0, description="Times a dead actor is restarted.")
