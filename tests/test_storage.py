@@ -129,12 +129,19 @@ def test_commit_refuses_what_it_does_not_know(tmp_path):
     assert count(store, "scores") == 0 and count(store, "runs") == 0  # nothing committed, not even in part
 
 
-def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
-    """A real SIGKILL inside the commit's transaction, after some tables were written (their data files are on
-    disk): readers see the previous snapshot, and the next commit of the run writes it whole."""
+def run_killed(script: str, store: Store) -> None:
+    """Run ``script`` (argv[1]: the store) in a fresh Python; it must end by SIGKILL."""
     import signal
     import subprocess
     import sys
+
+    proc = subprocess.run([sys.executable, "-c", script, str(store.root)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
+    """A real SIGKILL inside the commit's transaction, after some tables were written (their data files are on
+    disk): readers see the previous snapshot, and the next commit of the run writes it whole."""
 
     store = Store(tmp_path / "store").ensure()
     first = store.staging("r0")
@@ -155,8 +162,7 @@ def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
         "lake.Lake._insert = dying\n"
         "Store(sys.argv[1]).staging('r3').commit({'run_id': 'r3', 'status': 'completed'})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(store.root)], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_killed(script, store)
     assert list((store.root / "lake_data").rglob("*.parquet"))  # written, never committed
     assert [count(store, t) for t in ("scores", "mixtures", "runs")] == [1, 0, 1]
     assert store.read_run("r3") is None
@@ -299,9 +305,6 @@ def test_a_kill_during_the_merge_leaves_a_readable_store(tmp_path):
     """SIGKILL after the first table's merge committed and before the next (and before the old files are
     removed): every view reads the same bytes, ``store check`` finds every file, and the next commit merges the
     rest."""
-    import signal
-    import subprocess
-    import sys
 
     from gradsift.storage.check import check_store
     from gradsift.storage.store import LakeConfig
@@ -327,8 +330,7 @@ def test_a_kill_during_the_merge_leaves_a_readable_store(tmp_path):
         "    lk.con = Dying(lk.con)\n"
         "    lk.merge_when_over(3)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(store.root)], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_killed(script, store)
     assert view_bytes(store) == before and check_store(store) == []
     (tmp_path / Store.CONFIG).write_text(LakeConfig(merge_over_files=3).model_dump_json())
     assert nightly_commit(Store(tmp_path), 4) == ["runs", "scores"]
