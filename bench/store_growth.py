@@ -173,7 +173,10 @@ def main() -> None:
         + ", ".join(f"{q} x{r:.2f}" for q, r in ratios.items())
         + f", bytes x{last['bytes'] / first['bytes']:.2f}, rows x{last['rows_counted'] / first['rows_counted']:.2f}"
     )
-    print("  after a manual store compact/first: " + ", ".join(f"{q} x{compacted[f'{q}_s'] / first[f'{q}_s']:.2f}" for q in QUERIES))
+    print(
+        "  after a manual store compact/first: "
+        + ", ".join(f"{q} x{compacted[f'{q}_s'] / first[f'{q}_s']:.2f}" for q in QUERIES)
+    )
     print(
         "  last/one night of the same rows (the nights' cost apart from the data's growth): "
         + ", ".join(f"{q} x{last[f'{q}_s'] / fresh[f'{q}_s']:.2f}" for q in QUERIES)
