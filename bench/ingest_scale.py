@@ -4,7 +4,8 @@ Each measurement runs in a fresh subprocess (its own peak RSS, ``ru_maxrss``) an
 (not the start-up or the tokenizer load):
 
 - ingest: ``IngestStream`` -> ``write_source`` into a store's staging, as the ingest stage runs it
-  (data.ingest, data.shards), without Prefect or Ray;
+  (data.ingest, data.shards), then ``RunStaging.commit`` into the store's DuckLake (samples and quarantine in one
+  transaction), without Prefect or Ray;
 - floor: a plain loop that reads the same file line by line, ``json.loads`` each line and calls the same
   ``count_tokens`` on it: what no ingest can beat without batching;
 - whole-file (``--whole-file-rows``): ``ingest_source`` + ``shard_samples``, every sample of the file in memory
@@ -112,6 +113,7 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
             stream = IngestStream(source, n_tokens, 512, labels, count_batch=n_tokens_batch)
             written = write_source(stream, source.name, staging, 256, "quarantine")
             samples, quarantined = written.samples, written.quarantined
+            staging.commit({"run_id": "bench", "flow": "ingest", "status": "completed"})  # into the lake
         else:  # the whole file in memory, then shards
             result = ingest_source(source, n_tokens, 512, labels)
             shard_samples(result.samples, source.name, 256)

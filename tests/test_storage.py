@@ -129,12 +129,19 @@ def test_commit_refuses_what_it_does_not_know(tmp_path):
     assert count(store, "scores") == 0 and count(store, "runs") == 0  # nothing committed, not even in part
 
 
-def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
-    """A real SIGKILL inside the commit's transaction, after some tables were written (their data files are on
-    disk): readers see the previous snapshot, and the next commit of the run writes it whole."""
+def run_killed(script: str, store: Store) -> None:
+    """Run ``script`` (argv[1]: the store) in a fresh Python; it must end by SIGKILL."""
     import signal
     import subprocess
     import sys
+
+    proc = subprocess.run([sys.executable, "-c", script, str(store.root)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
+    """A real SIGKILL inside the commit's transaction, after some tables were written (their data files are on
+    disk): readers see the previous snapshot, and the next commit of the run writes it whole."""
 
     store = Store(tmp_path / "store").ensure()
     first = store.staging("r0")
@@ -155,8 +162,7 @@ def test_commit_killed_midway_leaves_the_previous_snapshot(tmp_path):
         "lake.Lake._insert = dying\n"
         "Store(sys.argv[1]).staging('r3').commit({'run_id': 'r3', 'status': 'completed'})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(store.root)], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_killed(script, store)
     assert list((store.root / "lake_data").rglob("*.parquet"))  # written, never committed
     assert [count(store, t) for t in ("scores", "mixtures", "runs")] == [1, 0, 1]
     assert store.read_run("r3") is None
@@ -239,10 +245,101 @@ def test_a_column_missing_from_a_part_reads_as_null(tmp_path):
     assert query(store, "SELECT * FROM quarantine").column_names == ["run_id", *QUARANTINE.names]
 
 
+VIEWS = {
+    "scores": "SELECT * FROM scores ORDER BY sample_id",
+    "mixtures": "SELECT * FROM mixtures",
+    "runs": "SELECT * EXCLUDE (snapshot_id) FROM runs ORDER BY run_id",
+}
+
+
+def view_bytes(store: Store) -> dict[str, bytes]:
+    """The bytes of each ``VIEWS`` result's rows (not of how they were read: the chunks are combined)."""
+    import pyarrow.ipc as ipc
+
+    out = {}
+    for name, text in VIEWS.items():
+        table, sink = query(store, text), pa.BufferOutputStream()
+        with ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        out[name] = sink.getvalue().to_pybytes()
+    return out
+
+
+def nightly_commit(store: Store, night: int) -> list[str]:
+    """A night's commit: the earlier scores again and 4 new (one new data file), new mixture weights; the tables
+    whose files the commit merged."""
+    staging = store.staging(f"n{night}")
+    staging.write_part("scores", "a", scores(4 * (night + 1)))
+    staging.write_part("mixtures", "weights", pa.table({"domain": ["x"], "weight": [night / 10]}))
+    staging.set_score_key("k")
+    staging.commit(run_row(f"n{night}"))
+    staging.finish()
+    return staging.merged
+
+
+def test_the_commit_merges_a_tables_files_past_the_threshold_keeping_every_result(tmp_path):
+    """The merge ``RunStaging.commit`` runs keeps every view's bytes and time travel to the first night; with
+    ``merge_over_files`` 3 the fourth night's commit merges scores, mixtures_history and runs (4 files each)."""
+    from gradsift.storage.check import check_store, lake_files
+    from gradsift.storage.store import LakeConfig
+
+    (tmp_path / "a" / Store.CONFIG).parent.mkdir()
+    (tmp_path / "a" / Store.CONFIG).write_text(LakeConfig(merge_over_files=10**6).model_dump_json())
+    store = Store(tmp_path / "a").ensure()
+    assert [nightly_commit(store, night) for night in range(4)] == [[], [], [], []]
+    before, files = view_bytes(store), len(lake_files(store))
+    first = query(store, "SELECT min(snapshot_id) AS s FROM runs").column("s")[0].as_py()
+    with store.lake() as lake:
+        assert lake.merge_when_over(3) == ["mixtures_history", "runs", "scores"]
+    assert view_bytes(store) == before and len(lake_files(store)) < files and check_store(store) == []
+    assert query(store, f"SELECT count(*) AS n FROM lake.scores AT (VERSION => {first})").column("n")[0].as_py() == 4
+    (tmp_path / "b" / Store.CONFIG).parent.mkdir()
+    (tmp_path / "b" / Store.CONFIG).write_text(LakeConfig(merge_over_files=3).model_dump_json())
+    merging = Store(tmp_path / "b").ensure()
+    merged = [nightly_commit(merging, night) for night in range(5)]
+    assert merged == [[], [], [], ["mixtures_history", "runs", "scores"], []]  # night 4: two files each again
+    assert count(merging, "scores") == 20 and count(merging, "runs") == 5 and check_store(merging) == []
+
+
+def test_a_kill_during_the_merge_leaves_a_readable_store(tmp_path):
+    """SIGKILL after the first table's merge committed and before the next (and before the old files are
+    removed): every view reads the same bytes, ``store check`` finds every file, and the next commit merges the
+    rest."""
+
+    from gradsift.storage.check import check_store
+    from gradsift.storage.store import LakeConfig
+
+    (tmp_path / Store.CONFIG).write_text(LakeConfig(merge_over_files=10**6).model_dump_json())
+    store = Store(tmp_path).ensure()
+    for night in range(4):
+        nightly_commit(store, night)
+    before = view_bytes(store)
+    script = (
+        "import os, signal, sys\n"
+        "from gradsift.storage import lake\n"
+        "class Dying:\n"
+        "    merges = 0\n"
+        "    def __init__(self, con): self.con = con\n"
+        "    def __getattr__(self, name): return getattr(self.con, name)\n"
+        "    def execute(self, sql, *args):\n"
+        "        if 'merge_adjacent_files' in sql:\n"
+        "            Dying.merges += 1\n"
+        "            if Dying.merges == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return self.con.execute(sql, *args)\n"
+        "with lake.Lake(sys.argv[1], 'sqlite', inline_rows=0) as lk:\n"
+        "    lk.con = Dying(lk.con)\n"
+        "    lk.merge_when_over(3)\n"
+    )
+    run_killed(script, store)
+    assert view_bytes(store) == before and check_store(store) == []
+    (tmp_path / Store.CONFIG).write_text(LakeConfig(merge_over_files=3).model_dump_json())
+    assert nightly_commit(Store(tmp_path), 4) == ["runs", "scores"]
+    assert check_store(store) == []
+
+
 def test_compact_and_expire_keep_the_current_state_byte_identical(tmp_path):
     """Five nightly commits (one file per table per night), then `store compact` and `store expire`: every view's
     result is the same bytes; expire drops the old snapshots (time travel to them stops), compact merges files."""
-    import pyarrow.ipc as ipc
     from typer.testing import CliRunner
 
     from gradsift.cli.commands import app
@@ -250,25 +347,10 @@ def test_compact_and_expire_keep_the_current_state_byte_identical(tmp_path):
 
     store = Store(tmp_path).ensure()
     for night in range(5):
-        staging = store.staging(f"n{night}")
-        staging.write_part("scores", "a", scores(4 * (night + 1)))  # the earlier rows again, 4 new
-        staging.write_part("mixtures", "weights", pa.table({"domain": ["x"], "weight": [night / 10]}))
-        staging.set_score_key("k")
-        staging.commit(run_row(f"n{night}"))
-    sql = {
-        "scores": "SELECT * FROM scores ORDER BY sample_id",
-        "mixtures": "SELECT * FROM mixtures",
-        "runs": "SELECT * EXCLUDE (snapshot_id) FROM runs ORDER BY run_id",
-    }
+        nightly_commit(store, night)
 
     def state() -> dict[str, bytes]:
-        out = {}
-        for name, text in sql.items():
-            table, sink = query(store, text), pa.BufferOutputStream()
-            with ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table.combine_chunks())  # the bytes of the rows, not of how they were read
-            out[name] = sink.getvalue().to_pybytes()
-        return out
+        return view_bytes(store)
 
     before, files = state(), len(lake_files(store))
     runner = CliRunner()

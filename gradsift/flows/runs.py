@@ -143,6 +143,8 @@ class RunRecorder:
         try:
             rows = self.staging.commit({**self.row, "status": "completed", "finished_at": utc_now()})
             self.completed = True
+            if self.staging.merged:
+                run_logger().info("run %s merged the data files of %s", self.run_id, ", ".join(self.staging.merged))
             self.staging.finish()
         finally:
             self.lock.release()

@@ -380,6 +380,21 @@ class Lake:
             )
         con.execute(f"CALL ducklake_cleanup_old_files({literal(self.ALIAS)}, cleanup_all => true)")
 
+    def merge_when_over(self, max_files: int) -> list[str]:
+        """Merge the data files of each table that has more than ``max_files`` of them in the current snapshot
+        (``LakeConfig.merge_over_files``) and delete the files no snapshot reads any more; returns the tables
+        merged. One DuckLake transaction per table: a kill leaves the table as it was or merged, readable either
+        way. Time travel to earlier snapshots still works (merged files keep each row's snapshot range)."""
+        con = self.con
+        assert con is not None
+        rows = con.execute(f"SELECT table_name, file_count FROM ducklake_table_info({literal(self.ALIAS)})").fetchall()
+        merged = sorted(name for name, files in rows if files > max_files)
+        for name in merged:
+            con.execute(f"CALL ducklake_merge_adjacent_files({literal(self.ALIAS)}, {literal(name)})")
+        if merged:
+            con.execute(f"CALL ducklake_cleanup_old_files({literal(self.ALIAS)}, cleanup_all => true)")
+        return merged
+
     def snapshots(self) -> list[tuple[int, str | None]]:
         """(snapshot_id, run_id) of every snapshot, oldest first (run_id None: not a gradsift commit)."""
         assert self.con is not None

@@ -31,6 +31,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from gradsift.schemas.base import Config
 from gradsift.storage.atomic import (
@@ -76,6 +77,10 @@ class LakeConfig(Config):
     (``dbname=gradsift host=db user=gradsift``)."""
     data_path: str | None = None
     """The folder of the data files (shared storage every writer and reader mounts); default ``<store>/lake_data``."""
+    merge_over_files: int = Field(default=16, ge=1)
+    """After each run's commit, a table with more data files than this in the current snapshot has them merged
+    (``Lake.merge_when_over``; one file per table per night otherwise, and a query's time grows with the files it
+    opens: bench/store_growth.py). The cost is one rewrite of that table every ``merge_over_files`` nights."""
 
 
 class OldLayoutError(RuntimeError):
@@ -283,6 +288,8 @@ class RunStaging(Parts):
         self.run_id = run_id
         self.dir = self.root
         self.scratch = Parts(self.dir / SCRATCH_DIR)
+        self.merged: list[str] = []
+        """Tables whose data files ``commit`` merged after the run's transaction (``LakeConfig.merge_over_files``)."""
 
     # ----- artifacts --------------------------------------------------------------------------
     def artifact_dir(self, kind: str) -> Path:
@@ -341,7 +348,8 @@ class RunStaging(Parts):
 
     def commit(self, run: dict) -> int:
         """Write every staged table and the ``runs`` row ``run`` into the lake in one transaction (rows stored once
-        per key that the lake has already are skipped); returns the rows written. ``finish`` then moves the
+        per key that the lake has already are skipped); returns the rows written. Then merges the files of tables
+        over ``LakeConfig.merge_over_files`` (``merged``), each in its own transaction. ``finish`` then moves the
         artifacts into place."""
         tables, _ = self.staged()
         parts = {table: self.parts(table) for table in tables}
@@ -349,6 +357,7 @@ class RunStaging(Parts):
         tables = {t: p for t, p in parts.items() if p}
         with self.store.lake() as lake:
             written = lake.commit_run(self.run_id, tables, run={**run, "score_key": key}, score_key=key or self.run_id)
+            self.merged = lake.merge_when_over(self.store.config.merge_over_files)
         return sum(written.values())
 
     def finish(self) -> None:
