@@ -102,6 +102,22 @@ def test_unchanged_nights_add_snapshots_not_rows(lake, tmp_path):
     assert len(set(runs.values())) == 32
 
 
+def test_a_commit_of_many_parts_inserts_in_batches_keeping_each_key_once(lake, tmp_path, monkeypatch):
+    """Staged parts go in FILES_PER_INSERT at a time (bounded memory); a key repeated across batches, and one
+    already stored, is kept once."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(lakemod, "FILES_PER_INSERT", 2)
+    lake.commit_run("r0", {"samples": samples(5)})
+    parts = []
+    for i in range(7):  # parts of 10 rows overlapping their neighbours by 5, starting inside the stored rows
+        pq.write_table(samples(10, start=5 * i), path := tmp_path / f"part-{i}.parquet")
+        parts.append(path)
+    assert lake.commit_run("r1", {"samples": parts}) == {"samples": 35}  # rows s000005..s000039 are new
+    assert count(lake.con, "SELECT count(*) FROM lake.samples") == 40
+    assert count(lake.con, "SELECT count(DISTINCT sample_id) FROM lake.samples") == 40
+
+
 def test_current_view_of_per_run_tables_is_the_latest_commit(lake):
     """Run ids are content hashes: the latest run is the one committed last, whatever its id sorts like."""
     mix = {"zzz-first": [0.9, 0.1], "aaa-second": [0.2, 0.8]}

@@ -121,6 +121,9 @@ LOAD_CONFIG = {"autoinstall_known_extensions": False, "allow_unsigned_extensions
 the files of the pinned PyPI wheels (``ducklake_extension``); verifying their signatures costs 1-3 s per connection
 on a loaded 2-core machine (measured: 2.1-2.8 s against 0.01 s), paid by every run's commit and every reader. User
 SQL never loads anything: ``gradsift query`` refuses LOAD by statement type and its settings are locked."""
+WRITER_CONFIG = {"memory_limit": "256MB", "preserve_insertion_order": False}
+"""The writer's DuckDB settings: a commit's inserts spill past 256 MB (to ``<store>/.lake_tmp``) instead of holding
+the run in memory, and need not keep the staged rows' order (the tables have no order; the views sort)."""
 
 
 class LakeUnavailable(RuntimeError):
@@ -182,6 +185,19 @@ Rows = pa.Table | list[Path]
 """A table's rows to commit: in memory, or the Parquet files that hold them."""
 
 
+FILES_PER_INSERT = 32
+"""Staged Parquet files per INSERT of a commit: each INSERT's de-duplicating window holds only its batch (the ANTI
+JOIN against the table, which sees the transaction's earlier batches, keeps keys once across batches), so a commit's
+memory follows the batch, not the run."""
+
+
+def _batches(data: Rows) -> list[Rows]:
+    """``data`` as the INSERTs a commit makes: an Arrow table whole, Parquet files ``FILES_PER_INSERT`` at a time."""
+    if isinstance(data, pa.Table) or len(data) <= FILES_PER_INSERT:
+        return [data]
+    return [data[i : i + FILES_PER_INSERT] for i in range(0, len(data), FILES_PER_INSERT)]
+
+
 class Lake:
     """One attached DuckLake (the writer's handle; readers use ``connect_readonly``)."""
 
@@ -223,8 +239,9 @@ class Lake:
             # ("database is locked", measured); in WAL mode readers and the one writer go on together.
             with closing(sqlite3.connect(self.root / "lake.sqlite")) as db:
                 db.execute("PRAGMA journal_mode=WAL")
-        con = duckdb.connect(":memory:", config=LOAD_CONFIG)
+        con = duckdb.connect(":memory:", config=LOAD_CONFIG | WRITER_CONFIG)
         try:
+            con.execute(f"SET temp_directory = {literal(str(self.root / '.lake_tmp'))}")
             self._load(con)
             options = [f"DATA_PATH {literal(str(self.data_path) + os.sep)}"]
             if self.inline_rows is not None:
@@ -324,7 +341,9 @@ class Lake:
         if score_key is None and any(t in SCORE_TABLES for t in tables):
             raise ValueError("scores, layer_stats and features need the run's score_key")
         return {
-            table: self._insert(con, f"_gradsift_new_{i}", run_id, table, data, score_key)
+            table: sum(
+                self._insert(con, f"_gradsift_new_{i}", run_id, table, part, score_key) for part in _batches(data)
+            )
             for i, (table, data) in enumerate(tables.items())
         }
 
