@@ -121,9 +121,6 @@ LOAD_CONFIG = {"autoinstall_known_extensions": False, "allow_unsigned_extensions
 the files of the pinned PyPI wheels (``ducklake_extension``); verifying their signatures costs 1-3 s per connection
 on a loaded 2-core machine (measured: 2.1-2.8 s against 0.01 s), paid by every run's commit and every reader. User
 SQL never loads anything: ``gradsift query`` refuses LOAD by statement type and its settings are locked."""
-WRITER_CONFIG = {"memory_limit": "256MB", "preserve_insertion_order": False}
-"""The writer's DuckDB settings: a commit's inserts spill past 256 MB (to ``<store>/.lake_tmp``) instead of holding
-the run in memory, and need not keep the staged rows' order (the tables have no order; the views sort)."""
 
 
 class LakeUnavailable(RuntimeError):
@@ -239,9 +236,8 @@ class Lake:
             # ("database is locked", measured); in WAL mode readers and the one writer go on together.
             with closing(sqlite3.connect(self.root / "lake.sqlite")) as db:
                 db.execute("PRAGMA journal_mode=WAL")
-        con = duckdb.connect(":memory:", config=LOAD_CONFIG | WRITER_CONFIG)
+        con = duckdb.connect(":memory:", config=LOAD_CONFIG)
         try:
-            con.execute(f"SET temp_directory = {literal(str(self.root / '.lake_tmp'))}")
             self._load(con)
             options = [f"DATA_PATH {literal(str(self.data_path) + os.sep)}"]
             if self.inline_rows is not None:
