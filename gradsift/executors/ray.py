@@ -101,10 +101,12 @@ def in_process(config: RayConfig, n_items: int) -> bool:
 
 
 def describe_executor(config: RayConfig, n_items: int) -> str:
-    """Where ``run_on_pool(..., small_in_process=True)`` runs ``n_items``, for the progress log (starting or joining Ray where it will use it)."""
+    """Where ``run_on_pool(..., small_in_process=True)`` runs ``n_items``, for the progress log (starts nothing:
+    ``run_on_pool`` starts or joins Ray where it uses it)."""
     if in_process(config, n_items):
         return f"in this process ({n_items} <= in_process_max_shards={config.in_process_max_shards}, no Ray cluster)"
-    return f"on Ray {ensure_ray(config)} with {min(config.num_actors, n_items)} actors"
+    ray_at = f"the Ray cluster at {config.address}" if config.address else "a local Ray"
+    return f"on {ray_at} with {min(config.num_actors, n_items)} actors"
 
 
 class Jobs:

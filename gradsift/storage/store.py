@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
@@ -357,7 +358,10 @@ class RunStaging(Parts):
         tables = {t: p for t, p in parts.items() if p}
         with self.store.lake() as lake:
             written = lake.commit_run(self.run_id, tables, run={**run, "score_key": key}, score_key=key or self.run_id)
-            self.merged = lake.merge_when_over(self.store.config.merge_over_files)
+            try:
+                self.merged = lake.merge_when_over(self.store.config.merge_over_files)
+            except duckdb.Error as e:  # the run is committed either way; the next commit merges
+                logging.getLogger(__name__).warning("merging the lake's data files failed (next commit retries): %s", e)
         return sum(written.values())
 
     def finish(self) -> None:
