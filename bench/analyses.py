@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     args = ap.parse_args()
 
-    from gradsift.flows.analyze import analyze_flow
+    from gradsift.flows.analyze import analyze
     from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
     from gradsift.schemas.config import AnalyzeConfig
     from gradsift.storage.catalog import query
@@ -73,7 +73,7 @@ def main() -> None:
         )
         if kind == "pairs":
             _count_cut(cfg, folder)
-        result = analyze_flow(cfg)
+        result = analyze(cfg)
         print(f"{kind}: {result['status']} in {time.perf_counter() - start:.1f}s, report {result.get('report')}")
         if args.docs and result.get("report"):
             import shutil

@@ -93,7 +93,7 @@ def main() -> None:
     import numpy as np
 
     from gradsift.flows.influence import influence_flow
-    from gradsift.flows.train import train_flow
+    from gradsift.flows.train import train as train_run
     from gradsift.models.checkpoints import list_checkpoints
     from gradsift.models.loading import LlamaShape, build_llama, byte_tokenizer
     from gradsift.schemas.config import NightlyConfig
@@ -120,12 +120,12 @@ def main() -> None:
     common = {"store": str(store_dir), "data": mixture, "task": "causal_lm", "max_length": max_len}
     common |= {"batch_size": args.batch, "schedule": "constant", "score_batch_size": 32}
     base_cfg = TrainConfig(model=str(init), epochs=1, lr=3e-3, warmup_ratio=0.05, **common)
-    base_run = args.base_run or train_flow(base_cfg)["run_id"]
+    base_run = args.base_run or train_run(base_cfg)["run_id"]
     base = list_checkpoints(store_dir, base_run)[-1].path / "model"
     print(f"base: run {base_run} -> {base} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     lora_cfg = TrainConfig(model=str(base), epochs=args.epochs, lr=1e-3, lora=True, lora_r=8, **common)
-    lora_run = args.lora_run or train_flow(lora_cfg)["run_id"]
+    lora_run = args.lora_run or train_run(lora_cfg)["run_id"]
     cks = list_checkpoints(store_dir, lora_run)
     print(f"lora: run {lora_run}, checkpoints {[(c.step, c.lr) for c in cks]} ({time.perf_counter() - t0:.0f}s)")
 

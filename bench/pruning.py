@@ -125,9 +125,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from gradsift.flows.evaluate import evaluate_flow
+    from gradsift.flows.evaluate import evaluate as evaluate_run
     from gradsift.flows.select import select_flow
-    from gradsift.flows.train import train_flow
+    from gradsift.flows.train import train as train_run
     from gradsift.schemas.train import EvaluateConfig, SelectConfig, TrainConfig
 
     sst2 = args.data.name == "sst2"
@@ -163,7 +163,7 @@ def main() -> None:
         return noise_only(args, train_file, source, store, common, proxy_seeds)
     times = {}
     t = time.perf_counter()
-    train = train_flow(TrainConfig(data={"path": str(train_file), **source}, seeds=proxy_seeds, **common))
+    train = train_run(TrainConfig(data={"path": str(train_file), **source}, seeds=proxy_seeds, **common))
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -172,7 +172,7 @@ def main() -> None:
     selections += [select_flow(SelectConfig(**select, score=s, drop="easy")) for s in args.scores.split(",")]
     times["select"] = time.perf_counter() - t
     t = time.perf_counter()
-    ev = evaluate_flow(
+    ev = evaluate_run(
         EvaluateConfig(
             store=store,
             train_run=train["run_id"],
@@ -198,7 +198,7 @@ def main() -> None:
 
 def noise_study(args, train_file: Path, source: dict, store: str, common: dict, seeds: list[int]):
     """Train on a copy with 10% of labels flipped; AUROC of each score ranking the flipped samples first."""
-    from gradsift.flows.train import train_flow
+    from gradsift.flows.train import train as train_run
     from gradsift.schemas.train import TrainConfig
     from gradsift.signals.dynamics import auroc
     from gradsift.storage.catalog import query
@@ -207,7 +207,7 @@ def noise_study(args, train_file: Path, source: dict, store: str, common: dict, 
     noisy = args.work / f"{args.data.name}-{train_file.stem}-noisy10.tsv"
     flipped = noisy_copy(train_file, noisy, 0.10, seed=0, label_col=1, header=args.data.name == "sst2")
     t = time.perf_counter()
-    run = train_flow(TrainConfig(data={"path": str(noisy), **source}, seeds=seeds, **common))
+    run = train_run(TrainConfig(data={"path": str(noisy), **source}, seeds=seeds, **common))
     seconds = time.perf_counter() - t
     table = query(
         Store(store),

@@ -61,7 +61,7 @@ def main() -> None:
     from bench.pruning import noisy_copy, subset_copy
     from gradsift.capture import CaptureCallback, SampleIdCollator, samples_dataset
     from gradsift.flows.select import select_flow
-    from gradsift.flows.train import resolve_model, train_flow
+    from gradsift.flows.train import resolve_model, train
     from gradsift.models.loading import load_model
     from gradsift.schemas.train import SelectConfig, TrainConfig
     from gradsift.storage.catalog import query
@@ -75,7 +75,7 @@ def main() -> None:
     common = {"store": store, "model": "minilm", "mode": "finetune", "batch_size": args.batch, "lr": args.lr,
               "max_length": args.max_length, "seeds": [0], "gradient_scores": False}  # fmt: skip
     t = time.perf_counter()
-    proxy = train_flow(TrainConfig(data={"path": str(noisy), **SOURCE}, epochs=1 if args.no_proxy else args.epochs,
+    proxy = train(TrainConfig(data={"path": str(noisy), **SOURCE}, epochs=1 if args.no_proxy else args.epochs,
                                    **common))  # fmt: skip
     proxy_s = time.perf_counter() - t
     sql = (
@@ -113,10 +113,10 @@ def main() -> None:
     selection = select_flow(SelectConfig(store=store, scores_run=captured, score="aum", drop="hard", fractions=[0.9]))
     print(f"selection run {selection['run_id']}: {selection['selections']}")
     if args.evaluate:
-        from gradsift.flows.evaluate import evaluate_flow
+        from gradsift.flows.evaluate import evaluate
         from gradsift.schemas.train import EvaluateConfig
 
-        evaluation = evaluate_flow(EvaluateConfig(store=store, train_run=proxy["run_id"], seeds=[0],
+        evaluation = evaluate(EvaluateConfig(store=store, train_run=proxy["run_id"], seeds=[0],
                                                   selection_runs=[selection["run_id"]],
                                                   eval_data={"path": str(args.data / "dev.tsv"), **SOURCE}))  # fmt: skip
         print(f"evaluation: {evaluation}")

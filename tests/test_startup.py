@@ -49,6 +49,22 @@ def test_small_commands_import_no_torch_ray_or_prefect(tmp_path, monkeypatch, ar
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+def test_run_modules_import_prefect_only_when_a_flow_is_asked_for():
+    """Every command's run module (score, select, train, evaluate, analyze) imports without prefect; asking a
+    module for its flow builds it then."""
+    modules = ["score", "select", "train", "evaluate", "analyze"]
+    code = (
+        "import importlib, json, sys\n"
+        f"mods = [importlib.import_module('gradsift.flows.' + m) for m in {modules!r}]\n"
+        "before = 'prefect' in sys.modules\n"
+        "flow = mods[2].train_flow\n"
+        "print(json.dumps([before, flow.name, mods[2].train_flow is flow]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, "gradsift-train", True]
+
+
 def test_the_policy_runs_directly_unless_a_server_is_configured_or_asked(monkeypatch):
     from gradsift.flows.runner import use_prefect
 

@@ -78,8 +78,9 @@ def test_train_select_evaluate_end_to_end(tmp_path, tiny_bert, prefect_harness, 
     assert (s.root / "reports" / ev["run_id"] / "accuracy.png").exists() and not s.staging(ev["run_id"]).dir.exists()
 
 
-def test_lora_causal_lm_train(tmp_path, prefect_harness):
-    from gradsift.flows.train import train_flow
+def test_lora_causal_lm_train(tmp_path):
+    """Run directly (no Prefect server configured): the same stages as the flow."""
+    from gradsift.flows.train import train
     from gradsift.models.checkpoints import list_checkpoints, load_checkpoint
     from gradsift.schemas.train import TrainConfig
 
@@ -94,7 +95,7 @@ def test_lora_causal_lm_train(tmp_path, prefect_harness):
         batch_size=8,
         lr=1e-3,
     )
-    result = train_flow(cfg)
+    result = train(cfg)
     infos = list_checkpoints(cfg.store, result["run_id"])
     assert (infos[-1].path / "model" / "adapter_model.safetensors").exists() and infos[-1].meta["lora"]
     model = load_checkpoint(infos[-1])[0]
@@ -148,10 +149,11 @@ def test_aum_threshold_samples(tmp_path, prefect_harness):
     assert nulls.to_pylist()[0] == {k: 48 // 3 for k in nulls.column_names}  # N/(C+1) threshold samples
 
 
-def test_without_gradient_scores(tmp_path, prefect_harness):
-    """gradient_scores=false: forward and dynamics scores only; selecting by a gradient score says why not."""
-    from gradsift.flows.select import select_flow
-    from gradsift.flows.train import train_flow
+def test_without_gradient_scores(tmp_path):
+    """gradient_scores=false: forward and dynamics scores only; selecting by a gradient score says why not
+    (train and select run directly)."""
+    from gradsift.flows.select import select
+    from gradsift.flows.train import train
     from gradsift.schemas.train import SelectConfig, TrainConfig
 
     cfg = TrainConfig(
@@ -163,14 +165,14 @@ def test_without_gradient_scores(tmp_path, prefect_harness):
         lr=1e-3,
         gradient_scores=False,
     )
-    run = train_flow(cfg)["run_id"]
+    run = train(cfg)["run_id"]
     s = Store(cfg.store)
     row = query(s, "SELECT count(el2n) AS el2n, count(aum) AS aum, count(loss) AS loss, count(grand) AS grand, "
                    "count(vog) AS vog, count(self_influence) AS si FROM scores").to_pylist()[0]  # fmt: skip
     assert row == {"el2n": 16, "aum": 16, "loss": 16, "grand": 0, "vog": 0, "si": 0}
     with pytest.raises(ValueError, match="no grand scores.*gradient_scores=false"):
-        select_flow(SelectConfig(store=cfg.store, scores_run=run, score="grand"))
-    assert select_flow(SelectConfig(store=cfg.store, scores_run=run, score="aum", fractions=[0.5]))["selections"]
+        select(SelectConfig(store=cfg.store, scores_run=run, score="grand"))
+    assert select(SelectConfig(store=cfg.store, scores_run=run, score="aum", fractions=[0.5]))["selections"]
 
 
 @pytest.mark.parametrize("name", ["sst2", "agnews"])

@@ -166,32 +166,39 @@ ANALYZE = Spec(
     names=RUN_NAMES,
     exclude=("ingest", "model.task", "model.num_labels", "model.labels", *ENGINE_SET),  # what analyze ignores
     variants={"pairs": "pairs", "fast-slow": "fast_slow"},
+    extras=(PREFECT,),
 )
 
 
 @command(app, "analyze", ANALYZE)
-def analyze(config: AnalyzeConfig) -> None:
+def analyze(config: AnalyzeConfig, prefect: bool) -> None:
     """Gradient analyses written to pair_scores, or layer_curves and layer_diffs, plus an HTML report.
     Preference pairs may come in any common layout (see --layout); rows that are not usable pairs go to
     the quarantine table with a reason, and the run goes on with the others."""
-    from gradsift.flows.analyze import analyze_flow, usable_pairs
+    from gradsift.flows.analyze import analyze as run_analyze
+    from gradsift.flows.analyze import usable_pairs
 
     with reported():
         if config.pairs is not None:
             usable_pairs(config)  # a file without one usable pair fails here, with a message
-        result = analyze_flow(config)
+        result = run_analyze(config, prefect)
     output.analyze_summary(result, config.store, "pairs" if config.pairs is not None else "fast-slow")
 
 
-@command(app, "train", Spec(TrainConfig, (Positional("data", "data", "source"),), names={"ray.address": "ray-address"}))
-def train(config: TrainConfig) -> None:
+TRAIN = Spec(
+    TrainConfig, (Positional("data", "data", "source"),), names={"ray.address": "ray-address"}, extras=(PREFECT,)
+)
+
+
+@command(app, "train", TRAIN)
+def train(config: TrainConfig, prefect: bool) -> None:
     """Proxy-train a model on DATA, log per-sample dynamics, checkpoint each epoch, and write scores
     (EL2N, GraNd, forgetting, AUM, VoG, TracIn self-influence). The README's recipe for real data:
     --model minilm --mode frozen (a head on cached MiniLM embeddings)."""
-    from gradsift.flows.train import train_flow
+    from gradsift.flows.train import train as run_train
 
     with reported():
-        result = train_flow(config)
+        result = run_train(config, prefect)
     output.train_summary(result, config.store)
 
 
@@ -210,17 +217,18 @@ EVALUATE = Spec(
     EvaluateConfig,
     (Positional("eval_data", "eval_data", "source"),),
     names={"ray.address": "ray-address", "selection_runs": "selection-run"},
+    extras=(PREFECT,),
 )
 
 
 @command(app, "evaluate", EVALUATE)
-def evaluate(config: EvaluateConfig) -> None:
+def evaluate(config: EvaluateConfig, prefect: bool) -> None:
     """Retrain from the same start on every selection and report held-out accuracy and loss
     (evaluations table, accuracy-vs-fraction plot, Prefect markdown artifact)."""
-    from gradsift.flows.evaluate import evaluate_flow
+    from gradsift.flows.evaluate import evaluate as run_evaluate
 
     with reported():
-        result = evaluate_flow(config)
+        result = run_evaluate(config, prefect)
     output.evaluate_summary(result)
 
 

@@ -8,8 +8,6 @@ the model once, works through chunks of pairs (writing their parts) or the respo
 from __future__ import annotations
 
 import pyarrow as pa
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from gradsift.data.pairs import BadRecord, NoUsableRows, no_rows_message, parse_pair
 from gradsift.data.readers import read_rows
@@ -17,7 +15,8 @@ from gradsift.data.reasons import quarantine_row, text_field
 from gradsift.executors.ray import run_on_pool
 from gradsift.executors.workers import PairEntanglement, VariantCurves
 from gradsift.flows.retry import retry_transient
-from gradsift.flows.runs import RunRecorder, run_recorded
+from gradsift.flows.runner import flow_or_direct, lazy_flows, stage
+from gradsift.flows.runs import RunRecorder, run_logger, run_recorded
 from gradsift.report.html import write_report
 from gradsift.schemas.config import AnalyzeConfig, DataSource
 from gradsift.schemas.tables import LAYER_CURVES, LAYER_DIFFS, QUARANTINE
@@ -74,10 +73,10 @@ def usable_pairs(config: AnalyzeConfig) -> tuple[list[tuple[int, str, str, str]]
 TRUNCATION = "prompt end and response start kept"
 
 
-@task(name="pairs", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage("pairs", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     """Entanglement of every usable pair, in chunks on the Ray pool; every other row is quarantined."""
-    logger = get_run_logger()
+    logger = run_logger()
     staging = store.staging(run_id)
     rows, quarantine = usable_pairs(config)
     dataset = config.pairs.dataset or _stem(config.data)
@@ -96,7 +95,7 @@ def pairs_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     return {"rows": n_pairs, "quarantined": len(quarantine), "truncated": n_cut, "max_tokens": max_tokens}
 
 
-@task(name="fast-slow", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage("fast-slow", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     """Nuclear-norm layer curves per variant (an item of the Ray pool each) and their early/middle/late differences."""
     from gradsift.signals.layer_curves import gsm8k_variants, third_diffs
@@ -131,8 +130,7 @@ def fast_slow_stage(config: AnalyzeConfig, store: Store, run_id: str) -> dict:
     return {"rows": len(rows), "diffs": diffs, "quarantined": len(quarantine)}
 
 
-@flow(name="gradsift-analyze", log_prints=True)
-def analyze_flow(config: AnalyzeConfig) -> dict:
+def analyze_run(config: AnalyzeConfig) -> dict:
     """Run one analysis (``config.pairs`` or ``config.fast_slow``) on ``config.data`` as a committed run."""
     kind = "pairs" if config.pairs is not None else "fast_slow"
 
@@ -148,3 +146,11 @@ def analyze_flow(config: AnalyzeConfig) -> dict:
     model = config.model
     sources = [DataSource(path=config.data)]
     return run_recorded(f"analyze-{kind}", config, sources, model.name_or_path, body, model.checkpoint)
+
+
+def analyze(config: AnalyzeConfig, prefect: bool = False) -> dict:
+    """``analyze_run`` directly, or as the flow ``gradsift-analyze``."""
+    return flow_or_direct(__name__, "analyze_flow", analyze_run, config, prefect)
+
+
+__getattr__ = lazy_flows(globals(), {"analyze_flow": ("gradsift-analyze", analyze_run)})

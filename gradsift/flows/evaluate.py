@@ -1,4 +1,4 @@
-"""The evaluation flow: retrain on each selection from the same start, measure held-out accuracy/loss.
+"""The evaluation run: retrain on each selection from the same start, measure held-out accuracy/loss.
 
 Writes the ``evaluations`` table, a plot of accuracy versus fraction kept (one line per score and
 drop side, one for random, shaded over seeds; staged with the run and committed to
@@ -11,11 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from gradsift.executors.ray import run_jobs
+from gradsift.flows.runner import flow_or_direct, lazy_flows, markdown_artifact, stage
 from gradsift.flows.runs import run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.report.curves import plot_curves, summary_markdown
@@ -50,7 +48,7 @@ def _selections(store: Store, runs: list[str]) -> tuple[dict[str, list[str]], di
     return dict(kept), info
 
 
-@task(name="retrain", cache_policy=NO_CACHE)
+@stage("retrain")
 def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: tuple, label_index, jobs) -> list:
     """Every (selection, seed) retraining, in as many groups as the config has actors (a group an item of the
     Ray pool, loading the data once)."""
@@ -59,8 +57,7 @@ def retrain_stage(config: EvaluateConfig, train: TrainConfig, base: str, parts: 
     return [row for rows in run_jobs(evaluate_selections, calls, config.ray) for row in rows]
 
 
-@flow(name="gradsift-evaluate", log_prints=True)
-def evaluate_flow(config: EvaluateConfig) -> dict:
+def evaluate_run(config: EvaluateConfig) -> dict:
     """Retrain the train run's model on every selection of ``config.selection_runs`` and evaluate."""
     store = Store(config.store)
     train_row = store.read_run(config.train_run)
@@ -97,11 +94,19 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
             plot_curves(table, recorder.staging.artifact_path("reports", f"{metric}.png"), title, metric)
             plot = recorder.staging.final_artifact_path("reports", f"{metric}.png")
         markdown = summary_markdown(table, metric)
-        create_markdown_artifact(
+        markdown_artifact(
             f"# gradsift evaluate `{recorder.run_id}`\n\ntrain run `{config.train_run}`, held-out "
             f"`{config.eval_data.path}`, budget: equal {config.budget}\n\n{markdown}\n\nplot: `{plot}`\n",
-            key="evaluate-report",
+            "evaluate-report",
         )
         return {"evaluations": table.num_rows, "plot": str(plot), "summary": markdown}
 
     return run_recorded("evaluate", config, [config.eval_data], base, body)
+
+
+def evaluate(config: EvaluateConfig, prefect: bool = False) -> dict:
+    """``evaluate_run`` directly, or as the flow ``gradsift-evaluate``."""
+    return flow_or_direct(__name__, "evaluate_flow", evaluate_run, config, prefect)
+
+
+__getattr__ = lazy_flows(globals(), {"evaluate_flow": ("gradsift-evaluate", evaluate_run)})

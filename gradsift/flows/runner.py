@@ -51,13 +51,29 @@ def stage(name: str, **options: Any) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def build_flow(namespace: dict, attr: str, flow_name: str, fn: Callable) -> Callable:
-    """``fn`` as the Prefect flow ``flow_name``, stored as ``namespace[attr]`` (a module's globals, from its
-    ``__getattr__``) so that prefect is imported only by code that uses the flow."""
-    from prefect import flow
+def markdown_artifact(markdown: str, key: str) -> None:
+    """Publish ``markdown`` as the Prefect artifact ``key`` inside a flow run; a direct run has no UI to publish to."""
+    if in_flow_run():
+        from prefect.artifacts import create_markdown_artifact
 
-    namespace[attr] = built = flow(name=flow_name, log_prints=True)(fn)
-    return built
+        create_markdown_artifact(markdown, key=key)
+
+
+def lazy_flows(namespace: dict, flows: dict[str, tuple[str, Callable]]) -> Callable[[str], Callable]:
+    """A module ``__getattr__`` that builds the module's flows (``attr -> (flow name, run function)``) on first
+    use and stores each in ``namespace`` (the module's globals), so that prefect is imported only by code that
+    uses a flow."""
+
+    def flow_attr(attr: str) -> Callable:
+        if attr not in flows:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {attr!r}")
+        from prefect import flow
+
+        flow_name, fn = flows[attr]
+        namespace[attr] = built = flow(name=flow_name, log_prints=True)(fn)
+        return built
+
+    return flow_attr
 
 
 def flow_or_direct(module: str, attr: str, fn: Callable, config: Any, asked: bool = False) -> Any:

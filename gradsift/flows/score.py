@@ -7,7 +7,7 @@ prefect imported, on first use) as ``flows.runner`` decides.
 from __future__ import annotations
 
 from gradsift.flows.pipeline import run_pipeline
-from gradsift.flows.runner import build_flow, flow_or_direct
+from gradsift.flows.runner import flow_or_direct, lazy_flows
 from gradsift.schemas.config import RunConfig
 
 
@@ -31,11 +31,6 @@ def ingest(config: RunConfig, prefect: bool = False) -> dict:
     return flow_or_direct(__name__, "ingest_flow", ingest_run, config, prefect)
 
 
-_FLOWS = {"score_flow": ("gradsift-score", score_run), "ingest_flow": ("gradsift-ingest", ingest_run)}
-
-
-def __getattr__(name: str):
-    """``score_flow`` / ``ingest_flow``: the runs as Prefect flows, built once."""
-    if name not in _FLOWS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return build_flow(globals(), name, *_FLOWS[name])
+__getattr__ = lazy_flows(
+    globals(), {"score_flow": ("gradsift-score", score_run), "ingest_flow": ("gradsift-ingest", ingest_run)}
+)

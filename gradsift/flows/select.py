@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from gradsift.flows.runner import build_flow, flow_or_direct
+from gradsift.flows.runner import flow_or_direct, lazy_flows
 from gradsift.flows.runs import run_recorded
 from gradsift.schemas.tables import SCORES
 from gradsift.schemas.train import SelectConfig
@@ -100,8 +100,4 @@ def select(config: SelectConfig, prefect: bool = False) -> dict:
     return flow_or_direct(__name__, "select_flow", select_run, config, prefect)
 
 
-def __getattr__(name: str):
-    """``select_flow``: ``select_run`` as the Prefect flow ``gradsift-select``, built (and prefect imported) once."""
-    if name != "select_flow":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return build_flow(globals(), name, "gradsift-select", select_run)
+__getattr__ = lazy_flows(globals(), {"select_flow": ("gradsift-select", select_run)})

@@ -1,8 +1,10 @@
-"""The proxy-training flow: ingest -> (embed) -> train each seed on Ray -> combine scores -> commit.
+"""The proxy-training run: ingest -> (embed) -> train each seed on Ray -> combine scores -> commit.
 
 One committed run: ``samples``, ``dynamics`` (a row per sample visit) and ``scores`` (EL2N, GraNd,
 forgetting, AUM, VoG, TracIn self-influence), plus checkpoints under ``<store>/checkpoints``.
-Rerunning the same config resumes (finished seeds and epochs are skipped) or does nothing.
+Rerunning the same config resumes (finished seeds and epochs are skipped) or does nothing. ``train`` runs the
+stages directly or as the Prefect flow ``train_flow`` (built, and prefect imported, on first use) as
+``flows.runner`` decides.
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gradsift.executors.ray import run_jobs
-from gradsift.flows.runs import RunRecorder, run_recorded
+from gradsift.flows.runner import flow_or_direct, lazy_flows, markdown_artifact, stage
+from gradsift.flows.runs import RunRecorder, run_logger, run_recorded
 from gradsift.flows.stages import ingest_config, ingest_stage
 from gradsift.models.embeddings import cached_embeddings
 from gradsift.models.loading import minilm_path
@@ -36,7 +36,7 @@ def resolve_model(name: str) -> str:
     return str(minilm_path()) if name == "minilm" else name
 
 
-@task(name="embed", cache_policy=NO_CACHE)
+@stage("embed")
 def embed_stage(config: TrainConfig, base: str, staging) -> int:
     """Frozen mode: embed every sample once into the cache (with a progress bar), so that the seeds only read it."""
     samples = staging.read("samples")
@@ -55,21 +55,21 @@ def embed_stage(config: TrainConfig, base: str, staging) -> int:
             pairs=pairs,
         )
         embedded = bar.tasks[0].completed
-    get_run_logger().info(
+    run_logger().info(
         "embeddings: %d texts, %d new (%.0f s), the rest from the cache %s", len(texts), embedded,
         time.perf_counter() - started, cache,
     )  # fmt: skip
     return len(emb)
 
 
-@task(name="train-seeds", cache_policy=NO_CACHE)
+@stage("train-seeds")
 def train_stage(config: TrainConfig, base: str, run_id: str, label_index: dict | None) -> list[dict]:
     """Train and score every seed (a seed an item of the Ray pool when there are several)."""
     jobs = [(config, base, run_id, seed, label_index) for seed in config.seeds]
     return run_jobs(train_and_score_seed, jobs, config.ray)
 
 
-@task(name="combine-scores", cache_policy=NO_CACHE)
+@stage("combine-scores")
 def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: float | None) -> dict:
     """Average the seeds' scores into one ``scores`` row per sample (signals.dynamics.combine_seeds)."""
     samples = staging.read("samples").select(["dataset", "sample_id", "label"]).to_pandas()
@@ -89,8 +89,7 @@ def combine_stage(config: TrainConfig, staging, run_id: str, aum_threshold: floa
     }
 
 
-@flow(name="gradsift-train", log_prints=True)
-def train_flow(config: TrainConfig) -> dict:
+def train_run(config: TrainConfig) -> dict:
     """Proxy-train ``config.model`` on ``config.data``; log dynamics; write checkpoints and scores."""
     base = resolve_model(config.model)
 
@@ -106,13 +105,13 @@ def train_flow(config: TrainConfig) -> dict:
         combined = combine_stage(config, staging, run_id, threshold)
         if threshold is not None:
             recorder.row["note"] = f"aum_threshold={threshold:.6g} flagged={combined['flagged']}"
-        create_markdown_artifact(
+        markdown_artifact(
             f"# gradsift train `{run_id}`\n\n- samples: {ingest.samples}, seeds: {config.seeds}, "
             f"epochs: {config.epochs}, mode: {config.mode}{' (LoRA)' if config.lora else ''}\n"
             f"- never learned (all seeds): {combined['never_learned']}\n"
             f"- AUM threshold (threshold samples): {threshold}, flagged as mislabelled: {combined['flagged']}\n"
             f"- checkpoints: `{Path(config.store) / 'checkpoints'}/{run_id}-seed*`\n",
-            key="train-report",
+            "train-report",
         )
         return {
             "samples": ingest.samples,
@@ -123,3 +122,11 @@ def train_flow(config: TrainConfig) -> dict:
         }
 
     return run_recorded("train", config, [config.data], base, body)
+
+
+def train(config: TrainConfig, prefect: bool = False) -> dict:
+    """``train_run`` directly, or as the flow ``gradsift-train``."""
+    return flow_or_direct(__name__, "train_flow", train_run, config, prefect)
+
+
+__getattr__ = lazy_flows(globals(), {"train_flow": ("gradsift-train", train_run)})
