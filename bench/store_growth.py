@@ -1,14 +1,20 @@
-"""Store growth over nightly runs, through the store path the flows use (docs/store.md).
+"""Store growth over nightly runs, through the store path the flows use (docs/store.md), timed side by side.
 
 ``--samples`` samples (default 100k), then ``--nights`` nights (default 100), each adding ``--new`` (1%) new
 samples. Each night is what a nightly run does to the store: every sample is staged again in shards (ingest reuse
-reads them back), ``flows.incremental.reused_shards`` names the shards the lake already has scores of under the
+reads them back), ``flows.incremental.unscored_shards`` names the shards the lake already has scores of under the
 run's scoring key, only the others are "scored" (staged), and ``RunStaging.commit`` writes the run in one lake
 transaction (SQLite catalog, inlining off: ``Store``'s default), then merges the files of any table over
-``LakeConfig.merge_over_files``. Queries go through ``storage.catalog.query`` as
-``gradsift query`` does. Prints the README queries' times after night 1, after the last night, after ``store
-compact`` and on a fresh store given the last night's rows in one night (what the data's growth alone costs), their
-ratios, ``count(*) FROM scores`` against the distinct scored samples, and the store size.
+``LakeConfig.merge_over_files``.
+
+Three stores are then timed interleaved (``--repeats`` rounds after ``--warmup`` discarded ones, the stores' order
+rotating): night 1 (night 1 replayed into a store of its own), the store after the last night, and a store given
+the last night's rows in one night (what the data's growth alone costs). Each README query three ways: ``fresh``, a
+new locked-down reader per query as a ``gradsift query`` process opens one (extensions, attach, views) and the
+statement; ``statement``, that statement alone; ``query``, ``storage.catalog.query`` (the statement check, then the
+statement on the process's shared reader). Prints medians with 25th-75th percentiles, ratios paired per round,
+``count(*) FROM scores`` against the distinct scored samples, store sizes and data files; ``--explain`` adds EXPLAIN
+ANALYZE of the join and latest-run queries, ``--compact`` a second round after ``store compact``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ QUERIES = {
 }
 
 
-FILES = "SELECT table_name, file_count FROM ducklake_table_info('lake') WHERE table_name IN ('scores', 'samples', 'runs')"
+FILES = (
+    "SELECT table_name, file_count FROM ducklake_table_info('lake') WHERE table_name IN ('scores', 'samples', 'runs')"
+)
 
 
 def shards(start: int, n: int, size: int) -> list[tuple[str, pa.Table, pa.Table]]:
@@ -198,9 +206,13 @@ def explain(stores: dict) -> None:
 
 
 def run(root: Path, args, new: int) -> None:
-    from gradsift.storage.store import Store
+    from gradsift.storage.store import LakeConfig, Store
 
     base, nights, size = args.samples, args.nights, args.shard_size
+    if args.merge_over_files is not None:  # the grown store's LakeConfig (<store>/lake.json)
+        (root / "grown").mkdir(parents=True)
+        config = LakeConfig(merge_over_files=args.merge_over_files)
+        (root / "grown" / Store.CONFIG).write_text(config.model_dump_json())
     grown, first = Store(root / "grown").ensure(), Store(root / "night1").ensure()
     # the night-1 store kept aside: night 1 replayed into a store of its own (a copy of the folder would keep the
     # catalog's absolute data path, i.e. read the grown store's files, which later merges replace)
@@ -256,6 +268,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="interleaved rounds discarded first")
     ap.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of the join and latest-run queries")
     ap.add_argument("--compact", action="store_true", help="then `store compact` the grown store and time it again")
+    ap.add_argument("--merge-over-files", type=int, help="the grown store's LakeConfig.merge_over_files")
     ap.add_argument("--keep", type=Path, help="build the stores here and keep them (default: a temp folder, removed)")
     args = ap.parse_args()
     new = int(args.samples * args.new)

@@ -97,3 +97,49 @@ def test_ingest_and_scoring_reuse_go_by_sample_not_by_shard_name(tmp_path, ray_l
         got = store.run_table("samples", result["run_id"])
         assert got.column("text").to_pylist() == texts
         assert set(got.column("shard").to_pylist()) == set(result["ingest"]["shards"])
+
+
+def test_a_shard_recorded_before_shard_members_is_found_by_its_samples_shard(tmp_path):
+    """A store whose ingests predate ``shard_members``: a run's samples and ingest reuse are found by the samples'
+    own ``shard`` column, and a shard recorded in ``shard_members`` holds its samples wherever they were stored."""
+    import json
+
+    import pyarrow as pa
+
+    from gradsift.flows.incremental import reuse_ingest
+    from gradsift.schemas.tables import SAMPLES
+    from gradsift.storage.lake import INGESTS, SHARD_MEMBERS
+
+    def samples(shard: str, ids: list[str]) -> pa.Table:
+        rows = [{"dataset": "d", "sample_id": i, "shard": shard, "text": i, "line": n} for n, i in enumerate(ids)]
+        return pa.Table.from_pylist(rows, schema=SAMPLES)
+
+    def ingest(run: str, shards: list[str], n: int) -> pa.Table:
+        entry = {"run_id": run, "dataset": "d", "shards": shards, "quarantine_part": "q", "samples": n}
+        return pa.Table.from_pylist([{"ingest_key": run, "dataset": "d", "entry": json.dumps(entry)}], schema=INGESTS)
+
+    store = Store(tmp_path / "store").ensure()
+    with store.lake() as lake:  # old: no shard_members; new: a shard of two old samples and a new one
+        lake.commit_run(
+            "old",
+            {
+                "samples": samples("d-00000-aaaaaaaaaa", ["a", "b", "c"]),
+                "ingests": ingest("old", ["d-00000-aaaaaaaaaa"], 3),
+            },
+        )
+        members = pa.Table.from_pylist(
+            [
+                {"dataset": "d", "shard": "d-00000-bbbbbbbbbb", "sample_id": i, "position": n}
+                for n, i in enumerate("cxa")
+            ],
+            schema=SHARD_MEMBERS,
+        )
+        new = {"samples": samples("d-00000-bbbbbbbbbb", ["c", "x", "a"]), "shard_members": members}
+        lake.commit_run("new", {**new, "ingests": ingest("new", ["d-00000-bbbbbbbbbb"], 3)})
+    assert store.run_table("samples", "old").column("sample_id").to_pylist() == ["a", "b", "c"]
+    got = store.run_table("samples", "new")
+    assert got.column("sample_id").to_pylist() == ["c", "x", "a"]
+    assert set(got.column("shard").to_pylist()) == {"d-00000-bbbbbbbbbb"}
+    staging = store.staging("again")
+    assert reuse_ingest(store, staging, "new")["run_id"] == "new"
+    assert staging.read("samples").column("sample_id").to_pylist() == ["c", "x", "a"]

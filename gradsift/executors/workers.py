@@ -19,7 +19,6 @@ from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import SCORE_TABLES
 from gradsift.storage.store import Store
 
-
 UNSCORED = "unscored"
 """Scratch table of a run's staging: a shard's samples that still need scores (``flows.incremental.unscored_shards``
 writes it for a shard whose other samples the lake has scored); the scoring worker reads it instead of the shard."""

@@ -3,12 +3,14 @@
 Two keys decide what a new run may take from earlier ones:
 
 - the *ingest key* of a source: its file's content hash, its field mapping, the shard size and the
-  tokenizer and length limit that decide quarantine. Same key: the shards an earlier run made of it are read back
-  from the lake (``ingests`` names them) into this run's staging, and the file is not read again.
+  tokenizer and length limit that decide quarantine. Same key: the shards an earlier run made of it (``ingests``
+  names them) are read back from the lake into this run's staging by ``(dataset, sample_id)`` through
+  ``shard_members``, wherever each sample was first stored, and the file is not read again.
 - the *scoring key* of a run: model (name, weights fingerprint, checkpoint, dtype, labels), score config, seed and
-  code version, stored in the ``score_key`` column of ``scores``, ``layer_stats`` and ``features``. A shard whose
-  every sample already has a ``scores`` row under the run's key is not scored again; the others are scored and
-  their rows written once (the lake skips keys it has). Changing the model or the score config changes the key.
+  code version, stored in the ``score_key`` column of ``scores``, ``layer_stats`` and ``features``. A sample that
+  already has a ``scores`` row under the run's key is not scored again, whatever shard it now sits in; the others
+  are scored and their rows written once (the lake skips keys it has). Changing the model or the score config
+  changes the key.
 """
 
 from __future__ import annotations

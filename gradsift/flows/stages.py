@@ -21,8 +21,8 @@ from gradsift.flows.incremental import (
     known_parameter_set,
     record_ingest,
     reuse_ingest,
-    unscored_shards,
     scoring_key,
+    unscored_shards,
 )
 from gradsift.flows.retry import retry_transient
 from gradsift.flows.runner import in_flow_run, stage
