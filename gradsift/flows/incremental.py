@@ -99,12 +99,11 @@ def record_ingest(staging: RunStaging, key: str, entry: dict) -> None:
     staging.write_part("ingests", entry["quarantine_part"], pa.Table.from_pylist([row], schema=INGESTS))
     if entry["run_id"] != staging.run_id:
         return
-    with staging.part_writer("shard_members", entry["quarantine_part"], SHARD_MEMBERS) as write:
-        for shard in entry["shards"]:
-            ids = pq.read_table(staging.part_path("samples", shard), columns=["dataset", "sample_id"])
-            n = ids.num_rows
-            write(ids.append_column("shard", pa.array([shard] * n)).append_column(
-                "position", pa.array(range(n), pa.int32())).select(SHARD_MEMBERS.names))  # fmt: skip
+    for shard in entry["shards"]:  # a part per shard, like samples: the commit inserts them a batch of files at a time
+        ids = pq.read_table(staging.part_path("samples", shard), columns=["dataset", "sample_id"])
+        n = ids.num_rows
+        members = ids.append_column("shard", pa.array([shard] * n)).append_column("position", pa.array(range(n)))
+        staging.write_part("shard_members", shard, members.select(SHARD_MEMBERS.names).cast(SHARD_MEMBERS))
 
 
 @dataclass(frozen=True)

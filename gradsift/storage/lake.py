@@ -11,9 +11,9 @@ Layout under ``root`` (``storage.store.Store`` picks the catalog; the embedded d
 
 Tables (``table_mode``):
 
-* ``once``: samples, shard_members, scores, layer_stats, features. One row per natural key (``NATURAL_KEYS``, the scoring key
-  ``score_key`` = hash of model, weights, checkpoint, score config and code first); ``commit_run`` skips rows
-  whose key is already stored, so a nightly run over unchanged data adds a snapshot and no rows. ``run_id``
+* ``once``: samples, shard_members, scores, layer_stats, features. One row per natural key (``NATURAL_KEYS``, the
+  scoring key ``score_key`` = hash of model, weights, checkpoint, score config and code first); ``commit_run`` skips
+  rows whose key is already stored, so a nightly run over unchanged data adds a snapshot and no rows. ``run_id``
   is the run that first computed the row. Earlier states: time travel (``AT (VERSION => n)``).
 * ``run``: every other derived table, stored as ``<table>_history`` with ``run_id``; the ``<table>`` view is the
   latest run's rows per ``CURRENT_GROUPS`` group (e.g. per selection), latest by commit snapshot (run ids are

@@ -182,7 +182,10 @@ class Store:
         """The rows of ``table`` that run ``run_id`` committed; for ``samples``, every sample of the shards it
         ingested (stored once, by whichever run first ingested each)."""
         if table == "samples":
-            shards = "(SELECT flatten(list(CAST(json_extract(entry, '$.shards') AS VARCHAR[]))) FROM ingests_history WHERE run_id = $run)"
+            shards = (
+                "(SELECT flatten(list(CAST(json_extract(entry, '$.shards') AS VARCHAR[]))) FROM ingests_history "
+                "WHERE run_id = $run)"
+            )
             return self.read(shard_samples_sql(shards), {"run": run_id})
         if table_mode(table) != "run":
             raise ValueError(f"{table} is stored once per key, not per run: query it by its key")
