@@ -19,6 +19,10 @@ from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import SCORE_TABLES
 from gradsift.storage.store import Store
 
+UNSCORED = "unscored"
+"""Scratch table of a run's staging: a shard's samples that still need scores (``flows.incremental.unscored_shards``
+writes it for a shard whose other samples the lake has scored); the scoring worker reads it instead of the shard."""
+
 
 class ScoringWorker:
     """Holds one model; scores shards of one run into that run's staging folder."""
@@ -31,9 +35,11 @@ class ScoringWorker:
         self.reported = False
 
     def __call__(self, shard: str) -> dict:
-        """Score one shard; the first result of each actor also says which parameters the gradients cover."""
+        """Score one shard (its ``UNSCORED`` samples where the stage wrote them); the first result of each actor also
+        says which parameters the gradients cover."""
         start = time.perf_counter()
-        samples = pq.read_table(self.staging.part_path("samples", shard))
+        part = self.staging.scratch.part_path(UNSCORED, shard)
+        samples = pq.read_table(part if part.exists() else self.staging.part_path("samples", shard))
         tables = self.scorer.score(samples)
         for name in (t for t in SCORE_TABLES if t in tables):
             self.staging.write_part(name, shard, tables[name])

@@ -21,8 +21,8 @@ from gradsift.flows.incremental import (
     known_parameter_set,
     record_ingest,
     reuse_ingest,
-    reused_shards,
     scoring_key,
+    unscored_shards,
 )
 from gradsift.flows.retry import retry_transient
 from gradsift.flows.runner import in_flow_run, stage
@@ -96,7 +96,7 @@ def ingest_sources(
         return counter.count_tokens_batch(tokenizer, rows)
 
     start = time.perf_counter()
-    for table in ("samples", "quarantine", "ingests"):
+    for table in ("samples", "quarantine", "ingests", "shard_members"):
         staging.clear(table)
     shards: list[str] = []
     found: set[str] = set()
@@ -197,10 +197,14 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
     shards = ingest.shards
     key = scoring_key(config, ingest.label_index)
     staging.set_score_key(key)
-    reused = set(reused_shards(store, staging, shards, key))
+    plan = unscored_shards(store, staging, shards, key)
+    reused = set(plan.reused)
     todo = [s for s in shards if s not in reused and not staging.has_part("scores", s)]
     where = describe_executor(config.ray, len(todo)) if todo else "nothing to score"
-    logger.info("scoring %d of %d shards (%d reused from earlier runs): %s", len(todo), len(shards), len(reused), where)
+    logger.info(
+        "scoring %d of %d shards (%d reused from earlier runs, %d with %d samples scored already): %s",
+        len(todo), len(shards), len(reused), len(plan.partial), plan.scored_before, where,
+    )  # fmt: skip
     n_done_before = len(shards) - len(todo)
     progress = _progress_artifact(n_done_before, len(shards), run_id)
     with Progress(
@@ -227,7 +231,7 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
         shards_scored=len(scored),
         shards_resumed=n_done_before - len(reused),
         shards_reused=len(reused),
-        rows=staging.count_rows("scores") + sum(staging.count_rows("samples", s) for s in reused),
+        rows=staging.count_rows("scores") + plan.scored_before,
         rows_scored=sum(d["rows"] for d in scored),
         seconds=round(seconds, 2),
         parameter_set=parameter_set,

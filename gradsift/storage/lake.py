@@ -11,15 +11,15 @@ Layout under ``root`` (``storage.store.Store`` picks the catalog; the embedded d
 
 Tables (``table_mode``):
 
-* ``once``: samples, scores, layer_stats, features. One row per natural key (``NATURAL_KEYS``, the scoring key
-  ``score_key`` = hash of model, weights, checkpoint, score config and code first); ``commit_run`` skips rows
-  whose key is already stored, so a nightly run over unchanged data adds a snapshot and no rows. ``run_id``
+* ``once``: samples, shard_members, scores, layer_stats, features. One row per natural key (``NATURAL_KEYS``, the
+  scoring key ``score_key`` = hash of model, weights, checkpoint, score config and code first); ``commit_run`` skips
+  rows whose key is already stored, so a nightly run over unchanged data adds a snapshot and no rows. ``run_id``
   is the run that first computed the row. Earlier states: time travel (``AT (VERSION => n)``).
 * ``run``: every other derived table, stored as ``<table>_history`` with ``run_id``; the ``<table>`` view is the
   latest run's rows per ``CURRENT_GROUPS`` group (e.g. per selection), latest by commit snapshot (run ids are
   hashes, not times).
 * ``runs``: one row per run outcome, appended in the same transaction as its results; the commit's snapshot
-  records the run id (``commit_extra_info``), so the ``runs`` view shows which snapshot each run made.
+  records the run id (``commit_extra_info``); the ``runs`` view shows the snapshot that inserted each row.
 """
 
 from __future__ import annotations
@@ -40,14 +40,15 @@ from gradsift.schemas.tables import TABLES
 
 NATURAL_KEYS: dict[str, tuple[str, ...]] = {
     "samples": ("dataset", "sample_id"),
+    "shard_members": ("dataset", "shard", "sample_id"),
     "scores": ("score_key", "checkpoint", "dataset", "sample_id"),
     "layer_stats": ("score_key", "checkpoint", "dataset", "sample_id", "layer", "module"),
     "features": ("score_key", "checkpoint", "dataset", "sample_id"),
 }
 """Tables stored once per key: a row whose key is already in the lake is not written again."""
 
-SCORE_TABLES = tuple(NATURAL_KEYS)[1:]
-"""Tables that carry the scoring key (``score_key`` column): the ones stored once per key but samples."""
+SCORE_TABLES = ("scores", "layer_stats", "features")
+"""Tables that carry the scoring key (``score_key`` column)."""
 
 CURRENT_GROUPS: dict[str, tuple[str, ...]] = {
     "influence": ("target", "method"),
@@ -75,6 +76,13 @@ FEATURES_SCHEMA = pa.schema(
 INGESTS = pa.schema([("ingest_key", pa.string()), ("dataset", pa.string()), ("entry", pa.string())])
 """Which samples shards a source's ingest made (``entry``: JSON, flows.incremental), one row per run that used it."""
 
+SHARD_MEMBERS = pa.schema(
+    [("dataset", pa.string()), ("shard", pa.string()), ("sample_id", pa.string()), ("position", pa.int32())]
+)
+"""Which samples a shard holds, in order (``position``), once per shard: a shard's name hashes its sample ids, so
+the rows of a name never change. Ingest reuse and ``Store.run_table`` find a shard's samples through it by
+``(dataset, sample_id)``, wherever the sample was first stored (flows.incremental)."""
+
 CAPTURE_FEATURES = pa.schema([("step", pa.int64()), ("rank", pa.int32()), *FEATURES_SCHEMA])
 """Features recorded during a captured training run (schemas.tables.capture_features_schema, as ``FLOAT[]``)."""
 
@@ -82,6 +90,7 @@ LAKE_SCHEMAS: dict[str, pa.Schema] = {
     **TABLES,
     "features": FEATURES_SCHEMA,
     "ingests": INGESTS,
+    "shard_members": SHARD_MEMBERS,
     "capture_features": CAPTURE_FEATURES,
 }
 

@@ -8,26 +8,23 @@ import duckdb
 from gradsift.storage.lake import CURRENT_GROUPS, LAKE_SCHEMAS, Lake, ident, stored_name, table_mode
 
 
-def run_snapshots_sql(alias: str = Lake.ALIAS) -> str:
-    """run_id -> the snapshot its commit made (run ids are content hashes: only snapshots order runs in time)."""
-    return (
-        "SELECT json_extract_string(commit_extra_info, '$.run_id') AS run_id, max(snapshot_id) AS snapshot_id "
-        f"FROM {alias}.snapshots() WHERE commit_extra_info IS NOT NULL GROUP BY ALL"
-    )
-
-
 def current_view_sql(table: str, alias: str = Lake.ALIAS, version: int | None = None) -> str:
     """The SELECT behind a user-facing view: the current state (or the state at snapshot ``version``).
 
     Per-run tables: per group, the rows of the completed run committed last. ``runs``: the latest outcome of each
-    run (a failed attempt, then the rerun that completed it) with the snapshot its commit made (null once expired); ``samples``: its ``run_id`` (the run that first ingested the row) is called ``ingest_run_id``,
-    so that ``scores JOIN samples USING (dataset, sample_id) WHERE run_id = ...`` stays unambiguous."""
+    run (a failed attempt, then the rerun that completed it) with the snapshot its commit made (kept after ``store
+    expire`` removes that snapshot); ``samples``: its ``run_id`` (the run that first ingested the row) is called
+    ``ingest_run_id``, so that ``scores JOIN samples USING (dataset, sample_id) WHERE run_id = ...`` stays
+    unambiguous."""
     at = "" if version is None else f" AT (VERSION => {int(version)})"
     src = f"(SELECT * FROM {alias}.{ident(stored_name(table))}{at})"  # `t AT (...) AS x` does not parse in 1.5.5
     if table == "runs":
+        # snapshot_id: DuckLake's virtual column, the snapshot that inserted the row (the run's own transaction);
+        # joining snapshots() instead read the catalog's every snapshot on each query (x1.6 of the latest-run
+        # subquery after 100 nights, bench/store_growth.py)
         return (
-            f"SELECT r.*, s.snapshot_id FROM {src} AS r LEFT JOIN ({run_snapshots_sql(alias)}) AS s USING (run_id) "
-            "QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY r.finished_at DESC NULLS LAST) = 1"
+            f"SELECT * FROM (SELECT *, snapshot_id FROM {alias}.runs{at}) "
+            "QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY finished_at DESC NULLS LAST) = 1"
         )
     if table == "samples":
         return f"SELECT * EXCLUDE (run_id), run_id AS ingest_run_id FROM {src}"
@@ -56,3 +53,18 @@ def create_views(con: duckdb.DuckDBPyConnection, alias: str = Lake.ALIAS, versio
         if table_mode(table) == "run":
             history = ident(stored_name(table))
             con.execute(f"CREATE VIEW {history} AS SELECT * FROM {alias}.{history}{at}")
+
+
+def shard_samples_sql(shards: str) -> str:
+    """The samples of the shards in the list ``shards`` (a SQL expression, e.g. ``$shards``), each shard's rows in
+    its order and with its name in ``shard``. Found through ``shard_members`` by ``(dataset, sample_id)``, so a
+    sample first stored under another shard (an earlier version of the file, another file) is found; a shard
+    ingested before ``shard_members`` existed, by the samples' own ``shard`` (its first ingest's)."""
+    return (
+        f"WITH want AS (SELECT unnest({shards}) AS shard), m AS ("
+        "SELECT dataset, sample_id, shard, position FROM shard_members SEMI JOIN want USING (shard) UNION ALL "
+        "SELECT dataset, sample_id, shard, line FROM samples SEMI JOIN want USING (shard) "
+        "WHERE shard NOT IN (SELECT shard FROM shard_members)) "
+        "SELECT s.* REPLACE (m.shard AS shard) FROM m JOIN samples s USING (dataset, sample_id) "
+        "ORDER BY m.shard, m.position"
+    )

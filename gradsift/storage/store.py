@@ -43,7 +43,7 @@ from gradsift.storage.atomic import (
     write_parquet_atomic,
 )
 from gradsift.storage.lake import LOAD_CONFIG, Lake, literal, table_mode
-from gradsift.storage.lake_query import create_views
+from gradsift.storage.lake_query import create_views, shard_samples_sql
 
 STAGES_DIR = "_stages"
 """Stage markers of a staged run (``mark_done`` / ``stage_info``); never committed."""
@@ -182,11 +182,11 @@ class Store:
         """The rows of ``table`` that run ``run_id`` committed; for ``samples``, every sample of the shards it
         ingested (stored once, by whichever run first ingested each)."""
         if table == "samples":
-            return self.read(
-                "SELECT * FROM samples WHERE shard IN (SELECT unnest(CAST(json_extract(entry, '$.shards') AS "
-                "VARCHAR[])) FROM ingests_history WHERE run_id = ?) ORDER BY shard, line",
-                [run_id],
+            shards = (
+                "(SELECT flatten(list(CAST(json_extract(entry, '$.shards') AS VARCHAR[]))) FROM ingests_history "
+                "WHERE run_id = $run)"
             )
+            return self.read(shard_samples_sql(shards), {"run": run_id})
         if table_mode(table) != "run":
             raise ValueError(f"{table} is stored once per key, not per run: query it by its key")
         return self.read(f"SELECT * EXCLUDE (run_id) FROM {_table_name(table)}_history WHERE run_id = ?", [run_id])
