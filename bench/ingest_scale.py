@@ -7,13 +7,16 @@ Each measurement runs in a fresh subprocess (its own peak RSS, ``ru_maxrss``) an
   (data.ingest, data.shards), then ``RunStaging.commit`` into the store's DuckLake (samples and quarantine in one
   transaction), without Prefect or Ray;
 - floor: a plain loop that reads the same file line by line, ``json.loads`` each line and calls the same
-  ``count_tokens`` on it: what no ingest can beat without batching;
+  ``count_tokens`` on it, one row per tokenizer call: the issue's floor;
+- batched floor: the same loop handing 256 parsed rows at a time to ``count_tokens_batch``, the call the ingest
+  makes: what the ingest costs beyond reading, parsing and tokenizing as it tokenizes;
 - whole-file (``--whole-file-rows``): ``ingest_source`` + ``shard_samples``, every sample of the file in memory
   as ingest held it before it streamed.
 
 Two tokenizers: the tiny model's byte tokenizer on prompt/response rows (causal LM counts), and MiniLM's real
 WordPiece tokenizer on text + label rows (classifier counts). About 3% of the rows are bad (cut JSON, a missing
 field, an empty text, an exact duplicate, an id reused for other content). Floor and ingest runs alternate.
+The ingest rows also give the peak RSS before the commit (``staged``) and the commit's seconds.
 Prints a table, then (last line) one JSON object with ``rss_ratio_1m_over_100k`` (goal <= 1.2) and
 ``throughput_over_floor`` (goal >= 0.8, at the largest size) per tokenizer. Run from the repository root:
 
@@ -83,6 +86,7 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
     counter = adapter(TOKENIZERS[tokenizer_name])
     start = time.perf_counter()
     rows = samples = quarantined = 0
+    staged_rss_mb = commit_seconds = None
     if mode == "floor":
         with open(path, "rb") as fh:
             for line in fh:
@@ -92,6 +96,22 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
                     counter.count_tokens(tokenizer, rec.get("prompt"), rec.get("response"), rec.get("text") or "")
                 except Exception:
                     quarantined += 1
+        samples = rows - quarantined
+    elif mode == "batched":  # the floor with the ingest's own batch count: 256 parsed rows per tokenizer call
+        batch: list[tuple] = []
+        with open(path, "rb") as fh:
+            for line in fh:
+                rows += 1
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    quarantined += 1
+                    continue
+                batch.append((rec.get("prompt"), rec.get("response"), rec.get("text") or ""))
+                if len(batch) == 256:
+                    counter.count_tokens_batch(tokenizer, batch)
+                    batch = []
+        counter.count_tokens_batch(tokenizer, batch)
         samples = rows - quarantined
     else:
         from gradsift.data.ingest import IngestStream, LabelRule, ingest_source, shard_samples
@@ -113,7 +133,10 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
             stream = IngestStream(source, n_tokens, 512, labels, count_batch=n_tokens_batch)
             written = write_source(stream, source.name, staging, 256, "quarantine")
             samples, quarantined = written.samples, written.quarantined
+            staged_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            commit_start = time.perf_counter()
             staging.commit({"run_id": "bench", "flow": "ingest", "status": "completed"})  # into the lake
+            commit_seconds = time.perf_counter() - commit_start
         else:  # the whole file in memory, then shards
             result = ingest_source(source, n_tokens, 512, labels)
             shard_samples(result.samples, source.name, 256)
@@ -121,7 +144,8 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
         rows = samples + quarantined
     seconds = time.perf_counter() - start
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": rows, "samples": samples, "quarantined": quarantined, "seconds": seconds, "rss_mb": rss_mb}
+    return {"rows": rows, "samples": samples, "quarantined": quarantined, "seconds": seconds, "rss_mb": rss_mb,
+            "staged_rss_mb": staged_rss_mb, "commit_seconds": commit_seconds}  # fmt: skip
 
 
 def run_child(mode: str, path: Path, tokenizer: str, workdir: Path) -> dict:
@@ -140,7 +164,7 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/gradsift-ingest-scale", help="where the generated files and stores go")
     ap.add_argument("--repeats", type=int, default=1, help="floor/ingest pairs per size (the fastest of each kept)")
     ap.add_argument("--whole-file-rows", type=int, default=100_000, help="also run the whole-file path at this size")
-    ap.add_argument("--child", choices=["ingest", "floor", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ingest", "floor", "batched", "whole"], help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,15 +176,14 @@ def main() -> None:
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int, str], dict] = {}
-    print(
-        f"{'tokenizer':9} {'rows':>9} {'mode':6} {'rows/s':>9} {'peak RSS MB':>11} {'samples':>9} {'quarantined':>11}"
-    )
+    print(f"{'tokenizer':9} {'rows':>9} {'mode':7} {'rows/s':>9} {'peak RSS MB':>11} {'staged RSS':>10} "
+          f"{'commit s':>8} {'samples':>9} {'quarantined':>11}")  # fmt: skip
     for tokenizer in args.tokenizers.split(","):
         for n in sizes:
             path = data / f"{tokenizer}-{n}.jsonl"
             if not path.exists():
                 generate(path, n, tokenizer)
-            modes = ["floor", "ingest"] * args.repeats + (["whole"] if n == args.whole_file_rows else [])
+            modes = ["floor", "batched", "ingest"] * args.repeats + (["whole"] if n == args.whole_file_rows else [])
             for mode in modes:
                 workdir = data / f"store-{tokenizer}-{n}-{mode}"
                 subprocess.run(["rm", "-rf", str(workdir)], check=True)
@@ -168,20 +191,26 @@ def main() -> None:
                 r["rate"] = r["rows"] / r["seconds"]
                 best = results.get((tokenizer, n, mode))
                 results[(tokenizer, n, mode)] = r if best is None or r["rate"] > best["rate"] else best
-                print(f"{tokenizer:9} {n:>9,} {mode:6} {r['rate']:>9,.0f} {r['rss_mb']:>11,.0f} "
-                      f"{r['samples']:>9,} {r['quarantined']:>11,}", flush=True)  # fmt: skip
+                staged = "" if r["staged_rss_mb"] is None else f"{r['staged_rss_mb']:,.0f}"
+                commit = "" if r["commit_seconds"] is None else f"{r['commit_seconds']:.1f}"
+                print(f"{tokenizer:9} {n:>9,} {mode:7} {r['rate']:>9,.0f} {r['rss_mb']:>11,.0f} {staged:>10} "
+                      f"{commit:>8} {r['samples']:>9,} {r['quarantined']:>11,}", flush=True)  # fmt: skip
     summary: dict = {"load_average": os.getloadavg(), "sizes": sizes}
     for tokenizer in args.tokenizers.split(","):
         first, last = sizes[0], sizes[-1]
         ingest = {n: results[(tokenizer, n, "ingest")] for n in sizes}
         floor = {n: results[(tokenizer, n, "floor")] for n in sizes}
+        batched = {n: results[(tokenizer, n, "batched")] for n in sizes}
         summary[tokenizer] = {
             "rss_ratio_1m_over_100k": round(ingest[last]["rss_mb"] / ingest[first]["rss_mb"], 3),
             "throughput_over_floor": round(ingest[last]["rate"] / floor[last]["rate"], 3),
             "throughput_over_floor_by_size": {n: round(ingest[n]["rate"] / floor[n]["rate"], 3) for n in sizes},
+            "throughput_over_batched_floor": {n: round(ingest[n]["rate"] / batched[n]["rate"], 3) for n in sizes},
             "ingest_rows_per_s": {n: round(ingest[n]["rate"]) for n in sizes},
             "floor_rows_per_s": {n: round(floor[n]["rate"]) for n in sizes},
             "ingest_peak_rss_mb": {n: round(ingest[n]["rss_mb"]) for n in sizes},
+            "staged_peak_rss_mb": {n: round(ingest[n]["staged_rss_mb"]) for n in sizes},
+            "commit_seconds": {n: round(ingest[n]["commit_seconds"], 1) for n in sizes},
         }
         if (whole := results.get((tokenizer, args.whole_file_rows, "whole"))) is not None:
             summary[tokenizer]["whole_file_peak_rss_mb"] = {args.whole_file_rows: round(whole["rss_mb"])}

@@ -289,15 +289,23 @@ def test_ingest_sources_runs_without_prefect_and_a_rerun_keeps_no_stale_parts(tm
 
 @pytest.mark.parametrize("task", ["causal_lm", "classification"])
 def test_batched_token_counts_are_the_row_by_row_counts(task):
+    from transformers import AutoTokenizer
+
     from gradsift.models.adapter import adapter
     from gradsift.models.loading import load_tokenizer, minilm_path
 
     rows = [(None, None, "plain text"), ("Q: ", "an answer", "Q: an answer"), ("", "only a response", "only a response"),
             (None, None, "ünïcödé 🙂 \u200b\t mixed"), ("<|user|>\nhi\n<|assistant|>\n", "hello!", "x"), (None, None, "long " * 700)]  # fmt: skip
+    if task == "classification":  # sentence pairs mixed with single texts, one pair past MiniLM's stored 128 limit
+        rows[1:1] = [(None, None, "a premise", "its hypothesis"), (None, None, "long " * 100, "pair " * 100)]
     counter = adapter(task)
-    for tokenizer in (load_tokenizer("tiny"), load_tokenizer(str(minilm_path()))):
+    slow = AutoTokenizer.from_pretrained(minilm_path(), use_fast=False, local_files_only=True)
+    # fresh tokenizers, counted in batches first: MiniLM's tokenizer.json truncates and pads to 128 until the
+    # wrapper's first call turns that off; the counts must never see it
+    for tokenizer in (load_tokenizer("tiny"), load_tokenizer(str(minilm_path())), slow):
         assert counter.count_tokens_batch(tokenizer, rows) == [counter.count_tokens(tokenizer, *row) for row in rows]
         assert counter.count_tokens_batch(tokenizer, []) == []
+    assert counter.count_tokens(tokenizer, None, None, "long " * 700) > 512  # the batch above really was long
 
 
 def test_first_seen_matches_a_dict_across_merges(monkeypatch):

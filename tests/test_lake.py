@@ -102,20 +102,25 @@ def test_unchanged_nights_add_snapshots_not_rows(lake, tmp_path):
     assert len(set(runs.values())) == 32
 
 
-def test_a_commit_of_many_parts_inserts_in_batches_keeping_each_key_once(lake, tmp_path, monkeypatch):
-    """Staged parts go in FILES_PER_INSERT at a time (bounded memory); a key repeated across batches, and one
-    already stored, is kept once."""
+def test_a_commit_of_many_parts_inserts_in_batches_keeping_each_key_once(tmp_path, monkeypatch):
+    """Staged parts go in up to INSERT_BYTES at a time (bounded memory), one data file each; a key repeated across
+    batches, and one already stored, is kept once."""
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(lakemod, "FILES_PER_INSERT", 2)
+    lake = Lake(tmp_path / "store", inline_rows=0).open()  # every INSERT a data file, as in a store
     lake.commit_run("r0", {"samples": samples(5)})
     parts = []
     for i in range(7):  # parts of 10 rows overlapping their neighbours by 5, starting inside the stored rows
         pq.write_table(samples(10, start=5 * i), path := tmp_path / f"part-{i}.parquet")
         parts.append(path)
+    monkeypatch.setattr(lakemod, "INSERT_BYTES", 2 * lakemod._uncompressed_bytes(parts[0]))
+    assert [len(b) for b in lakemod._batches(parts)] == [2, 2, 2, 1]
     assert lake.commit_run("r1", {"samples": parts}) == {"samples": 35}  # rows s000005..s000039 are new
+    files = "SELECT file_count FROM ducklake_table_info('lake') WHERE table_name = 'samples'"
+    assert count(lake.con, files) == 1 + 4
     assert count(lake.con, "SELECT count(*) FROM lake.samples") == 40
     assert count(lake.con, "SELECT count(DISTINCT sample_id) FROM lake.samples") == 40
+    lake.close()
 
 
 def test_current_view_of_per_run_tables_is_the_latest_commit(lake):

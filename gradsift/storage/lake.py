@@ -35,6 +35,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gradsift.schemas.tables import TABLES
 
@@ -130,6 +131,15 @@ LOAD_CONFIG = {"autoinstall_known_extensions": False, "allow_unsigned_extensions
 the files of the pinned PyPI wheels (``ducklake_extension``); verifying their signatures costs 1-3 s per connection
 on a loaded 2-core machine (measured: 2.1-2.8 s against 0.01 s), paid by every run's commit and every reader. User
 SQL never loads anything: ``gradsift query`` refuses LOAD by statement type and its settings are locked."""
+WRITER_CONFIG = {"enable_external_file_cache": False}
+"""The writer's DuckDB settings beyond ``LOAD_CONFIG``. DuckDB 1.3+ caches the bytes of every Parquet file it reads
+in its buffer pool, evicted only past ``memory_limit`` (80% of RAM); a commit reads each staged part once and the
+lake's files for its ANTI JOINs, so the cache grew with the run: 417 MB after a 1M-row commit's 120 inserts, against
+a flat 230 MB without it (bench/RESULTS.md). Readers keep the cache (they read the same files again)."""
+ROW_GROUP_ROWS = 16_384
+"""Rows per row group of the lake's Parquet files (DuckLake option ``parquet_row_group_size``, default 122,880). A
+merge (``merge_when_over``) holds a row group per thread while it rewrites a table: measured on a 1M-row samples
+table, 545 MB over the connection's base at the default, about 140 MB at 16,384 (8,192: 300 MB)."""
 
 
 class LakeUnavailable(RuntimeError):
@@ -191,17 +201,35 @@ Rows = pa.Table | list[Path]
 """A table's rows to commit: in memory, or the Parquet files that hold them."""
 
 
-FILES_PER_INSERT = 32
-"""Staged Parquet files per INSERT of a commit: each INSERT's de-duplicating window holds only its batch (the ANTI
-JOIN against the table, which sees the transaction's earlier batches, keeps keys once across batches), so a commit's
-memory follows the batch, not the run."""
+INSERT_BYTES = 32 << 20
+"""Uncompressed bytes of staged Parquet parts (from their footers) per INSERT of a commit. An INSERT holds its
+batch in memory (the de-duplicating window), and DuckDB builds its ANTI JOIN on the batch and scans the table's keys
+once per INSERT (which sees the transaction's earlier batches, so a key stays once across batches): so a commit's
+memory follows this bound, not the run, and its scans of the table follow the run's bytes / this bound. Each INSERT
+writes one data file. 1M ingested rows (420 MB): 14 INSERTs at 32 MB, against 120 of 32 parts each before, whose
+table scans made the commit's time grow with the square of the run (bench/RESULTS.md)."""
+
+
+def _uncompressed_bytes(path: Path) -> int:
+    meta = pq.read_metadata(path)
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
 def _batches(data: Rows) -> list[Rows]:
-    """``data`` as the INSERTs a commit makes: an Arrow table whole, Parquet files ``FILES_PER_INSERT`` at a time."""
-    if isinstance(data, pa.Table) or len(data) <= FILES_PER_INSERT:
+    """``data`` as the INSERTs a commit makes: an Arrow table whole, Parquet files up to ``INSERT_BYTES`` at a time
+    (a file larger than that alone)."""
+    if isinstance(data, pa.Table):
         return [data]
-    return [data[i : i + FILES_PER_INSERT] for i in range(0, len(data), FILES_PER_INSERT)]
+    batches: list[Rows] = [[]]
+    size = 0
+    for path in data:
+        nbytes = _uncompressed_bytes(path)
+        if batches[-1] and size + nbytes > INSERT_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(path)
+        size += nbytes
+    return batches
 
 
 class Lake:
@@ -245,13 +273,18 @@ class Lake:
             # ("database is locked", measured); in WAL mode readers and the one writer go on together.
             with closing(sqlite3.connect(self.root / "lake.sqlite")) as db:
                 db.execute("PRAGMA journal_mode=WAL")
-        con = duckdb.connect(":memory:", config=LOAD_CONFIG)
+        con = duckdb.connect(":memory:", config=LOAD_CONFIG | WRITER_CONFIG)
         try:
             self._load(con)
             options = [f"DATA_PATH {literal(str(self.data_path) + os.sep)}"]
             if self.inline_rows is not None:
                 options.append(f"DATA_INLINING_ROW_LIMIT {int(self.inline_rows)}")
             con.execute(f"ATTACH {literal(self.uri)} AS {self.ALIAS} ({', '.join(options)})")
+            row_group = con.execute(
+                f"SELECT value FROM {self.ALIAS}.options() WHERE option_name = 'parquet_row_group_size'"
+            ).fetchall()
+            if row_group != [(str(ROW_GROUP_ROWS),)]:  # a catalog option: set once per lake (no snapshot)
+                con.execute(f"CALL {self.ALIAS}.set_option('parquet_row_group_size', {ROW_GROUP_ROWS})")
             existing = {
                 r[0]
                 for r in con.execute(
