@@ -10,7 +10,14 @@ from torch import nn
 
 from gradsift.data.batching import IGNORE_INDEX, Batch
 from gradsift.engine.gradients import PerSampleGradients, module_key
-from gradsift.engine.kernels import GRAM_SPLIT_MIN, gram_blocks, gram_products
+from gradsift.engine.kernels import (
+    GRAM_SPLIT_MIN,
+    embedding_materialise,
+    embedding_sq_norm,
+    ghost_blocks,
+    gram_blocks,
+    gram_products,
+)
 from gradsift.models.adapter import per_sample_loss
 from gradsift.models.loading import LlamaShape, build_llama
 from gradsift.schemas.engine import EngineConfig
@@ -124,7 +131,7 @@ def test_materialise_and_ghost_chosen_by_shape():
 
 @pytest.mark.parametrize("layer_stats", [True, False])
 def test_long_sequences_split_grams_and_summed_ghost_norms(llama, layer_stats):
-    # T >= GRAM_SPLIT_MIN: Grams from their half blocks; without layer stats the output-gradient Grams of the
+    # T >= GRAM_SPLIT_MIN: Grams from their column blocks; without layer stats the output-gradient Grams of the
     # modules sharing an input are summed before the product. Odd and padded lengths, block Linear only too.
     batch = make_batch([GRAM_SPLIT_MIN + 3, GRAM_SPLIT_MIN - 20, 9], prompt=3, seed=4)
     for parameters in ("all", "block_linear"):
@@ -154,9 +161,48 @@ def test_block_linear_propagates_no_gradient_below_the_first_block(llama, strate
 
 
 def test_gram_products_count_the_blocks():
+    gen = torch.Generator().manual_seed(0)
     for t in (1, 7, GRAM_SPLIT_MIN - 1, GRAM_SPLIT_MIN, GRAM_SPLIT_MIN + 3, 4 * GRAM_SPLIT_MIN + 1):
-        a = torch.zeros(1, t, 3)
+        a, g = torch.randn(2, t, 3, generator=gen), torch.randn(2, t, 5, generator=gen)
         assert gram_products(t, 3) == sum(3 * b.shape[1] * b.shape[2] for b in gram_blocks(a))
+        # the blocks' ghost product is <a a^T, g g^T> (+ sum(g g^T) for a bias), summed Grams included
+        gx, gg = a.double() @ a.double().mT, g.double() @ g.double().mT
+        for bias in (False, True):
+            got = ghost_blocks(gram_blocks(a), gram_blocks(g), bias).double()
+            assert rel_err(got, ((gx + bias) * gg).sum((1, 2))) < REL
+        acc = gram_blocks(g)
+        gram_blocks(2 * g, acc)
+        assert rel_err(ghost_blocks(gram_blocks(a), acc).double(), 5 * (gx * gg).sum((1, 2))) < REL
+
+
+def test_embedding_norm_sums_repeated_ids():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 5, (3, 40), generator=gen)
+    ids[1] = 2  # one id throughout
+    ids[2] = torch.arange(40)  # all distinct
+    e = torch.randn(3, 40, 6, generator=gen)
+    want = embedding_materialise(ids, e.double(), 40).pow(2).sum(dim=(1, 2))
+    assert rel_err(embedding_sq_norm(ids, e), want) < REL
+
+
+@pytest.mark.parametrize("layer_stats", [True, False])
+def test_bert_ghost_norms_with_biases_and_repeated_ids(layer_stats):
+    # Long padded rows over a small vocabulary: every Linear's bias norm comes from its ghost product over the
+    # column-block Grams; word, position and token-type embeddings from their repeated ids' summed gradients.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=GRAM_SPLIT_MIN + 8, num_labels=2)  # fmt: skip
+    torch.manual_seed(1)
+    model = BertForSequenceClassification(cfg).eval()
+    batch = make_batch([GRAM_SPLIT_MIN + 5, GRAM_SPLIT_MIN - 9, 7], vocab=20, seed=7)
+    batch = Batch(batch.input_ids, batch.attention_mask, torch.tensor([1, 0, 1]))
+    eng = PerSampleGradients(model, EngineConfig(feature_dim=0, layer_stats=layer_stats), strategy="ghost")
+    res = eng.compute(batch)
+    ref = reference(model, batch, eng, classification=True)
+    assert rel_err(res.grad_norm, ref["flat"].norm(dim=1)) < REL
+    if layer_stats:
+        check(res, ref)
 
 
 def test_tied_embeddings(llama):

@@ -8,11 +8,12 @@ gradients of sample i are exactly those of loss_i. Forward hooks keep each cover
 tensor hooks on its output receive the output gradient g. For a Linear layer the per-sample weight
 gradient is G_i = sum_t g_t x_t^T and the bias gradient sum_t g_t. Its squared Frobenius norm is either
 the "ghost" identity sum_{t,t'} (x_t.x_t')(g_t.g_t') (ghost clipping, Li et al. 2022, "Large Language
-Models Can Be Strong Differentially Private Learners"), cost T^2 (d_in + d_out) (3/4 of it from T = 128 on:
-the symmetric Grams from their halves' three distinct blocks, ``kernels.gram_products``), or ||G_i||^2 after
-materialising G_i, cost T d_in d_out; the engine picks the cheaper per layer (Bu et al. 2022,
+Models Can Be Strong Differentially Private Learners"), cost T^2 (d_in + d_out) (5/8 of it from T = 128 on:
+the symmetric Grams' lower triangles in four column blocks, ``kernels.gram_blocks`` / ``gram_products``), or
+||G_i||^2 after materialising G_i, cost T d_in d_out; the engine picks the cheaper per layer (Bu et al. 2022,
 "book-keeping": per-sample norms without the weight gradients). Inputs x sharing one tensor (q/k/v,
-gate/up) share one Gram matrix.
+gate/up) share one Gram matrix. On the ghost path a bias's ||sum_t g_t||^2 = sum_{t,t'} g_t.g_t' comes from
+the same product: <x x^T + 1, g g^T>.
 
 No weight gradient is ever computed: during ``compute`` every parameter has requires_grad=False, the output
 of every covered module whose input carries no gradient (the embeddings; with ``parameters="block_linear"``
@@ -21,8 +22,8 @@ torch.autograd.grad(total, leaves) propagates only activation gradients, and non
 input gradient of the first covered modules). That is cheaper than a training step.
 
 Other parameter kinds:
-* nn.Embedding: G_i = sum_t onehot(id_t) e_t^T, ||G_i||^2 = sum_{t,t'} [id_t == id_t'] (e_t.e_t') (e: gradient
-  of the embedding output). Covers BERT word/position/token-type embeddings.
+* nn.Embedding: G_i = sum_t onehot(id_t) e_t^T, ||G_i||^2 = sum_v ||sum_{t: id_t = v} e_t||^2 over the sample's
+  distinct ids v (e: gradient of the embedding output). Covers BERT word/position/token-type embeddings.
 * Tied embeddings (LM head shares the embedding weight): ||G_emb + G_head||^2 adds the cross term
   2 <G_emb, G_head> = 2 sum_{s,t} g_s[id_t] (h_s . e_t). Reported under the embedding module's name only.
 * transformers Conv1D (GPT-2): a Linear with the weight stored transposed, same statistics.

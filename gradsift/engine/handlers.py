@@ -87,7 +87,7 @@ class LinearHandler(Handler):
         if m.tied_to is not None:  # LM head sharing the embedding table: keep what the cross term needs
             ids = m.tied_to.saved
             st.tied[m.tied_to.name] = (g.gather(2, ids[:, None, :].expand(-1, t, -1)), x)
-        sq = None
+        sq, ghost_bias = None, False
         if m.weight is not None:
             if st.materialise(t, d_in, d_out) or st.flat is not None:
                 sq = torch.zeros(b, device=g.device)
@@ -96,9 +96,10 @@ class LinearHandler(Handler):
                     sq[i:j] = gm.pow(2).sum(dim=(1, 2))
                     if st.flat is not None:
                         st.flat_rows(m.weight, i, j, gm.transpose(1, 2) if self.transposed else gm)
-            else:
-                sq = st.ghost(m.report, m.saved, g)
-        if m.bias is not None:
+            else:  # the bias's norm is folded into the ghost product (no sum over T here)
+                ghost_bias = m.bias is not None
+                sq = st.ghost(m.saved, g, ghost_bias)
+        if m.bias is not None and not ghost_bias:
             gb = g.float().sum(dim=1)
             sq = gb.pow(2).sum(dim=1) if sq is None else sq + gb.pow(2).sum(dim=1)
             if st.flat is not None:
@@ -265,11 +266,11 @@ class NormHandler(Handler):
         return em.rms_xhat(x, eps, cast=self.formula == "rms")
 
     def backward(self, st: MicroBatch, m: Covered, g: Tensor) -> None:
-        vecs = []
-        if m.weight:
-            vecs.append((m.weight, (g.float() * self.xhat(m.saved.x).float()).sum(dim=1)))
+        vecs, gf = [], g.float()
+        if m.weight:  # xhat is a fresh tensor: multiplied in place
+            vecs.append((m.weight, self.xhat(m.saved.x).float().mul_(gf).sum(dim=1)))
         if m.bias:
-            vecs.append((m.bias, g.float().sum(dim=1)))
+            vecs.append((m.bias, gf.sum(dim=1)))
         for name, v in vecs:
             st.add(m.report, v.pow(2).sum(dim=1))
             if st.flat is not None:

@@ -15,21 +15,25 @@ from torch import Tensor
 MAX_CHUNK_ELEMENTS = 1 << 26
 
 
-def gram(a: Tensor) -> Tensor:
-    """a a^T per sample, [B, T, T], accumulated in float32 (inputs upcast only on the CPU path)."""
-    return torch.bmm(a, a.transpose(1, 2)).float()
-
-
-# From this many positions a Gram matrix is computed as the three distinct blocks of its two halves.
+# From this many positions a Gram matrix is computed as GRAM_BLOCKS column blocks of its lower triangle.
 GRAM_SPLIT_MIN = 128
+GRAM_BLOCKS = 4
+
+
+def gram_bounds(t: int) -> list[int]:
+    """Boundaries s_0 = 0 < ... < s_k = t of the column blocks of a t x t Gram matrix (k = 1 below GRAM_SPLIT_MIN)."""
+    k = GRAM_BLOCKS if t >= GRAM_SPLIT_MIN else 1
+    return [t * i // k for i in range(k + 1)]
 
 
 def gram_blocks(a: Tensor, acc: list[Tensor] | None = None) -> list[Tensor]:
-    """The distinct blocks of the symmetric a a^T: [A] for T < GRAM_SPLIT_MIN, else [A11, A12, A22] of the
-    two halves of T (3/4 of the products). With ``acc`` (blocks of an earlier call) a a^T is added into it."""
-    t = a.shape[1]
-    h = t // 2 if t >= GRAM_SPLIT_MIN else t
-    parts = [(a, a)] if h == t else [(a[:, :h], a[:, :h]), (a[:, :h], a[:, h:]), (a[:, h:], a[:, h:])]
+    """The lower triangle of the symmetric a a^T by column blocks: block i is a[:, s_i:] a[:, s_i:s_i+1]^T,
+    [B, T - s_i, s_i+1 - s_i], whose first s_i+1 - s_i rows are the (symmetric) diagonal block; 5/8 of the
+    products of a a^T for 4 blocks. One tall product per block runs faster on the CPU than the square
+    blocks or the full product (bench/RESULTS.md, issue 15). With ``acc`` (blocks of an earlier call) a a^T
+    is added into it."""
+    s = gram_bounds(a.shape[1])
+    parts = [(a[:, s[i] :], a[:, s[i] : s[i + 1]]) for i in range(len(s) - 1)]
     if acc is None:
         return [torch.bmm(u, v.transpose(1, 2)).float() for u, v in parts]
     for out, (u, v) in zip(acc, parts, strict=True):
@@ -42,16 +46,20 @@ def gram_blocks(a: Tensor, acc: list[Tensor] | None = None) -> list[Tensor]:
 
 def gram_products(t: int, d: int) -> int:
     """Multiply-adds per sample of ``gram_blocks`` of a [T, d] input."""
-    h = t // 2 if t >= GRAM_SPLIT_MIN else t
-    return d * (h * h + h * (t - h) + (t - h) ** 2) if h < t else d * t * t
+    s = gram_bounds(t)
+    return d * sum((t - s[i]) * (s[i + 1] - s[i]) for i in range(len(s) - 1))
 
 
-def ghost_blocks(gx: list[Tensor], gg: list[Tensor]) -> Tensor:
+def ghost_blocks(gx: list[Tensor], gg: list[Tensor], bias: bool = False) -> Tensor:
     """||sum_t g_t x_t^T||_F^2 = sum_{t,t'} (x_t.x_t')(g_t.g_t') (Li et al. 2022) from ``gram_blocks`` of x
-    and g (off-diagonal blocks count twice), [B]."""
-    out = (gx[0] * gg[0]).sum(dim=(1, 2))
-    if len(gx) == 3:
-        out = out + 2 * (gx[1] * gg[1]).sum(dim=(1, 2)) + (gx[2] * gg[2]).sum(dim=(1, 2))
+    and g (entries below the diagonal blocks count twice), [B]. With ``bias`` the bias's ||sum_t g_t||^2 =
+    sum_{t,t'} g_t.g_t' is added: the product with x x^T + 1."""
+    out = None
+    for x, g in zip(gx, gg, strict=True):
+        p = torch.addcmul(g, x, g) if bias else x * g
+        w = x.shape[2]
+        v = p.sum(dim=(1, 2)) if p.shape[1] == w else 2 * p.sum(dim=(1, 2)) - p[:, :w].sum(dim=(1, 2))
+        out = v if out is None else out + v
     return out
 
 
@@ -66,9 +74,18 @@ def chunks(batch: int, per_sample: int) -> list[tuple[int, int]]:
 
 
 def embedding_sq_norm(ids: Tensor, e: Tensor) -> Tensor:
-    """||sum_t onehot(id_t) e_t^T||^2 = sum_{t,t'} [id_t == id_t'] (e_t.e_t'), [B]."""
-    same = (ids[:, :, None] == ids[:, None, :]).float()
-    return (same * gram(e)).sum(dim=(1, 2))
+    """||sum_t onehot(id_t) e_t^T||^2 = sum_v ||sum_{t: id_t = v} e_t||^2 over each sample's distinct ids v, [B]:
+    the gradients of the positions sharing an id are summed (scatter into one slot per distinct id), O(T d)
+    instead of the Gram's O(T^2 d)."""
+    b, t, d = e.shape
+    srt, order = ids.sort(dim=1)
+    first = torch.ones_like(srt, dtype=torch.long)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot = torch.empty_like(order).scatter_(1, order, first.cumsum(1) - 1)
+    slot += torch.arange(b, device=e.device)[:, None] * t  # one row of ``sums`` per (sample, distinct id)
+    sums = torch.zeros(b * t, d, dtype=torch.float32, device=e.device)
+    sums.index_add_(0, slot.flatten(), e.reshape(b * t, d).float())
+    return torch.linalg.vector_norm(sums.view(b, t * d), dim=1).square()
 
 
 def embedding_materialise(ids: Tensor, e: Tensor, rows: int) -> Tensor:

@@ -66,12 +66,13 @@ class SharedInput:
     """An input tensor shared by several modules (q/k/v): masked once, Gram computed once (``em.gram_blocks``).
 
     ``acc`` sums the output-gradient Grams of the modules reading it when only the total norm is wanted:
-    sum_m <Gx, Gg_m> = <Gx, sum_m Gg_m>, one in-place product per module and one reduction per input."""
+    sum_m <Gx, Gg_m> = <Gx, sum_m Gg_m>, one in-place product per module and one reduction per input; keyed
+    by whether the modules have a bias (folded into the product, ``em.ghost_blocks``)."""
 
     def __init__(self, x: Tensor):
         self.x = x
         self._gram: list[Tensor] | None = None
-        self.acc: list[Tensor] | None = None
+        self.acc: dict[bool, list[Tensor]] = {}
 
     def gram(self) -> list[Tensor]:
         if self._gram is None:
@@ -107,7 +108,8 @@ class MicroBatch:
         self.tied: dict[str, tuple[Tensor, Tensor]] = {}
         self._last: tuple[Tensor, SharedInput] | None = None
         self.layer_stats = layer_stats
-        self._ghost: list[tuple[list[Tensor], list[Tensor]]] = []  # (Gx, sum_m Gg_m) when not layer_stats
+        self._open: SharedInput | None = None  # the input whose summed Grams are not yet reduced (no layer_stats)
+        self._ghost_total: Tensor | None = None  # the reduced ones
 
     # -- inputs and gradients as the handlers see them -----------------------------------------------
     def prepare(self, t: Tensor) -> Tensor:
@@ -130,17 +132,33 @@ class MicroBatch:
         return self.strategy == "materialise" or (self.strategy == "auto" and t * d_in * d_out < ghost)
 
     # -- accumulators ---------------------------------------------------------------------------------
-    def ghost(self, key: str, holder: SharedInput, g: Tensor) -> Tensor | None:
-        """The ghost squared norm of the module reading ``holder`` with output gradient g, or None when it
-        was summed into ``holder.acc`` (no layer stats: only the total is reported, see ``finish``)."""
+    def ghost(self, holder: SharedInput, g: Tensor, bias: bool) -> Tensor | None:
+        """The ghost squared norm (with ``bias``: of weight and bias) of the module reading ``holder`` with output
+        gradient g, or None when it was summed into ``holder.acc`` (no layer stats: only the total is
+        reported, see ``finish``). The modules sharing an input get their gradients one after another (q/k/v),
+        so an input's sum is reduced as soon as another input's module comes, while its Grams are in cache."""
         if self.layer_stats:
-            return em.ghost_blocks(holder.gram(), em.gram_blocks(g))
-        if holder.acc is None:
-            holder.acc = em.gram_blocks(g)
-            self._ghost.append((holder.gram(), holder.acc))
+            return em.ghost_blocks(holder.gram(), em.gram_blocks(g), bias)
+        if holder is not self._open:
+            self._reduce_open()
+            self._open = holder
+        acc = holder.acc.get(bias)
+        if acc is None:
+            holder.acc[bias] = em.gram_blocks(g)
         else:
-            em.gram_blocks(g, holder.acc)
+            em.gram_blocks(g, acc)
         return None
+
+    def _reduce_open(self) -> None:
+        """Add <Gx, sum_m Gg_m> of the open input to the total and free its sums (an input read again later
+        starts new ones)."""
+        holder, self._open = self._open, None
+        if holder is None:
+            return
+        for bias, gg in holder.acc.items():
+            v = em.ghost_blocks(holder.gram(), gg, bias)
+            self._ghost_total = v if self._ghost_total is None else self._ghost_total + v
+        holder.acc = {}
 
     def add(self, key: str, v: Tensor) -> None:
         self.sq[key] = self.sq[key] + v if key in self.sq else v
@@ -181,8 +199,9 @@ class MicroBatch:
             sq[k] = sq[k] + 2 * c
         zero = torch.zeros_like(loss, dtype=torch.float32)
         total = sum(sq.values(), zero)
-        for gx, gg in self._ghost:
-            total = total + em.ghost_blocks(gx, gg)
+        self._reduce_open()
+        if self._ghost_total is not None:
+            total = total + self._ghost_total
         # a module whose output never got a gradient (it does not reach the loss) has zero gradient
         layer = {k: sq.get(k, zero).clamp_min(0).sqrt().cpu() for k in module_names} if layer_stats else {}
         return SampleGrads(
