@@ -10,6 +10,7 @@ Usage: .venv/bin/python bench/influence.py --n 200000 --k 8192 --m 1000 --block-
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=8192)
     ap.add_argument("--cpus", type=int, default=None)
     args = ap.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
 
     import ray
 
@@ -82,6 +84,10 @@ def main() -> None:
     print(
         f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {int(ray.cluster_resources()['CPU'])} CPUs: {streamed:.1f}s"
     )
+    peaks: dict[int, float] = {}
+    for r in done:
+        peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
+    print("peak RSS per actor: " + ", ".join(f"{v:.0f} MiB" for v in sorted(peaks.values())))
     ray.shutdown()
 
     x = rng.standard_normal((args.n, args.k), dtype=np.float32)  # the floor: one in-memory float32 matmul
@@ -94,6 +100,7 @@ def main() -> None:
         f"ratio streamed / floor = {streamed / floor:.2f} (dense output {dense.nbytes / 2**30:.2f} GiB, inputs {x.nbytes / 2**30:.2f} GiB)"
     )
     shutil.rmtree(tmp, ignore_errors=True)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

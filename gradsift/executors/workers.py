@@ -20,6 +20,13 @@ from gradsift.schemas.tables import SCORE_TABLES
 from gradsift.storage.store import Store
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux ``ru_maxrss``, KiB), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class ScoringWorker:
     """Holds one model; scores shards of one run into that run's staging folder."""
 
@@ -87,7 +94,7 @@ class InfluenceBlocks:
 
         index, shards = item
         res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k)
-        return res | {"block": index}
+        return res | {"block": index, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
 
 
 def analysis_engine(config: AnalyzeConfig, **overrides):
