@@ -1,9 +1,11 @@
 """Influence at scale: blocked streaming over float16 feature shards on Ray vs one in-memory numpy matmul.
 
 Generates N x k float16 train features as Parquet shards in a staging folder (the layout the
-influence stage reads) and M x k targets, streams cosine influence (subtask mean/max + top-k per
-target) over blocks on a pool of Ray actors (one per CPU), and times a single float32 numpy matmul of
-the same size (the floor).
+influence stage reads), with their raw rows as the score stage writes them for influence
+(``storage.feature_rows``; ``--no-rows``: Parquet only, decoded on read), and M x k targets; streams cosine
+influence (subtask mean/max + top-k per target) over blocks on a pool of Ray actors (one per CPU), and
+times a single float32 numpy matmul of the same size (the floor). ``--cold`` evicts the features' files
+from the page cache first, so that the blocks read them from disk.
 Usage: .venv/bin/python bench/influence.py --n 200000 --k 8192 --m 1000 --block-rows 8192
 """
 
@@ -24,6 +26,17 @@ from gradsift.env import configure_environment
 configure_environment()
 
 
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (written back first): the next reads come from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
@@ -32,6 +45,8 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=4096)
     ap.add_argument("--block-rows", type=int, default=8192)
     ap.add_argument("--cpus", type=int, default=None)
+    ap.add_argument("--no-rows", action="store_true", help="write no raw feature rows (Parquet decoded on read)")
+    ap.add_argument("--cold", action="store_true", help="evict the features' files from the page cache first")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
 
@@ -44,6 +59,7 @@ def main() -> None:
     from gradsift.signals.influence import FeatureSource, group_shards, merge_blocks, read_targets
     from gradsift.signals.scoring import features_table
     from gradsift.storage.atomic import write_parquet_atomic
+    from gradsift.storage.feature_rows import part_path, write_rows
 
     tmp = Path(tempfile.mkdtemp(prefix="gradsift-bench-influence-"))
     rng = np.random.default_rng(0)
@@ -59,7 +75,10 @@ def main() -> None:
             {"checkpoint": "c", "dataset": dataset, "sample_id": s, "feature": f}
             for s, f in zip(ids, feats, strict=True)
         ]
-        write_parquet_atomic(features_table(recs, args.k), tmp / "features" / f"{name}.parquet")
+        table = features_table(recs, args.k)
+        write_parquet_atomic(table, part_path(tmp, name))
+        if not args.no_rows:
+            write_rows(tmp, name, table)
 
     shards, rows = [], {}
     t0 = time.perf_counter()
@@ -73,6 +92,8 @@ def main() -> None:
     src = [FeatureSource("c", 1.0, {"grad": "c"})]
     targets = read_targets(tmp, ["target-00000-x"], src, ["target"])[0]
 
+    if args.cold:
+        evict([*(tmp / "features").glob("*.parquet"), *(tmp / "_scratch").rglob("*.npy")])
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     blocks = group_shards(shards, rows, args.block_rows)
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from gradsift.schemas.config import AnalyzeConfig, ModelConfig
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import SCORE_TABLES
+from gradsift.storage.feature_rows import write_rows
 from gradsift.storage.store import Store
 
 
@@ -30,11 +31,23 @@ def peak_rss_mb() -> float:
 class ScoringWorker:
     """Holds one model; scores shards of one run into that run's staging folder."""
 
-    def __init__(self, store_root: str, run_id: str, model: ModelConfig, engine: EngineConfig, label_index, seed: int):
+    def __init__(
+        self,
+        store_root: str,
+        run_id: str,
+        model: ModelConfig,
+        engine: EngineConfig,
+        label_index,
+        seed: int,
+        feature_rows: bool,
+    ):
+        """``feature_rows``: also write each features part's raw rows (``storage.feature_rows``), for an influence
+        stage that streams them."""
         from gradsift.signals.scoring import ShardScorer
 
         self.staging = Store(store_root).staging(run_id)
         self.scorer = ShardScorer(model, engine, label_index, seed)
+        self.feature_rows = feature_rows
         self.reported = False
 
     def __call__(self, shard: str) -> dict:
@@ -44,6 +57,8 @@ class ScoringWorker:
         tables = self.scorer.score(samples)
         for name in (t for t in SCORE_TABLES if t in tables):
             self.staging.write_part(name, shard, tables[name])
+        if self.feature_rows and "features" in tables:
+            write_rows(self.staging.dir, shard, tables["features"])
         info = {"shard": shard, "rows": tables["scores"].num_rows, "seconds": time.perf_counter() - start}
         info |= {"pid": os.getpid(), "parameter_set": None if self.reported else self.scorer.parameter_set()}
         self.reported = True
@@ -74,7 +89,9 @@ class CheckpointFeatures:
         for shard in todo:
             samples = pq.read_table(self.staging.part_path("samples", shard))
             tables = featurizer.featurize(samples)
-            self.staging.write_part("features", FeaturePart(shard, name).name, pa.concat_tables(tables.values()))
+            part, table = FeaturePart(shard, name).name, pa.concat_tables(tables.values())
+            self.staging.write_part("features", part, table)
+            write_rows(self.staging.dir, part, table)  # the influence stage streams them
             rows += samples.num_rows
         return {"checkpoint": name, "rows": rows}
 

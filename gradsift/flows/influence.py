@@ -94,7 +94,8 @@ def influence_stage(
             )
     t_groups = np.asarray(["target"] * n_targets, dtype=object)
     aligned = [
-        alignment(d, DomainSums().add(t, t_groups)) for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
+        alignment(d, DomainSums().add(np.concatenate(t), t_groups))
+        for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
     ]
     info = InfluenceOutput(
         rows=n * len(res.scores),

@@ -1,0 +1,101 @@
+"""A derived copy of a staged ``features`` part's float16 rows that is read by mapping, not decoding.
+
+The staged Parquet part (``<staging>/features/<part>.parquet``, float16 fixed-size lists) stays the one copy of
+truth: the commit reads it into the lake, where the ``features`` view shows it to DuckDB. Decoding its fixed-size
+lists costs 40-55 ms per 1,000 rows of 8,192 floats (the lists' levels, not zstd: uncompressed PLAIN decodes as
+slowly), as much as a fifth of the rows' products with 1,000 targets. So a writer that knows influence will stream
+the part also writes its rows raw, and the influence blocks map that file instead (``bench/RESULTS.md``, issue 16).
+
+* ``write_rows(staging_dir, part, table)``: after the part is written, its ``feature`` column as
+  ``<staging>/_scratch/feature_rows/<part>/<identity>.npy`` ([rows, k] float16 in the part's row order), written
+  atomically; ``identity`` is the part file's inode, size and mtime (``os.replace`` of a rewritten part changes
+  them).
+* ``read_rows(staging_dir, part)``: the rows, memory-mapped, when a file of the part's current identity is there
+  and has the part's shape; otherwise (no copy yet, the part rewritten since, a copy of another shape) decoded from
+  the part and written again. Never a stale copy.
+* ``prefetch(arrays)``: ask the kernel to read mapped rows ahead (``POSIX_FADV_WILLNEED``), so that the disk
+  reads of a block overlap the products of its first rows.
+
+The copy lives in the run's scratch folder: never committed, removed with the staging folder by the commit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradsift.storage.atomic import write_atomic
+from gradsift.storage.store import SCRATCH_DIR
+
+ROWS_DIR = "feature_rows"
+
+
+def part_path(staging_dir: Path, part: str) -> Path:
+    return Path(staging_dir) / "features" / f"{part}.parquet"
+
+
+def _identity(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _rows_dir(staging_dir: Path, part: str) -> Path:
+    return Path(staging_dir) / SCRATCH_DIR / ROWS_DIR / part
+
+
+def feature_matrix(table: pa.Table) -> np.ndarray:
+    """A ``features`` table's ``feature`` column as one [rows, k] float16 array."""
+    column = table.column("feature").combine_chunks()
+    k = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(table), k).astype(np.float16, copy=False)
+
+
+def write_rows(staging_dir: Path, part: str, table: pa.Table) -> Path:
+    """The raw rows of ``table``, the contents of the part just written as ``part``; older copies are removed."""
+    folder = _rows_dir(staging_dir, part)
+    path = folder / f"{_identity(part_path(staging_dir, part))}.npy"
+    mat = np.ascontiguousarray(feature_matrix(table))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.save(fh, mat)
+
+    write_atomic(path, write)
+    for old in folder.glob("*.npy"):  # temp files are dot-named .tmp: another writer's is left alone
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def read_rows(staging_dir: Path, part: str, rows: int, k: int) -> np.ndarray:
+    """The [rows, k] float16 rows of ``part`` in its row order, memory-mapped from the raw copy (rebuilt from the part
+    when missing or stale)."""
+    src = part_path(staging_dir, part)
+    path = _rows_dir(staging_dir, part) / f"{_identity(src)}.npy"
+    try:
+        mat = np.load(path, mmap_mode="r")
+        if mat.shape == (rows, k) and mat.dtype == np.float16:
+            return mat
+    except (FileNotFoundError, ValueError, OSError):
+        pass
+    table = pq.read_table(src, columns=["feature"])
+    mat = feature_matrix(table)
+    if mat.shape != (rows, k):
+        raise ValueError(f"{src}: feature rows {mat.shape}, expected {(rows, k)}")
+    write_rows(staging_dir, part, table)
+    return mat
+
+
+def prefetch(arrays: list[np.ndarray]) -> None:
+    """Start reading the files behind memory-mapped ``arrays`` (``read_rows``, or views of it) into the page cache;
+    returns at once. Arrays in memory are skipped."""
+    for name in {getattr(a, "filename", None) for a in arrays} - {None}:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
