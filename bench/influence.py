@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=None)
     ap.add_argument("--no-rows", action="store_true", help="write no raw feature rows (Parquet decoded on read)")
     ap.add_argument("--cold", action="store_true", help="evict the features' files from the page cache first")
+    ap.add_argument("--no-ahead", action="store_true", help="read no block ahead (each block reads only its own rows)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
 
@@ -56,7 +57,7 @@ def main() -> None:
     from gradsift.executors.workers import InfluenceBlocks
     from gradsift.schemas.config import RayConfig
     from gradsift.schemas.tables import SAMPLES
-    from gradsift.signals.influence import FeatureSource, group_shards, merge_blocks, read_targets
+    from gradsift.signals.influence import FeatureSource, block_items, group_shards, merge_blocks, read_targets
     from gradsift.signals.scoring import features_table
     from gradsift.storage.atomic import write_parquet_atomic
     from gradsift.storage.feature_rows import part_path, write_rows
@@ -99,7 +100,10 @@ def main() -> None:
     t0 = time.perf_counter()
     pool = RayConfig(address=None, num_actors=int(ray.cluster_resources()["CPU"]))
     worker = (str(tmp), ["target-00000-x"], src, ["target"], ["cosine"], 10)
-    done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), pool)
+    items = block_items(blocks, min(pool.num_actors, len(blocks)))
+    if args.no_ahead:
+        items = [(i, b, []) for i, b, _ in items]
+    done = run_on_pool(InfluenceBlocks, worker, items, pool)
     res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
     streamed = time.perf_counter() - t0
     print(

@@ -274,3 +274,11 @@ def test_checkpoint_features_on_the_pool_equal_direct_and_resume(tmp_path, ray_l
             np.stack(want.column("feature").to_numpy(zero_copy_only=False)),
         )
     assert [d["rows"] for d in run_on_pool(CheckpointFeatures, worker, items, config)] == [0, 0]
+
+
+def test_block_items_read_ahead_the_block_the_pool_hands_out_next():
+    from gradsift.signals.influence import block_items
+
+    blocks = [["a"], ["b", "c"], ["d"], ["e"]]
+    assert block_items(blocks, 2) == [(0, ["a"], ["d"]), (1, ["b", "c"], ["e"]), (2, ["d"], []), (3, ["e"], [])]
+    assert block_items(blocks, 4)[0] == (0, ["a"], [])

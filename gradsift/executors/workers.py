@@ -105,12 +105,13 @@ class InfluenceBlocks:
         self.staging_dir, self.sources, self.methods, self.top_k = Path(staging_dir), sources, methods, top_k
         self.targets = read_targets(self.staging_dir, target_shards, sources, datasets)[0]
 
-    def __call__(self, item: tuple[int, list[str]]) -> dict:
-        """``item``: (block index, shards) -> ``signals.influence.score_block``'s result and the block index."""
+    def __call__(self, item: tuple[int, list[str], list[str]]) -> dict:
+        """``item``: (block index, shards, shards to read ahead; ``signals.influence.block_items``) ->
+        ``signals.influence.score_block``'s result, the block index, this process's id and peak memory."""
         from gradsift.signals.influence import score_block
 
-        index, shards = item
-        res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k)
+        index, shards, ahead = item
+        res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k, ahead)
         return res | {"block": index, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
 
 

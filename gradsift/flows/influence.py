@@ -28,7 +28,14 @@ from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.stages import InfluenceOutput, ReportOutput, SelectionOutput, StageOutput
 from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
 from gradsift.selection.subsets import keep_fraction, score_ranks, selection_table, weighted_sample
-from gradsift.signals.influence import FeatureSource, checkpoint_name, group_shards, merge_blocks, read_block
+from gradsift.signals.influence import (
+    FeatureSource,
+    block_items,
+    checkpoint_name,
+    group_shards,
+    merge_blocks,
+    read_block,
+)
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
 from gradsift.storage.keys import FeaturePart, ShardKey
 from gradsift.storage.store import RunStaging, Store
@@ -80,7 +87,8 @@ def influence_stage(
     start = time.perf_counter()
     numpy_only = config.ray.model_copy(update={"num_gpus_per_actor": 0.0})  # block products need no GPU
     worker = (str(staging.dir), target_shards, sources, target.datasets, target.methods, target.top_k)  # paths
-    done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), numpy_only)
+    items = block_items(blocks, min(numpy_only.num_actors, len(blocks)))
+    done = run_on_pool(InfluenceBlocks, worker, items, numpy_only)
     res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
     seconds = time.perf_counter() - start
     n = len(res.keys["sample_id"])

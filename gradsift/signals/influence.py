@@ -22,6 +22,7 @@ the memory of one call is O(block_rows * (k * 2 bytes + M * 4 bytes) + ROW_CHUNK
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -367,6 +368,12 @@ def group_shards(shards: list[str], rows: dict[str, int], block_rows: int) -> li
     return blocks + ([cur] if cur else [])
 
 
+def block_items(blocks: list[list[str]], n_actors: int) -> list[tuple[int, list[str], list[str]]]:
+    """The pool's items: (index, shards, shards to read ahead). A pool of ``n_actors`` hands block i + n_actors out
+    next after block i (to whichever actor is free: the page cache is shared), so that is the block read ahead."""
+    return [(i, b, blocks[i + n_actors] if i + n_actors < len(blocks) else []) for i, b in enumerate(blocks)]
+
+
 def read_targets(
     staging_dir: Path, shards: list[str], sources: list[FeatureSource], datasets: list[str]
 ) -> tuple[Targets, dict, dict]:
@@ -384,14 +391,22 @@ def read_targets(
 
 
 def score_block(
-    staging_dir: Path, shards: list[str], sources: list[FeatureSource], targets: Targets, methods: list, top_k: int
+    staging_dir: Path,
+    shards: list[str],
+    sources: list[FeatureSource],
+    targets: Targets,
+    methods: list,
+    top_k: int,
+    ahead: list[str] = (),
 ) -> dict:
     """One block's small result: keys, per-method scores, top-k per target and per-source domain sums of the
-    plain gradients, never its feature matrices. The block's mapped rows are read ahead by the kernel while its
-    first chunks are multiplied (``feature_rows.prefetch``). Memory: the mapped rows (block_rows * k * 2 bytes *
-    sources, page cache), block_rows * M * 4 bytes per method, one ROW_CHUNK x k float32 buffer."""
+    plain gradients, never its feature matrices. A reader thread has the kernel read this block's raw rows and then
+    those of the shards ``ahead`` (the block dispatched after this one, ``block_items``) while this block is
+    multiplied. Memory: the mapped rows (block_rows * k * 2 bytes * sources, page cache), block_rows * M * 4 bytes
+    per method, one ROW_CHUNK x k float32 buffer."""
+    parts = [src.part(s) for s in [*shards, *ahead] for src in sources]
+    threading.Thread(target=feature_rows.prefetch, args=(Path(staging_dir), parts), daemon=True).start()
     keys, feats = read_block(Path(staging_dir), shards, sources)
-    feature_rows.prefetch([p for per_src in feats.values() for pieces in per_src for p in pieces])
     groups = np.asarray(keys["domain"], dtype=object).astype(str)
     res = block_scores(feats, targets, methods, top_k, domains=groups)
     return {"keys": keys, "scores": res.scores, "top_rows": res.top_rows, "top_vals": res.top_vals, "sums": res.sums}

@@ -13,8 +13,9 @@ the part also writes its rows raw, and the influence blocks map that file instea
 * ``read_rows(staging_dir, part)``: the rows, memory-mapped, when a file of the part's current identity is there
   and has the part's shape; otherwise (no copy yet, the part rewritten since, a copy of another shape) decoded from
   the part and written again. Never a stale copy.
-* ``prefetch(arrays)``: ask the kernel to read mapped rows ahead (``POSIX_FADV_WILLNEED``), so that the disk
-  reads of a block overlap the products of its first rows.
+* ``prefetch(staging_dir, parts)``: have the kernel read parts' rows into the page cache (``POSIX_FADV_WILLNEED``);
+  the influence blocks run it on a thread for their own block and the block after, so that the disk reads overlap
+  the products.
 
 The copy lives in the run's scratch folder: never committed, removed with the staging folder by the commit.
 """
@@ -56,8 +57,8 @@ def feature_matrix(table: pa.Table) -> np.ndarray:
 
 def write_rows(staging_dir: Path, part: str, table: pa.Table) -> Path:
     """The raw rows of ``table``, the contents of the part just written as ``part``; older copies are removed."""
-    folder = _rows_dir(staging_dir, part)
-    path = folder / f"{_identity(part_path(staging_dir, part))}.npy"
+    path = rows_file(staging_dir, part)
+    folder = path.parent
     mat = np.ascontiguousarray(feature_matrix(table))
 
     def write(tmp: Path) -> None:
@@ -75,7 +76,7 @@ def read_rows(staging_dir: Path, part: str, rows: int, k: int) -> np.ndarray:
     """The [rows, k] float16 rows of ``part`` in its row order, memory-mapped from the raw copy (rebuilt from the part
     when missing or stale)."""
     src = part_path(staging_dir, part)
-    path = _rows_dir(staging_dir, part) / f"{_identity(src)}.npy"
+    path = rows_file(staging_dir, part)
     try:
         mat = np.load(path, mmap_mode="r")
         if mat.shape == (rows, k) and mat.dtype == np.float16:
@@ -90,11 +91,19 @@ def read_rows(staging_dir: Path, part: str, rows: int, k: int) -> np.ndarray:
     return mat
 
 
-def prefetch(arrays: list[np.ndarray]) -> None:
-    """Start reading the files behind memory-mapped ``arrays`` (``read_rows``, or views of it) into the page cache;
-    returns at once. Arrays in memory are skipped."""
-    for name in {getattr(a, "filename", None) for a in arrays} - {None}:
-        fd = os.open(name, os.O_RDONLY)
+def rows_file(staging_dir: Path, part: str) -> Path:
+    """Where the raw rows of ``part`` as it is now are (or would be)."""
+    return _rows_dir(staging_dir, part) / f"{_identity(part_path(staging_dir, part))}.npy"
+
+
+def prefetch(staging_dir: Path, parts: list[str]) -> None:
+    """Read the raw rows of ``parts`` into the page cache (``POSIX_FADV_WILLNEED``; parts without rows are skipped).
+    The kernel does the reading; run it on a thread to overlap it with compute (``signals.influence.score_block``)."""
+    for part in parts:
+        try:
+            fd = os.open(rows_file(staging_dir, part), os.O_RDONLY)
+        except FileNotFoundError:
+            continue
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
