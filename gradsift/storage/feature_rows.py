@@ -55,45 +55,44 @@ def feature_matrix(table: pa.Table) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(len(table), k).astype(np.float16, copy=False)
 
 
-def write_rows(staging_dir: Path, part: str, table: pa.Table) -> Path:
-    """The raw rows of ``table``, the contents of the part just written as ``part``; older copies are removed."""
+def rows_file(staging_dir: Path, part: str) -> Path:
+    """Where the raw rows of ``part`` as it is now are (or would be)."""
+    return _rows_dir(staging_dir, part) / f"{_identity(part_path(staging_dir, part))}.npy"
+
+
+def _save(staging_dir: Path, part: str, mat: np.ndarray) -> None:
     path = rows_file(staging_dir, part)
-    folder = path.parent
-    mat = np.ascontiguousarray(feature_matrix(table))
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as fh:
-            np.save(fh, mat)
+            np.save(fh, np.ascontiguousarray(mat))
 
     write_atomic(path, write)
-    for old in folder.glob("*.npy"):  # temp files are dot-named .tmp: another writer's is left alone
+    for old in path.parent.glob("*.npy"):  # temp files are dot-named .tmp: another writer's is left alone
         if old != path:
             old.unlink(missing_ok=True)
-    return path
+
+
+def write_rows(staging_dir: Path, part: str, table: pa.Table) -> None:
+    """The raw rows of ``table``, the contents of the part just written as ``part``; older copies are removed."""
+    _save(staging_dir, part, feature_matrix(table))
 
 
 def read_rows(staging_dir: Path, part: str, rows: int, k: int) -> np.ndarray:
     """The [rows, k] float16 rows of ``part`` in its row order, memory-mapped from the raw copy (rebuilt from the part
     when missing or stale)."""
-    src = part_path(staging_dir, part)
-    path = rows_file(staging_dir, part)
     try:
-        mat = np.load(path, mmap_mode="r")
+        mat = np.load(rows_file(staging_dir, part), mmap_mode="r")
         if mat.shape == (rows, k) and mat.dtype == np.float16:
             return mat
     except (FileNotFoundError, ValueError, OSError):
         pass
-    table = pq.read_table(src, columns=["feature"])
-    mat = feature_matrix(table)
+    src = part_path(staging_dir, part)
+    mat = feature_matrix(pq.read_table(src, columns=["feature"]))
     if mat.shape != (rows, k):
         raise ValueError(f"{src}: feature rows {mat.shape}, expected {(rows, k)}")
-    write_rows(staging_dir, part, table)
+    _save(staging_dir, part, mat)
     return mat
-
-
-def rows_file(staging_dir: Path, part: str) -> Path:
-    """Where the raw rows of ``part`` as it is now are (or would be)."""
-    return _rows_dir(staging_dir, part) / f"{_identity(part_path(staging_dir, part))}.npy"
 
 
 def prefetch(staging_dir: Path, parts: list[str]) -> None:
