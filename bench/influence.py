@@ -110,9 +110,16 @@ def main() -> None:
         f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {int(ray.cluster_resources()['CPU'])} CPUs: {streamed:.1f}s"
     )
     peaks: dict[int, float] = {}
+    busy: dict[int, float] = {}
     for r in done:
         peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
+        busy[r["pid"]] = busy.get(r["pid"], 0.0) + r["seconds"]
     print("peak RSS per actor: " + ", ".join(f"{v:.0f} MiB" for v in sorted(peaks.values())))
+    print(
+        "seconds in blocks per actor: "
+        + ", ".join(f"{v:.1f}" for v in sorted(busy.values()))
+        + f" (the rest of the {streamed:.1f}s: actor start, targets, merge)"
+    )
     ray.shutdown()
 
     x = rng.standard_normal((args.n, args.k), dtype=np.float32)  # the floor: one in-memory float32 matmul

@@ -107,12 +107,19 @@ class InfluenceBlocks:
 
     def __call__(self, item: tuple[int, list[str], list[str]]) -> dict:
         """``item``: (block index, shards, shards to read ahead; ``signals.influence.block_items``) ->
-        ``signals.influence.score_block``'s result, the block index, this process's id and peak memory."""
+        ``signals.influence.score_block``'s result, the block index, its seconds, this process's id and peak memory."""
         from gradsift.signals.influence import score_block
 
+        start = time.perf_counter()
         index, shards, ahead = item
         res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k, ahead)
-        return res | {"block": index, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+        info = {
+            "block": index,
+            "seconds": time.perf_counter() - start,
+            "pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        return res | info
 
 
 def analysis_engine(config: AnalyzeConfig, **overrides):
