@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=None)
     ap.add_argument("--no-rows", action="store_true", help="write no raw feature rows (Parquet decoded on read)")
     ap.add_argument("--cold", action="store_true", help="evict the features' files from the page cache first")
+    ap.add_argument("--repeats", type=int, default=1, help="streamed runs, each followed by a floor run")
     ap.add_argument("--no-ahead", action="store_true", help="read no block ahead (each block reads only its own rows)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
@@ -93,43 +94,60 @@ def main() -> None:
     src = [FeatureSource("c", 1.0, {"grad": "c"})]
     targets = read_targets(tmp, ["target-00000-x"], src, ["target"])[0]
 
-    if args.cold:
-        evict([*(tmp / "features").glob("*.parquet"), *(tmp / "_scratch").rglob("*.npy")])
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     blocks = group_shards(shards, rows, args.block_rows)
-    t0 = time.perf_counter()
     pool = RayConfig(address=None, num_actors=int(ray.cluster_resources()["CPU"]))
     worker = (str(tmp), ["target-00000-x"], src, ["target"], ["cosine"], 10)
     items = block_items(blocks, min(pool.num_actors, len(blocks)))
     if args.no_ahead:
         items = [(i, b, []) for i, b, _ in items]
-    done = run_on_pool(InfluenceBlocks, worker, items, pool)
-    res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
-    streamed = time.perf_counter() - t0
-    print(
-        f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {int(ray.cluster_resources()['CPU'])} CPUs: {streamed:.1f}s"
-    )
-    peaks: dict[int, float] = {}
-    busy: dict[int, float] = {}
-    for r in done:
-        peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
-        busy[r["pid"]] = busy.get(r["pid"], 0.0) + r["seconds"]
-    print("peak RSS per actor: " + ", ".join(f"{v:.0f} MiB" for v in sorted(peaks.values())))
-    print(
-        "seconds in blocks per actor: "
-        + ", ".join(f"{v:.1f}" for v in sorted(busy.values()))
-        + f" (the rest of the {streamed:.1f}s: actor start, targets, merge)"
-    )
-    ray.shutdown()
+
+    def stream() -> float:
+        if args.cold:
+            evict([*(tmp / "features").glob("*.parquet"), *(tmp / "_scratch").rglob("*.npy")])
+        t0 = time.perf_counter()
+        done = run_on_pool(InfluenceBlocks, worker, items, pool)
+        res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
+        seconds = time.perf_counter() - t0
+        peaks: dict[int, float] = {}
+        busy: dict[int, float] = {}
+        for r in done:
+            peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
+            busy[r["pid"]] = busy.get(r["pid"], 0.0) + r["seconds"]
+        print(
+            f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {pool.num_actors} actors: {seconds:.1f}s"
+        )
+        print(
+            "  peak RSS per actor: "
+            + ", ".join(f"{v:.0f} MiB" for v in sorted(peaks.values()))
+            + "; seconds in blocks per actor: "
+            + ", ".join(f"{v:.1f}" for v in sorted(busy.values()))
+            + " (the rest: actor start, targets, merge)"
+        )
+        return seconds
 
     x = rng.standard_normal((args.n, args.k), dtype=np.float32)  # the floor: one in-memory float32 matmul
     t = targets.feats[0].T.copy()
-    t0 = time.perf_counter()
-    dense = x @ t
-    floor = time.perf_counter() - t0
-    print(f"numpy single matmul {args.n}x{args.k} @ {args.k}x{args.m} in memory: {floor:.1f}s")
+
+    def floor() -> float:
+        t0 = time.perf_counter()
+        dense = x @ t
+        seconds = time.perf_counter() - t0
+        print(
+            f"numpy single matmul {args.n}x{args.k} @ {args.k}x{args.m} in memory: {seconds:.1f}s (output {dense.nbytes / 2**30:.2f} GiB, input {x.nbytes / 2**30:.2f} GiB)"
+        )
+        return seconds
+
+    ratios = []
+    for _ in range(args.repeats):  # interleaved, so that each ratio's two sides see the same load
+        s_, f_ = stream(), floor()
+        ratios.append(s_ / f_)
+        print(f"ratio streamed / floor = {ratios[-1]:.2f}")
+    ray.shutdown()
     print(
-        f"ratio streamed / floor = {streamed / floor:.2f} (dense output {dense.nbytes / 2**30:.2f} GiB, inputs {x.nbytes / 2**30:.2f} GiB)"
+        "ratios: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f"; best {min(ratios):.2f}, median {float(np.median(ratios)):.2f}"
     )
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")

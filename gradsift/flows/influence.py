@@ -26,7 +26,7 @@ from gradsift.models.checkpoints import list_checkpoints
 from gradsift.report.html import write_report
 from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.stages import InfluenceOutput, ReportOutput, SelectionOutput, StageOutput
-from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
+from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES, features_schema
 from gradsift.selection.subsets import keep_fraction, score_ranks, selection_table, weighted_sample
 from gradsift.signals.influence import (
     FeatureSource,
@@ -37,8 +37,35 @@ from gradsift.signals.influence import (
     read_block,
 )
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
+from gradsift.storage.feature_rows import write_rows
 from gradsift.storage.keys import FeaturePart, ShardKey
-from gradsift.storage.store import RunStaging, Store
+from gradsift.storage.store import SCORE_KEY, RunStaging, Store
+
+
+def _stage_reused_features(store: Store, staging: RunStaging, shards: list[str], dim: int) -> None:
+    """The features of shards the score stage reused (scored by an earlier run under this run's scoring key, so not
+    staged by this run), read back from the lake into this run's staging with their raw rows: the influence blocks
+    read staged parts. Committing them again adds no rows (the lake keeps a key once)."""
+    missing = [s for s in shards if not staging.has_part("features", s)]
+    if not missing:
+        return
+    key = (staging.stage_info(SCORE_KEY) or {}).get("key")
+    with store.reader() as con:
+        for shard in missing:
+            ids = pq.read_table(staging.part_path("samples", shard), columns=["dataset", "sample_id"])
+            con.register("_shard_ids", ids.append_column("_row", pa.array(range(len(ids)), pa.int64())))
+            found = con.execute(  # in the samples' order: the blocks then map the rows without a copy
+                "SELECT f.checkpoint, f.dataset, f.sample_id, f.feature FROM features f JOIN _shard_ids "
+                "USING (dataset, sample_id) WHERE f.score_key = ? ORDER BY _row",
+                [key],
+            ).to_arrow_table()
+            con.unregister("_shard_ids")
+            values = pc.cast(found.column("feature").combine_chunks().flatten(), pa.float16())
+            feature = pa.FixedSizeListArray.from_arrays(values, dim)
+            table = pa.Table.from_arrays([*found.select(["checkpoint", "dataset", "sample_id"]).columns, feature],
+                                         schema=features_schema(dim))  # fmt: skip
+            staging.write_part("features", shard, table)
+            write_rows(staging.dir, shard, table)
 
 
 def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: list[str]) -> list[FeatureSource]:
@@ -47,6 +74,7 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
     if target.checkpoints is None:
         if config.score.engine.feature_dim == 0:
             raise ValueError("influence without checkpoints reads the score stage's features: set a feature_dim > 0")
+        _stage_reused_features(store, staging, shards, config.score.engine.feature_dim)
         return [FeatureSource.final(config.model.checkpoint)]
     ck = target.checkpoints
     infos = list_checkpoints(ck.store or store.root, ck.train_run)
