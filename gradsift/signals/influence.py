@@ -15,9 +15,11 @@ Formulas (c runs over checkpoints with learning rate eta_c; z a training sample,
 * cosine: Inf(z, z') = mean_c cos(g_c(z), g_c(z')).
 
 Every method then scores a training sample by the mean of Inf over a subtask's target samples and
-the maximum over subtasks (LESS, section 3.2). Blocks: features are float16 on disk and in memory;
-each block is cast to float32 in chunks of ROW_CHUNK rows straight into its products with all targets, so
-the memory of one call is O(block_rows * (k * 2 bytes + M * 4 bytes) + ROW_CHUNK * k * 4 bytes) whatever N.
+the maximum over subtasks (LESS, section 3.2). Blocks: features are float16 on disk and in memory (their raw
+rows memory-mapped, ``storage.feature_rows``); each block is cast to float32 in chunks of ROW_CHUNK rows into one
+reused buffer, straight into its products with all targets, so the memory of one call is
+O(block_rows * (k * 2 bytes + M * (4 bytes per method + 8 bytes of top-k indices)) + ROW_CHUNK * k * 4 bytes)
+whatever N.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The staged Parquet part (``<staging>/features/<part>.parquet``, float16 fixed-size lists) stays the one copy of
 truth: the commit reads it into the lake, where the ``features`` view shows it to DuckDB. Decoding its fixed-size
-lists costs 40-55 ms per 1,000 rows of 8,192 floats (the lists' levels, not zstd: uncompressed PLAIN decodes as
-slowly), as much as a fifth of the rows' products with 1,000 targets. So a writer that knows influence will stream
+lists costs 40-55 ms per 1,000 rows of 8,192 floats (the lists' levels, not zstd: uncompressed PLAIN decodes nearly as
+slowly), about half the time of the rows' products with 1,000 targets. So a writer that knows influence will stream
 the part also writes its rows raw, and the influence blocks map that file instead (``bench/RESULTS.md``, issue 16).
 
 * ``write_rows(staging_dir, part, table)``: after the part is written, its ``feature`` column as
