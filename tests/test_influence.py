@@ -93,7 +93,10 @@ def _check_stored_names(staging_dir, info, samples, tables) -> None:
     assert FeaturePart(shard, name).name == f"{shard}@{name}"
     keys, feats = read_block(staging_dir, [shard], [FeatureSource.at_checkpoint(name, info.lr)])
     assert keys["sample_id"] == samples.column("sample_id").to_pylist()
-    assert {kind: f[0].shape for kind, f in feats.items()} == {"grad": (len(samples), 64), "adam": (len(samples), 64)}
+    assert {kind: np.concatenate(f[0]).shape for kind, f in feats.items()} == {
+        "grad": (len(samples), 64),
+        "adam": (len(samples), 64),
+    }
 
 
 def test_less_scores_equal_direct_computation(tmp_path):
@@ -142,9 +145,20 @@ def test_less_scores_equal_direct_computation(tmp_path):
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)  # features are stored as float16
 
 
+def _dense(method, grad, adam, tfeat, lrs, subtask):
+    """The plain in-memory computation: [n, m] influence and the per-sample score (mean per subtask, max)."""
+    tr = adam if method == "less" else grad
+    norm = (lambda x: x.astype(np.float64)) if method == "tracin" else (lambda x: l2_normalise(x).astype(np.float64))
+    w = lrs if method != "cosine" else np.full(len(lrs), 1 / len(lrs))
+    dense = sum(wi * norm(tr[i]) @ norm(tfeat[i]).T for i, wi in enumerate(w))  # [n, m]
+    n_sub = subtask.max() + 1
+    return dense, np.stack([dense[:, subtask == s].mean(axis=1) for s in range(n_sub)], axis=1).max(axis=1)
+
+
 @pytest.mark.parametrize("row_chunk", [2048, 50])
 def test_blocked_streaming_equals_dense(row_chunk, monkeypatch):
     import gradsift.signals.influence as influence
+    from gradsift.signals.mixture import DomainSums
 
     monkeypatch.setattr(influence, "ROW_CHUNK", row_chunk)  # 50: blocks of 128 rows cast in 3 chunks
     rng = np.random.default_rng(0)
@@ -153,29 +167,84 @@ def test_blocked_streaming_equals_dense(row_chunk, monkeypatch):
     adam = [rng.normal(size=(n, k)).astype(np.float16) for _ in range(c)]
     tfeat = [rng.normal(size=(m, k)).astype(np.float32) for _ in range(c)]
     subtask = rng.integers(0, 3, size=m)
+    domains = rng.choice(np.array(["web", "code", "math"]), size=n)
     lrs = np.array([0.5, 0.25])
     targets = Targets(["a", "b"], tfeat, lrs, subtask, [str(i) for i in range(m)])
     methods = ["less", "tracin", "cosine"]
     blocks = [(s, min(s + 128, n)) for s in range(0, n, 128)]
+
+    def rows(f, s, e, b):  # odd blocks as pieces (uneven, across chunk boundaries), even blocks as one array
+        return [f[s : s + 7], f[s + 7 : s + 60], f[s + 60 : e]] if b % 2 else f[s:e]
+
     parts = [
-        block_scores({"grad": [g[s:e] for g in grad], "adam": [a[s:e] for a in adam]}, targets, methods, 5)
-        for s, e in blocks
+        block_scores(
+            {"grad": [rows(g, s, e, b) for g in grad], "adam": [rows(a, s, e, b) for a in adam]},
+            targets,
+            methods,
+            5,
+            domains=domains[s:e],
+        )
+        for b, (s, e) in enumerate(blocks)
     ]
     for method in methods:
-        tr = adam if method == "less" else grad
-        norm = (
-            (lambda x: x.astype(np.float64)) if method == "tracin" else (lambda x: l2_normalise(x).astype(np.float64))
-        )
-        w = lrs if method != "cosine" else np.full(c, 1 / c)
-        dense = sum(wi * norm(tr[i]) @ norm(tfeat[i]).T for i, wi in enumerate(w))  # [n, m]
-        per_sub = np.stack([dense[:, subtask == s].mean(axis=1) for s in range(3)], axis=1).max(axis=1)
+        dense, per_sub = _dense(method, grad, adam, tfeat, lrs, subtask)
         got = np.concatenate([p.scores[method] for p in parts])
         np.testing.assert_allclose(got, per_sub, rtol=1e-4, atol=1e-4)
-        rows, vals = merge_top_k(
+        rows_, vals = merge_top_k(
             [(p.top_rows[method] + s, p.top_vals[method]) for p, (s, _) in zip(parts, blocks, strict=True)], 5
         )
-        np.testing.assert_array_equal(rows, np.argsort(-dense, axis=0, kind="stable")[:5])
+        np.testing.assert_array_equal(rows_, np.argsort(-dense, axis=0, kind="stable")[:5])
         np.testing.assert_allclose(vals, np.sort(dense, axis=0)[::-1][:5], rtol=1e-4, atol=1e-4)
+    for j in range(c):  # the fused float32 domain sums against DomainSums.add in float64
+        fused = DomainSums()
+        for p in parts:
+            fused.merge(p.sums[j])
+        want = DomainSums().add(grad[j], domains)
+        assert fused.count == want.count
+        for d in want.count:
+            np.testing.assert_allclose(fused.vec[d], want.vec[d], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(fused.norm[d], want.norm[d], rtol=1e-5)
+
+
+def test_score_block_from_staged_parts_equals_dense(tmp_path):
+    """score_block over a staging folder: one part with raw rows (memory-mapped), one without (decoded, then
+    written), one whose rows are not in the samples' order; scores and domain sums equal the in-memory computation."""
+    from gradsift.signals.influence import read_targets, score_block
+    from gradsift.signals.mixture import DomainSums
+    from gradsift.signals.scoring import features_table
+    from gradsift.storage import feature_rows
+    from gradsift.storage.atomic import write_parquet_atomic
+
+    rng = np.random.default_rng(5)
+    k, sizes = 32, {"t-0": 9, "d-0": 40, "d-1": 33, "d-2": 21}
+    feats, ids = {}, {}
+    for shard, n in sizes.items():
+        ids[shard] = [f"{shard}-{i}" for i in range(n)]
+        feats[shard] = rng.normal(size=(n, k)).astype(np.float16)
+        domain = [None if shard.startswith("t") else ("a" if i % 3 else "b") for i in range(n)]
+        samples = pa.table({"dataset": [shard[0]] * n, "sample_id": ids[shard], "domain": domain})
+        write_parquet_atomic(samples, tmp_path / "samples" / f"{shard}.parquet")
+        order = rng.permutation(n) if shard == "d-2" else np.arange(n)
+        rows = [{"checkpoint": "c", "dataset": shard[0], "sample_id": ids[shard][i], "feature": feats[shard][i]}
+                for i in order]  # fmt: skip
+        table = features_table(rows, k)
+        write_parquet_atomic(table, feature_rows.part_path(tmp_path, shard))
+        if shard != "d-1":
+            feature_rows.write_rows(tmp_path, shard, table)
+    src = [FeatureSource.final("c")]
+    targets = read_targets(tmp_path, ["t-0"], src, ["t"])[0]
+    train = ["d-0", "d-1", "d-2"]
+    got = score_block(tmp_path, train, src, targets, ["cosine", "tracin"], 3)
+    assert got["keys"]["sample_id"] == [i for s in train for i in ids[s]]
+    grad = np.concatenate([feats[s] for s in train])
+    for method in ("cosine", "tracin"):
+        _, want = _dense(method, [grad], None, [feats["t-0"].astype(np.float32)], np.ones(1), np.zeros(9, int))
+        np.testing.assert_allclose(got["scores"][method], want, rtol=1e-4, atol=1e-4)
+    want_sums = DomainSums().add(grad, np.array(got["keys"]["domain"]))
+    assert got["sums"][0].count == want_sums.count == {"a": 62, "b": 32}
+    for d in ("a", "b"):
+        np.testing.assert_allclose(got["sums"][0].vec[d], want_sums.vec[d], rtol=1e-5, atol=1e-4)
+    assert len(list((tmp_path / "_scratch" / "feature_rows" / "d-1").glob("*.npy"))) == 1  # rebuilt on read
 
 
 def test_checkpoint_features_on_the_pool_equal_direct_and_resume(tmp_path, ray_local):
@@ -205,3 +274,11 @@ def test_checkpoint_features_on_the_pool_equal_direct_and_resume(tmp_path, ray_l
             np.stack(want.column("feature").to_numpy(zero_copy_only=False)),
         )
     assert [d["rows"] for d in run_on_pool(CheckpointFeatures, worker, items, config)] == [0, 0]
+
+
+def test_block_items_read_ahead_the_block_the_pool_hands_out_next():
+    from gradsift.signals.influence import block_items
+
+    blocks = [["a"], ["b", "c"], ["d"], ["e"]]
+    assert block_items(blocks, 2) == [(0, ["a"], ["d"]), (1, ["b", "c"], ["e"]), (2, ["d"], []), (3, ["e"], [])]
+    assert block_items(blocks, 4)[0] == (0, ["a"], [])

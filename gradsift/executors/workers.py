@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from gradsift.schemas.config import AnalyzeConfig, ModelConfig
 from gradsift.schemas.engine import EngineConfig
 from gradsift.schemas.tables import SCORE_TABLES
+from gradsift.storage.feature_rows import write_rows
 from gradsift.storage.store import Store
 
 UNSCORED = "unscored"
@@ -24,14 +25,33 @@ UNSCORED = "unscored"
 writes it for a shard whose other samples the lake has scored); the scoring worker reads it instead of the shard."""
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux ``ru_maxrss``, KiB), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class ScoringWorker:
     """Holds one model; scores shards of one run into that run's staging folder."""
 
-    def __init__(self, store_root: str, run_id: str, model: ModelConfig, engine: EngineConfig, label_index, seed: int):
+    def __init__(
+        self,
+        store_root: str,
+        run_id: str,
+        model: ModelConfig,
+        engine: EngineConfig,
+        label_index,
+        seed: int,
+        feature_rows: bool,
+    ):
+        """``feature_rows``: also write each features part's raw rows (``storage.feature_rows``), for an influence
+        stage that streams them."""
         from gradsift.signals.scoring import ShardScorer
 
         self.staging = Store(store_root).staging(run_id)
         self.scorer = ShardScorer(model, engine, label_index, seed)
+        self.feature_rows = feature_rows
         self.reported = False
 
     def __call__(self, shard: str) -> dict:
@@ -43,6 +63,8 @@ class ScoringWorker:
         tables = self.scorer.score(samples)
         for name in (t for t in SCORE_TABLES if t in tables):
             self.staging.write_part(name, shard, tables[name])
+        if self.feature_rows and "features" in tables:
+            write_rows(self.staging.dir, shard, tables["features"])
         info = {"shard": shard, "rows": tables["scores"].num_rows, "seconds": time.perf_counter() - start}
         info |= {"pid": os.getpid(), "parameter_set": None if self.reported else self.scorer.parameter_set()}
         self.reported = True
@@ -73,7 +95,9 @@ class CheckpointFeatures:
         for shard in todo:
             samples = pq.read_table(self.staging.part_path("samples", shard))
             tables = featurizer.featurize(samples)
-            self.staging.write_part("features", FeaturePart(shard, name).name, pa.concat_tables(tables.values()))
+            part, table = FeaturePart(shard, name).name, pa.concat_tables(tables.values())
+            self.staging.write_part("features", part, table)
+            write_rows(self.staging.dir, part, table)  # the influence stage streams them
             rows += samples.num_rows
         return {"checkpoint": name, "rows": rows}
 
@@ -87,13 +111,21 @@ class InfluenceBlocks:
         self.staging_dir, self.sources, self.methods, self.top_k = Path(staging_dir), sources, methods, top_k
         self.targets = read_targets(self.staging_dir, target_shards, sources, datasets)[0]
 
-    def __call__(self, item: tuple[int, list[str]]) -> dict:
-        """``item``: (block index, shards) -> ``signals.influence.score_block``'s result and the block index."""
+    def __call__(self, item: tuple[int, list[str], list[str]]) -> dict:
+        """``item``: (block index, shards, shards to read ahead; ``signals.influence.block_items``) ->
+        ``signals.influence.score_block``'s result, the block index, its seconds, this process's id and peak memory."""
         from gradsift.signals.influence import score_block
 
-        index, shards = item
-        res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k)
-        return res | {"block": index}
+        start = time.perf_counter()
+        index, shards, ahead = item
+        res = score_block(self.staging_dir, shards, self.sources, self.targets, self.methods, self.top_k, ahead)
+        info = {
+            "block": index,
+            "seconds": time.perf_counter() - start,
+            "pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        return res | info
 
 
 def analysis_engine(config: AnalyzeConfig, **overrides):

@@ -26,12 +26,56 @@ from gradsift.models.checkpoints import list_checkpoints
 from gradsift.report.html import write_report
 from gradsift.schemas.config import NightlyConfig
 from gradsift.schemas.stages import InfluenceOutput, ReportOutput, SelectionOutput, StageOutput
-from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES
+from gradsift.schemas.tables import INFLUENCE, INFLUENCE_TOPK, MIXTURES, features_schema
 from gradsift.selection.subsets import keep_fraction, score_ranks, selection_table, weighted_sample
-from gradsift.signals.influence import FeatureSource, checkpoint_name, group_shards, merge_blocks, read_block
+from gradsift.signals.influence import (
+    FeatureSource,
+    block_items,
+    checkpoint_name,
+    group_shards,
+    merge_blocks,
+    read_block,
+)
 from gradsift.signals.mixture import DomainSums, alignment, mixture_weights
+from gradsift.storage.feature_rows import write_rows
 from gradsift.storage.keys import FeaturePart, ShardKey
-from gradsift.storage.store import RunStaging, Store
+from gradsift.storage.store import SCORE_KEY, RunStaging, Store
+
+
+def _stage_reused_features(store: Store, staging: RunStaging, shards: list[str], dim: int) -> None:
+    """The features of samples the score stage did not score (scored by an earlier run under this run's scoring
+    key: a reused shard, or the old samples of a partly scored one), read back from the lake into this run's
+    staged part of their shard, in the shard's order, with their raw rows: the influence blocks read staged
+    parts. Committing them again adds no rows (the lake keeps a key once)."""
+    short = [
+        s for s in shards
+        if not staging.has_part("features", s) or staging.count_rows("features", s) < staging.count_rows("samples", s)
+    ]  # fmt: skip
+    if not short:
+        return
+    key = (staging.stage_info(SCORE_KEY) or {}).get("key")
+    with store.reader() as con:
+        for shard in short:
+            ids = pq.read_table(staging.part_path("samples", shard), columns=["dataset", "sample_id"])
+            staged = pq.read_table(staging.part_path("features", shard)) if staging.has_part("features", shard) else None
+            need = ids if staged is None else ids.filter(pc.invert(pc.is_in(ids["sample_id"], staged["sample_id"])))
+            con.register("_need", need)
+            found = con.execute(
+                "SELECT f.checkpoint, f.dataset, f.sample_id, f.feature FROM features f JOIN _need "
+                "USING (dataset, sample_id) WHERE f.score_key = ?",
+                [key],
+            ).to_arrow_table()
+            con.unregister("_need")
+            values = pc.cast(found.column("feature").combine_chunks().flatten(), pa.float16())
+            feature = pa.FixedSizeListArray.from_arrays(values, dim)
+            table = pa.Table.from_arrays([*found.select(["checkpoint", "dataset", "sample_id"]).columns, feature],
+                                         schema=features_schema(dim))  # fmt: skip
+            if staged is not None:
+                table = pa.concat_tables([staged.cast(table.schema), table])
+            order = {sid: i for i, sid in enumerate(ids["sample_id"].to_pylist())}  # the blocks map rows uncopied
+            table = table.take(np.argsort([order[sid] for sid in table["sample_id"].to_pylist()], kind="stable"))
+            staging.write_part("features", shard, table)
+            write_rows(staging.dir, shard, table)
 
 
 def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: list[str]) -> list[FeatureSource]:
@@ -40,6 +84,7 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
     if target.checkpoints is None:
         if config.score.engine.feature_dim == 0:
             raise ValueError("influence without checkpoints reads the score stage's features: set a feature_dim > 0")
+        _stage_reused_features(store, staging, shards, config.score.engine.feature_dim)
         return [FeatureSource.final(config.model.checkpoint)]
     ck = target.checkpoints
     infos = list_checkpoints(ck.store or store.root, ck.train_run)
@@ -80,7 +125,8 @@ def influence_stage(
     start = time.perf_counter()
     numpy_only = config.ray.model_copy(update={"num_gpus_per_actor": 0.0})  # block products need no GPU
     worker = (str(staging.dir), target_shards, sources, target.datasets, target.methods, target.top_k)  # paths
-    done = run_on_pool(InfluenceBlocks, worker, list(enumerate(blocks)), numpy_only)
+    items = block_items(blocks, min(numpy_only.num_actors, len(blocks)))
+    done = run_on_pool(InfluenceBlocks, worker, items, numpy_only)
     res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
     seconds = time.perf_counter() - start
     n = len(res.keys["sample_id"])
@@ -94,7 +140,8 @@ def influence_stage(
             )
     t_groups = np.asarray(["target"] * n_targets, dtype=object)
     aligned = [
-        alignment(d, DomainSums().add(t, t_groups)) for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
+        alignment(d, DomainSums().add(np.concatenate(t), t_groups))
+        for d, t in zip(res.domain_sums, t_feats["grad"], strict=True)
     ]
     info = InfluenceOutput(
         rows=n * len(res.scores),

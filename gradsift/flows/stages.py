@@ -29,7 +29,7 @@ from gradsift.flows.runner import in_flow_run, stage
 from gradsift.flows.runs import file_digest, run_logger
 from gradsift.models.adapter import TaskType, adapter
 from gradsift.models.loading import head_of_folder, load_tokenizer
-from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, RunConfig
+from gradsift.schemas.config import DataSource, IngestConfig, ModelConfig, NightlyConfig, RunConfig
 from gradsift.schemas.stages import IngestOutput, ScoreOutput
 from gradsift.storage.store import RunStaging, Store
 
@@ -222,7 +222,9 @@ def score_stage(config: RunConfig, store: Store, run_id: str, ingest: IngestOutp
             progress(n_done_before + n_done)
 
         start = time.perf_counter()
-        worker = (str(store.root), run_id, config.model, config.score.engine, ingest.label_index, config.seed)
+        # a nightly influence stage without checkpoints streams these features: their raw rows are written too
+        streamed = isinstance(config, NightlyConfig) and config.target is not None and config.target.checkpoints is None
+        worker = (str(store.root), run_id, config.model, config.score.engine, ingest.label_index, config.seed, streamed)
         scored = run_on_pool(ScoringWorker, worker, todo, config.ray, on_done, small_in_process=True)
         seconds = time.perf_counter() - start
     parameter_set = next((d["parameter_set"] for d in scored if d["parameter_set"]), None)

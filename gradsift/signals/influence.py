@@ -15,13 +15,16 @@ Formulas (c runs over checkpoints with learning rate eta_c; z a training sample,
 * cosine: Inf(z, z') = mean_c cos(g_c(z), g_c(z')).
 
 Every method then scores a training sample by the mean of Inf over a subtask's target samples and
-the maximum over subtasks (LESS, section 3.2). Blocks: features are float16 on disk and in memory;
-each block is cast to float32 in chunks of ROW_CHUNK rows straight into its products with all targets, so
-the memory of one call is O(block_rows * (k * 2 bytes + M * 4 bytes) + ROW_CHUNK * k * 4 bytes) whatever N.
+the maximum over subtasks (LESS, section 3.2). Blocks: features are float16 on disk and in memory (their raw
+rows memory-mapped, ``storage.feature_rows``); each block is cast to float32 in chunks of ROW_CHUNK rows into one
+reused buffer, straight into its products with all targets, so the memory of one call is
+O(block_rows * (k * 2 bytes + M * (4 bytes per method + 8 bytes of top-k indices)) + ROW_CHUNK * k * 4 bytes)
+whatever N.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +34,7 @@ import pyarrow as pa
 
 from gradsift.schemas.influence import Method
 from gradsift.signals.mixture import DomainSums
+from gradsift.storage import feature_rows
 from gradsift.storage.keys import FEATURE_KINDS, CheckpointFeature, FeaturePart
 
 if TYPE_CHECKING:  # torch and the model code are imported where features are made, not where blocks are scored
@@ -65,8 +69,9 @@ class Targets:
     """The target side, ready for block products.
 
     feats[c]: [M, k] float32 plain projected gradients at checkpoint c; subtask: [M] int ids;
-    lrs: [C] learning rates. ``matrix(method)`` folds the checkpoint weights into one [C*k, M] matrix,
-    so that a training block [B, C*k] times it gives sum_c w_c <x_c, t_c> in one product.
+    lrs: [C] learning rates. ``matrix(method)`` folds the checkpoint weights into one [M, C*k] matrix:
+    its columns of checkpoint c times a training chunk's [k, B] transpose, summed over c, give
+    sum_c w_c <x_c, t_c> for every target and row.
     """
 
     checkpoints: list[str]
@@ -84,12 +89,14 @@ class Targets:
         return np.full(len(self.lrs), 1.0 / len(self.lrs)) if method == "cosine" else self.lrs
 
     def matrix(self, method: Method) -> np.ndarray:
+        """[M, C*k] float32: row j is target j's features at every checkpoint, each scaled by its weight w_c
+        (and L2-normalised unless TracIn)."""
         if method not in self._cache:
             parts = [
                 w * (f if method == "tracin" else l2_normalise(f))
                 for w, f in zip(self.weights(method), self.feats, strict=True)
             ]
-            self._cache[method] = np.ascontiguousarray(np.concatenate(parts, axis=1).T, dtype=np.float32)
+            self._cache[method] = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
         return self._cache[method]
 
     def averaging(self) -> np.ndarray:
@@ -101,51 +108,87 @@ class Targets:
 
 @dataclass
 class BlockResult:
-    """Scores of one block of training rows: per method [B] scores and the block's top-k per target."""
+    """Scores of one block of training rows: per method [B] scores and the block's top-k per target, and (when the
+    block's domains were given) per source the domain sums of its plain gradients."""
 
     scores: dict[str, np.ndarray]
     top_rows: dict[str, np.ndarray]  # [k', M] row indices within the block
     top_vals: dict[str, np.ndarray]  # [k', M]
+    sums: list[DomainSums] | None = None
 
 
 ROW_CHUNK = 2048
-"""Training rows cast from float16 to float32 at a time: the float32 copy stays ROW_CHUNK x k whatever the block."""
+"""Training rows cast from float16 to float32 at a time, into one buffer reused for the whole block: the float32 copy
+stays ROW_CHUNK x k whatever the block."""
+
+Rows = np.ndarray | list[np.ndarray]
+"""One source's features of a block: a [B, k] array, or pieces whose rows, stacked, are the block (``read_block``)."""
+
+
+def _cast_rows(pieces: list[np.ndarray], starts: np.ndarray, i: int, out: np.ndarray) -> np.ndarray:
+    """Rows i .. i + len(out) of the stacked ``pieces`` (``starts``: each piece's first row) cast into ``out``."""
+    j = i + len(out)
+    for p, s in zip(pieces, starts, strict=True):
+        a, b = max(i, s), min(j, s + len(p))
+        if a < b:
+            np.copyto(out[a - i : b - i], p[a - s : b - s])
+    return out
 
 
 def block_scores(
-    train: dict[str, list[np.ndarray]], targets: Targets, methods: list[Method], top_k: int
+    train: dict[str, list[Rows]],
+    targets: Targets,
+    methods: list[Method],
+    top_k: int,
+    domains: np.ndarray | None = None,
 ) -> BlockResult:
-    """Influence of one block. ``train[kind][c]``: [B, k] float16 (or float32) features at checkpoint c,
-    kind "grad" or "adam". Accumulates in float32: sum_c w_c sim(x_c, t_c) for every target, then mean
-    per subtask and max over subtasks (LESS, section 3.2). Rows are cast in chunks of ROW_CHUNK straight
-    into the products, each chunk once for every method reading its kind; a cosine divides the product's rows
-    by the rows' norms (x / |x| @ t = (x @ t) / |x|) rather than normalising a copy."""
-    avg = targets.averaging()
+    """Influence of one block. ``train[kind][c]``: [B, k] float16 (or float32) features at checkpoint c (``Rows``),
+    kind "grad" or "adam". Accumulates in float32: sum_c w_c sim(x_c, t_c) for every target, then mean per subtask
+    and max over subtasks (LESS, section 3.2).
+
+    One pass over the block: each chunk of ROW_CHUNK rows is cast once into a reused float32 buffer, then gives its
+    products with every method reading its kind (a cosine divides the product by the rows' norms: x / |x| @ t =
+    (x @ t) / |x|, no normalised copy) and, for the "grad" kind when ``domains`` [B] labels are given, the per-source
+    domain sums and norms (``DomainSums.add_rows``). The products are kept target-major ([M, B]), so that the top-k
+    per target is a partition of contiguous rows."""
+    avg = targets.averaging().T  # [S, M]
     k = targets.feats[0].shape[1]
-    n = len(next(iter(train.values()))[0])
-    inf = {m: np.zeros((n, len(targets.subtask)), dtype=np.float32) for m in methods}
-    for kind in dict.fromkeys(TRAIN_KIND[m] for m in methods):
+    pieces = {kind: [f if isinstance(f, list) else [f] for f in per_src] for kind, per_src in train.items()}
+    starts = {kind: [np.cumsum([0] + [len(p) for p in ps[:-1]]) for ps in per_src] for kind, per_src in pieces.items()}
+    n = sum(len(p) for p in next(iter(pieces.values()))[0])
+    m_targets = len(targets.subtask)
+    inf = {m: np.empty((m_targets, n), dtype=np.float32) for m in methods}
+    sums = [DomainSums() for _ in train["grad"]] if domains is not None else None
+    chunk = max(1, min(ROW_CHUNK, n))
+    buf = np.empty((chunk, k), dtype=np.float32)
+    tmp = np.empty((m_targets, chunk), dtype=np.float32)
+    kinds = [TRAIN_KIND[m] for m in methods] + (["grad"] if sums is not None else [])
+    for kind in dict.fromkeys(kinds):
         readers = [m for m in methods if TRAIN_KIND[m] == kind]
-        for i in range(0, n, ROW_CHUNK):
-            for c, feats in enumerate(train[kind]):
-                x = np.asarray(feats[i : i + ROW_CHUNK], dtype=np.float32)
-                inv = None
+        with_norms = (kind == "grad" and sums is not None) or any(m != "tracin" for m in readers)
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            for c, (ps, st) in enumerate(zip(pieces[kind], starts[kind], strict=True)):
+                x = _cast_rows(ps, st, i, buf[: j - i])
+                norm = np.sqrt(np.einsum("ij,ij->i", x, x)) if with_norms else None
+                if kind == "grad" and sums is not None:
+                    sums[c].add_rows(x, norm, domains[i:j])
                 for m in readers:
-                    prod = x @ targets.matrix(m)[c * k : (c + 1) * k]
+                    out = inf[m][:, i:j] if c == 0 else tmp[:, : j - i]
+                    np.matmul(targets.matrix(m)[:, c * k : (c + 1) * k], x.T, out=out)
                     if m != "tracin":
-                        if inv is None:
-                            norm = np.sqrt(np.einsum("ij,ij->i", x, x))
-                            inv = (1.0 / np.where(norm > 0, norm, 1.0))[:, None]
-                        prod *= inv
-                    inf[m][i : i + ROW_CHUNK] += prod
+                        out /= np.where(norm > 0, norm, 1.0)[None, :]
+                    if c:
+                        inf[m][:, i:j] += out
     scores, top_rows, top_vals = {}, {}, {}
     for method in methods:
-        scores[method] = (inf[method] @ avg).max(axis=1)
+        scores[method] = (avg @ inf[method]).max(axis=0)
         if top_k:
             kk = min(top_k, n)
-            rows = np.argpartition(-inf[method], kk - 1, axis=0)[:kk]
-            top_rows[method], top_vals[method] = rows, np.take_along_axis(inf[method], rows, axis=0)
-    return BlockResult(scores, top_rows, top_vals)
+            rows = np.argpartition(inf[method], n - kk, axis=1)[:, n - kk :]  # [M, kk]
+            top_rows[method] = rows.T
+            top_vals[method] = np.take_along_axis(inf[method], rows, axis=1).T
+    return BlockResult(scores, top_rows, top_vals, sums)
 
 
 def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +317,10 @@ class FeatureSource:
 def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource]) -> tuple[dict, dict]:
     """Features of ``shards`` for every source and kind, rows aligned on the samples parts' order.
 
-    Returns (keys: {"dataset", "sample_id", "domain"} lists, feats: {kind: [array [B, k] float16 per source]})."""
+    Returns (keys: {"dataset", "sample_id", "domain"} lists, feats: {kind: [pieces per source]}): a source's pieces
+    are float16 arrays whose rows, stacked, are the block's (``Rows``; ``np.concatenate`` makes one array). A piece
+    is a memory-mapped view of a part's raw rows (``storage.feature_rows``) where the part holds the shard's rows in
+    the samples' order, a copy of the rows otherwise; only the parts' key columns are decoded from Parquet."""
     import pyarrow.parquet as pq
 
     keys: dict[str, list] = {"dataset": [], "sample_id": [], "domain": []}
@@ -291,20 +337,21 @@ def read_block(staging_dir: Path, shards: list[str], sources: list[FeatureSource
             for d, ds in zip(samples.column("domain").to_pylist(), samples.column("dataset").to_pylist(), strict=True)
         ]
         for j, src in enumerate(sources):
-            part = pq.read_table(staging_dir / "features" / f"{src.part(shard)}.parquet")
+            name = src.part(shard)
+            meta = pq.ParquetFile(feature_rows.part_path(staging_dir, name))
+            part = meta.read(columns=["checkpoint", "sample_id"])
+            mat = feature_rows.read_rows(
+                staging_dir, name, len(part), meta.schema_arrow.field("feature").type.list_size
+            )
             ckpt = part.column("checkpoint").to_numpy(zero_copy_only=False)
             pid = part.column("sample_id").to_numpy(zero_copy_only=False)
-            flat = part.column("feature").combine_chunks()
-            mat = flat.values.to_numpy(zero_copy_only=False).reshape(len(part), flat.type.list_size)
             for kind, value in src.kinds.items():
                 sel = ckpt == value
                 pos = dict(zip(pid[sel].tolist(), np.flatnonzero(sel).tolist(), strict=True))
                 rows = np.fromiter((pos[i] for i in ids), dtype=np.int64, count=len(ids))
                 in_order = len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
-                part_rows = mat[rows[0] : rows[0] + len(rows)] if in_order else mat[rows]  # a view when in order
-                feats[kind][j].append(part_rows.astype(np.float16, copy=False))
-    out = {kind: [np.concatenate(per_src) for per_src in lists] for kind, lists in feats.items()}
-    return keys, out
+                feats[kind][j].append(mat[rows[0] : rows[0] + len(rows)] if in_order else mat[rows])
+    return keys, feats
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +370,12 @@ def group_shards(shards: list[str], rows: dict[str, int], block_rows: int) -> li
     return blocks + ([cur] if cur else [])
 
 
+def block_items(blocks: list[list[str]], n_actors: int) -> list[tuple[int, list[str], list[str]]]:
+    """The pool's items: (index, shards, shards to read ahead). A pool of ``n_actors`` hands block i + n_actors out
+    next after block i (to whichever actor is free: the page cache is shared), so that is the block read ahead."""
+    return [(i, b, blocks[i + n_actors] if i + n_actors < len(blocks) else []) for i, b in enumerate(blocks)]
+
+
 def read_targets(
     staging_dir: Path, shards: list[str], sources: list[FeatureSource], datasets: list[str]
 ) -> tuple[Targets, dict, dict]:
@@ -331,7 +384,7 @@ def read_targets(
     keys, feats = read_block(Path(staging_dir), shards, sources)
     targets = Targets(
         [s.name for s in sources],
-        [f.astype(np.float32) for f in feats["grad"]],
+        [np.concatenate(f).astype(np.float32) for f in feats["grad"]],
         np.array([s.lr for s in sources]),
         np.array([datasets.index(d) for d in keys["dataset"]]),
         keys["sample_id"],
@@ -340,16 +393,25 @@ def read_targets(
 
 
 def score_block(
-    staging_dir: Path, shards: list[str], sources: list[FeatureSource], targets: Targets, methods: list, top_k: int
+    staging_dir: Path,
+    shards: list[str],
+    sources: list[FeatureSource],
+    targets: Targets,
+    methods: list,
+    top_k: int,
+    ahead: list[str] = (),
 ) -> dict:
     """One block's small result: keys, per-method scores, top-k per target and per-source domain sums of the
-    plain gradients, never its feature matrices. Memory: block_rows * (k * 2 bytes * sources + M * 4 bytes)
-    plus one float32 copy of one source's block."""
+    plain gradients, never its feature matrices. A reader thread has the kernel read this block's raw rows and then
+    those of the shards ``ahead`` (the block dispatched after this one, ``block_items``) while this block is
+    multiplied. Memory: the mapped rows (block_rows * k * 2 bytes * sources, page cache), block_rows * M * 4 bytes
+    per method, one ROW_CHUNK x k float32 buffer."""
+    parts = [src.part(s) for s in [*shards, *ahead] for src in sources]
+    threading.Thread(target=feature_rows.prefetch, args=(Path(staging_dir), parts), daemon=True).start()
     keys, feats = read_block(Path(staging_dir), shards, sources)
-    res = block_scores(feats, targets, methods, top_k)
     groups = np.asarray(keys["domain"], dtype=object).astype(str)
-    sums = [DomainSums().add(f, groups) for f in feats["grad"]]
-    return {"keys": keys, "scores": res.scores, "top_rows": res.top_rows, "top_vals": res.top_vals, "sums": sums}
+    res = block_scores(feats, targets, methods, top_k, domains=groups)
+    return {"keys": keys, "scores": res.scores, "top_rows": res.top_rows, "top_vals": res.top_vals, "sums": res.sums}
 
 
 @dataclass
