@@ -3,9 +3,10 @@
 Each measurement runs in a fresh subprocess (its own peak RSS, ``ru_maxrss``) and times the work alone
 (not the start-up or the tokenizer load):
 
-- ingest: ``IngestStream`` -> ``write_source`` into a store's staging, as the ingest stage runs it
-  (data.ingest, data.shards), then ``RunStaging.commit`` into the store's DuckLake (samples and quarantine in one
-  transaction), without Prefect or Ray;
+- ingest: ``IngestStream`` -> ``write_source`` into a store's staging and ``record_ingest`` (the ``ingests`` row and
+  ``shard_members``), as the ingest stage runs them
+  (data.ingest, data.shards), then ``RunStaging.commit`` into the store's DuckLake (samples, quarantine, ingests and
+  shard_members in one transaction), without Prefect or Ray;
 - floor: a plain loop that reads the same file line by line, ``json.loads`` each line and calls the same
   ``count_tokens`` on it, one row per tokenizer call: the issue's floor;
 - batched floor: the same loop handing 256 parsed rows at a time to ``count_tokens_batch``, the call the ingest
@@ -116,6 +117,7 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
     else:
         from gradsift.data.ingest import IngestStream, LabelRule, ingest_source, shard_samples
         from gradsift.data.shards import write_source
+        from gradsift.flows.incremental import record_ingest
         from gradsift.schemas.config import DataSource
         from gradsift.storage.store import Store
 
@@ -132,6 +134,10 @@ def child(mode: str, path: str, tokenizer_name: str, workdir: str) -> dict:
             staging = Store(workdir).ensure().staging("bench")
             stream = IngestStream(source, n_tokens, 512, labels, count_batch=n_tokens_batch)
             written = write_source(stream, source.name, staging, 256, "quarantine")
+            entry = {"run_id": "bench", "dataset": written.dataset, "shards": written.shards,
+                     "quarantine_part": "quarantine", "samples": written.samples,
+                     "quarantined": written.quarantined, "labels": sorted(written.labels)}  # fmt: skip
+            record_ingest(staging, "bench", entry)  # the ingests row and shard_members, as the ingest stage records
             samples, quarantined = written.samples, written.quarantined
             staged_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             commit_start = time.perf_counter()
