@@ -57,7 +57,8 @@ def _stage_reused_features(store: Store, staging: RunStaging, shards: list[str],
     with store.reader() as con:
         for shard in short:
             ids = pq.read_table(staging.part_path("samples", shard), columns=["dataset", "sample_id"])
-            staged = pq.read_table(staging.part_path("features", shard)) if staging.has_part("features", shard) else None
+            path = staging.part_path("features", shard)
+            staged = pq.read_table(path) if path.exists() else None
             need = ids if staged is None else ids.filter(pc.invert(pc.is_in(ids["sample_id"], staged["sample_id"])))
             con.register("_need", need)
             found = con.execute(
