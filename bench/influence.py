@@ -3,7 +3,9 @@
 Generates N x k float16 train features as Parquet shards in a staging folder (the layout the
 influence stage reads), with their raw rows as the score stage writes them for influence
 (``storage.feature_rows``; ``--no-rows``: Parquet only, decoded on read), and M x k targets; streams cosine
-influence (subtask mean/max + top-k per target) over blocks on a pool of Ray actors (one per CPU), and
+influence (subtask mean/max + top-k per target) over blocks the way the influence stage runs them without a
+cluster: in this process on one thread, numpy's BLAS on every core (``--threads``: more block threads; ``--actors``:
+on a pool of Ray actors, one per CPU, instead), and
 times a single float32 numpy matmul of the same size (the floor). ``--cold`` evicts the features' files
 from the page cache first, so that the blocks read them from disk.
 Usage: .venv/bin/python bench/influence.py --n 200000 --k 8192 --m 1000 --block-rows 8192
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--no-rows", action="store_true", help="write no raw feature rows (Parquet decoded on read)")
     ap.add_argument("--cold", action="store_true", help="evict the features' files from the page cache first")
     ap.add_argument("--repeats", type=int, default=1, help="streamed runs, each followed by a floor run")
+    ap.add_argument("--actors", action="store_true", help="Ray actors (one per CPU) instead of the thread pool")
+    ap.add_argument("--threads", type=int, default=1, help="block threads in this process (without --actors)")
     ap.add_argument("--no-ahead", action="store_true", help="read no block ahead (each block reads only its own rows)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
@@ -94,11 +98,13 @@ def main() -> None:
     src = [FeatureSource("c", 1.0, {"grad": "c"})]
     targets = read_targets(tmp, ["target-00000-x"], src, ["target"])[0]
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if args.actors:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     blocks = group_shards(shards, rows, args.block_rows)
-    pool = RayConfig(address=None, num_actors=int(ray.cluster_resources()["CPU"]))
+    pool = RayConfig(address=None, num_actors=args.cpus or os.cpu_count() or 1)
+    n_workers, where = (pool.num_actors, "Ray actors") if args.actors else (args.threads, "threads")
     worker = (str(tmp), ["target-00000-x"], src, ["target"], ["cosine"], 10)
-    items = block_items(blocks, min(pool.num_actors, len(blocks)))
+    items = block_items(blocks, min(n_workers, len(blocks)))
     if args.no_ahead:
         items = [(i, b, []) for i, b, _ in items]
 
@@ -106,30 +112,30 @@ def main() -> None:
         if args.cold:
             evict([*(tmp / "features").glob("*.parquet"), *(tmp / "_scratch").rglob("*.npy")])
         t0 = time.perf_counter()
-        done = run_on_pool(InfluenceBlocks, worker, items, pool)
+        done = run_on_pool(InfluenceBlocks, worker, items, pool, threads=0 if args.actors else args.threads)
         res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
         seconds = time.perf_counter() - t0
         peaks: dict[int, float] = {}
-        busy: dict[int, float] = {}
         for r in done:
             peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
-            busy[r["pid"]] = busy.get(r["pid"], 0.0) + r["seconds"]
+        busy = sum(r["seconds"] for r in done)
         print(
-            f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {pool.num_actors} actors: {seconds:.1f}s"
+            f"streamed {len(res.scores['cosine'])} rows in {len(blocks)} blocks on {n_workers} {where}: {seconds:.1f}s"
         )
         print(
-            "  peak RSS per actor: "
+            "  peak RSS per process: "
             + ", ".join(f"{v:.0f} MiB" for v in sorted(peaks.values()))
-            + "; seconds in blocks per actor: "
-            + ", ".join(f"{v:.1f}" for v in sorted(busy.values()))
-            + " (the rest: actor start, targets, merge)"
+            + f" (threads: this process, before the floor's input exists on the first run); seconds in blocks, summed: {busy:.1f}"
         )
         return seconds
 
-    x = rng.standard_normal((args.n, args.k), dtype=np.float32)  # the floor: one in-memory float32 matmul
     t = targets.feats[0].T.copy()
+    floor_input: list[np.ndarray] = []  # the floor: one in-memory float32 matmul (made after the first stream)
 
     def floor() -> float:
+        if not floor_input:
+            floor_input.append(rng.standard_normal((args.n, args.k), dtype=np.float32))
+        x = floor_input[0]
         t0 = time.perf_counter()
         dense = x @ t
         seconds = time.perf_counter() - t0
@@ -143,7 +149,8 @@ def main() -> None:
         s_, f_ = stream(), floor()
         ratios.append(s_ / f_)
         print(f"ratio streamed / floor = {ratios[-1]:.2f}")
-    ray.shutdown()
+    if args.actors:
+        ray.shutdown()
     print(
         "ratios: "
         + ", ".join(f"{r:.2f}" for r in ratios)

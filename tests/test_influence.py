@@ -206,18 +206,14 @@ def test_blocked_streaming_equals_dense(row_chunk, monkeypatch):
             np.testing.assert_allclose(fused.norm[d], want.norm[d], rtol=1e-5)
 
 
-def test_score_block_from_staged_parts_equals_dense(tmp_path):
-    """score_block over a staging folder: one part with raw rows (memory-mapped), one without (decoded, then
-    written), one whose rows are not in the samples' order; scores and domain sums equal the in-memory computation."""
-    from gradsift.signals.influence import read_targets, score_block
-    from gradsift.signals.mixture import DomainSums
+def _stage_features(tmp_path, sizes: dict[str, int], rng) -> tuple[dict, dict]:
+    """Samples and float16 features parts of shards ``sizes`` (shard -> rows; "t-*" targets without a domain):
+    "d-1" without raw rows (decoded on read), "d-2"'s features not in its samples' order. -> (feats, ids)."""
     from gradsift.signals.scoring import features_table
     from gradsift.storage import feature_rows
     from gradsift.storage.atomic import write_parquet_atomic
 
-    rng = np.random.default_rng(5)
-    k, sizes = 32, {"t-0": 9, "d-0": 40, "d-1": 33, "d-2": 21}
-    feats, ids = {}, {}
+    k, feats, ids = 32, {}, {}
     for shard, n in sizes.items():
         ids[shard] = [f"{shard}-{i}" for i in range(n)]
         feats[shard] = rng.normal(size=(n, k)).astype(np.float16)
@@ -231,6 +227,16 @@ def test_score_block_from_staged_parts_equals_dense(tmp_path):
         write_parquet_atomic(table, feature_rows.part_path(tmp_path, shard))
         if shard != "d-1":
             feature_rows.write_rows(tmp_path, shard, table)
+    return feats, ids
+
+
+def test_score_block_from_staged_parts_equals_dense(tmp_path):
+    """score_block over a staging folder: one part with raw rows (memory-mapped), one without (decoded, then
+    written), one whose rows are not in the samples' order; scores and domain sums equal the in-memory computation."""
+    from gradsift.signals.influence import read_targets, score_block
+    from gradsift.signals.mixture import DomainSums
+
+    feats, ids = _stage_features(tmp_path, {"t-0": 9, "d-0": 40, "d-1": 33, "d-2": 21}, np.random.default_rng(5))
     src = [FeatureSource.final("c")]
     targets = read_targets(tmp_path, ["t-0"], src, ["t"])[0]
     train = ["d-0", "d-1", "d-2"]
@@ -245,6 +251,36 @@ def test_score_block_from_staged_parts_equals_dense(tmp_path):
     for d in ("a", "b"):
         np.testing.assert_allclose(got["sums"][0].vec[d], want_sums.vec[d], rtol=1e-5, atol=1e-4)
     assert len(list((tmp_path / "_scratch" / "feature_rows" / "d-1").glob("*.npy"))) == 1  # rebuilt on read
+
+
+def test_influence_blocks_equal_on_threads_ray_actors_and_one_worker(tmp_path, ray_local):
+    """The influence stage's blocks through ``run_on_pool`` on a thread pool, on Ray actors and on one worker
+    (one thread): the merged scores, top-k and domain sums are identical, whatever ran them."""
+    from gradsift.executors.ray import run_on_pool
+    from gradsift.executors.workers import InfluenceBlocks
+    from gradsift.schemas.config import RayConfig
+    from gradsift.signals.influence import block_items, group_shards, merge_blocks
+
+    sizes = {"t-0": 9} | {f"d-{i}": 10 + 7 * i for i in range(6)}
+    _stage_features(tmp_path, sizes, np.random.default_rng(6))
+    train = [s for s in sizes if s.startswith("d")]
+    blocks = group_shards(train, sizes, 30)
+    assert len(blocks) >= 3
+    worker = (str(tmp_path), ["t-0"], [FeatureSource.final("c")], ["t"], ["cosine", "tracin"], 4)
+    runs = []
+    for n, threads in ((2, 2), (2, 0), (1, 1)):  # two threads, two Ray actors, one thread
+        done = run_on_pool(InfluenceBlocks, worker, block_items(blocks, n), RayConfig(num_actors=n), threads=threads)
+        runs.append(merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine", "tracin"], 4, 1))
+    first = runs[0]
+    for res in runs[1:]:
+        assert res.keys == first.keys and res.blocks == first.blocks
+        for method in ("cosine", "tracin"):
+            np.testing.assert_array_equal(res.scores[method], first.scores[method])
+            np.testing.assert_array_equal(res.top_k[method][0], first.top_k[method][0])
+            np.testing.assert_array_equal(res.top_k[method][1], first.top_k[method][1])
+        assert res.domain_sums[0].count == first.domain_sums[0].count
+        for d in first.domain_sums[0].vec:
+            np.testing.assert_array_equal(res.domain_sums[0].vec[d], first.domain_sums[0].vec[d])
 
 
 def test_checkpoint_features_on_the_pool_equal_direct_and_resume(tmp_path, ray_local):

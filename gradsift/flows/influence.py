@@ -126,8 +126,10 @@ def influence_stage(
     start = time.perf_counter()
     numpy_only = config.ray.model_copy(update={"num_gpus_per_actor": 0.0})  # block products need no GPU
     worker = (str(staging.dir), target_shards, sources, target.datasets, target.methods, target.top_k)  # paths
-    items = block_items(blocks, min(numpy_only.num_actors, len(blocks)))
-    done = run_on_pool(InfluenceBlocks, worker, items, numpy_only)
+    # Without a cluster, in this process on one thread: numpy's BLAS already uses every core, a second block thread
+    # oversubscribes it, and Ray's actors cost their start and imports (bench/RESULTS.md, influence fifth pass)
+    items = block_items(blocks, 1 if not config.ray.address else min(numpy_only.num_actors, len(blocks)))
+    done = run_on_pool(InfluenceBlocks, worker, items, numpy_only, threads=1)
     res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
     seconds = time.perf_counter() - start
     n = len(res.keys["sample_id"])
