@@ -104,7 +104,8 @@ def _sources(config: NightlyConfig, store: Store, staging: RunStaging, shards: l
 def influence_stage(
     config: NightlyConfig, store: Store, run_id: str, results: Mapping[str, StageOutput]
 ) -> InfluenceOutput:
-    """Influence of every training sample on the target set (LESS / TracIn / cosine), streamed on Ray."""
+    """Influence of every training sample on the target set (LESS / TracIn / cosine), streamed in blocks: in this
+    process without a Ray cluster, on Ray actors with one."""
     logger = get_run_logger()
     if config.target is None:
         return InfluenceOutput(skipped="no target section")

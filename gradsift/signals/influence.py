@@ -1,7 +1,7 @@
 """Target-aware influence: LESS, TracIn and gradient cosine, streamed over feature blocks.
 
-Pure compute (no prefect or ray): ``executors.workers.InfluenceBlocks`` runs ``score_block`` on a pool of
-Ray actors and the influence stage merges the blocks' small results (``merge_blocks``).
+Pure compute (no prefect or ray): ``executors.workers.InfluenceBlocks`` runs ``score_block`` (in the calling process
+without a Ray cluster, on Ray actors with one) and the influence stage merges the blocks' small results (``merge_blocks``).
 
 Formulas (c runs over checkpoints with learning rate eta_c; z a training sample, z' a target sample):
 
