@@ -58,7 +58,7 @@ def main() -> None:
 
     import ray
 
-    from gradsift.executors.ray import run_on_pool
+    from gradsift.executors.ray import pool_workers, run_on_pool
     from gradsift.executors.workers import InfluenceBlocks
     from gradsift.schemas.config import RayConfig
     from gradsift.schemas.tables import SAMPLES
@@ -102,9 +102,10 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     blocks = group_shards(shards, rows, args.block_rows)
     pool = RayConfig(address=None, num_actors=args.cpus or os.cpu_count() or 1)
-    n_workers, where = (pool.num_actors, "Ray actors") if args.actors else (args.threads, "threads")
+    threads = 0 if args.actors else args.threads
+    n_workers, where = pool_workers(pool, len(blocks), threads=threads), "Ray actors" if args.actors else "threads"
     worker = (str(tmp), ["target-00000-x"], src, ["target"], ["cosine"], 10)
-    items = block_items(blocks, min(n_workers, len(blocks)))
+    items = block_items(blocks, n_workers)
     if args.no_ahead:
         items = [(i, b, []) for i, b, _ in items]
 
@@ -112,7 +113,7 @@ def main() -> None:
         if args.cold:
             evict([*(tmp / "features").glob("*.parquet"), *(tmp / "_scratch").rglob("*.npy")])
         t0 = time.perf_counter()
-        done = run_on_pool(InfluenceBlocks, worker, items, pool, threads=0 if args.actors else args.threads)
+        done = run_on_pool(InfluenceBlocks, worker, items, pool, threads=threads)
         res = merge_blocks(sorted(done, key=lambda r: r["block"]), ["cosine"], 10, len(src))
         seconds = time.perf_counter() - t0
         peaks: dict[int, float] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gradsift.schemas.config import RayConfig
@@ -71,29 +72,14 @@ def run_on_pool(
     """
     if not items:
         return []
-    if small_in_process and in_process(config, len(items)):
-        worker, results = worker_cls(*init_args), []
-        for item in items:
-            results.append(worker(item))
-            if on_done:
-                on_done(results[-1], len(results), len(items))
-        return results
-    if threads > 0 and not config.address:
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        worker, results = worker_cls(*init_args), []
-        with ThreadPoolExecutor(min(threads, len(items))) as pool:
-            for future in as_completed([pool.submit(worker, item) for item in items]):
-                results.append(future.result())
-                if on_done:
-                    on_done(results[-1], len(results), len(items))
-        return results
+    if local := local_threads(config, len(items), small_in_process, threads):
+        return _run_here(worker_cls(*init_args), items, local, on_done)
     import ray
     from ray.util import ActorPool
 
     ensure_ray(config)
     actor_cls = ray.remote(worker_cls).options(**actor_options(config))
-    actors = [actor_cls.remote(*init_args) for _ in range(min(config.num_actors, len(items)))]
+    actors = [actor_cls.remote(*init_args) for _ in range(pool_workers(config, len(items)))]
     try:
         results = []
         for result in ActorPool(actors).map_unordered(lambda actor, item: actor.__call__.remote(item), list(items)):
@@ -104,6 +90,33 @@ def run_on_pool(
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def local_threads(config: RayConfig, n_items: int, small_in_process: bool = False, threads: int = 0) -> int:
+    """Threads of this process ``run_on_pool`` runs ``n_items`` on with these options; 0: on Ray actors."""
+    if threads > 0 and not config.address:
+        return min(threads, n_items)
+    return 1 if small_in_process and in_process(config, n_items) else 0
+
+
+def pool_workers(config: RayConfig, n_items: int, small_in_process: bool = False, threads: int = 0) -> int:
+    """How many workers (threads here or Ray actors) ``run_on_pool`` runs ``n_items`` on with these options."""
+    return local_threads(config, n_items, small_in_process, threads) or min(config.num_actors, n_items)
+
+
+def _run_here(worker: Callable, items: Sequence, threads: int, on_done: Callable[[Any, int, int], None] | None) -> list:
+    """``worker(item)`` for every item in this process: in this thread, or on a pool of ``threads`` threads."""
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    results: list = []
+    try:
+        for result in pool.map(worker, items) if pool else map(worker, items):
+            results.append(result)
+            if on_done:
+                on_done(result, len(results), len(items))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return results
 
 
 def in_process(config: RayConfig, n_items: int) -> bool:

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from gradsift.executors.ray import run_on_pool
+from gradsift.executors.ray import pool_workers, run_on_pool
 from gradsift.executors.workers import CheckpointFeatures, InfluenceBlocks
 from gradsift.flows.pipeline import Stage, run_pipeline
 from gradsift.flows.retry import retry_transient
@@ -129,7 +129,7 @@ def influence_stage(
     worker = (str(staging.dir), target_shards, sources, target.datasets, target.methods, target.top_k)  # paths
     # Without a cluster, in this process on one thread: numpy's BLAS already uses every core, a second block thread
     # oversubscribes it, and Ray's actors cost their start and imports (bench/RESULTS.md, influence fifth pass)
-    items = block_items(blocks, 1 if not config.ray.address else min(numpy_only.num_actors, len(blocks)))
+    items = block_items(blocks, pool_workers(numpy_only, len(blocks), threads=1))
     done = run_on_pool(InfluenceBlocks, worker, items, numpy_only, threads=1)
     res = merge_blocks(sorted(done, key=lambda r: r["block"]), target.methods, target.top_k, len(sources))
     seconds = time.perf_counter() - start
